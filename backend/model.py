@@ -1,0 +1,212 @@
+"""The Transformer: GPT-2 family and Llama family in one readable module.
+
+GPT-2: LayerNorm, learned positions, GELU (tanh) MLP, biases everywhere.
+Llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, optional QKV bias (Qwen2).
+Q, K and V share one matmul (`attn.qkv`) and so do SwiGLU's gate and up (`mlp.gate_up`): fewer, larger
+matmuls are what decode speed on a CPU is made of. Loaders split and join HF weights to fit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 like HF Llama so low-precision runs match it."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies (head_dim/2,), with HF's "linear" and "llama3" scaling."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves (HF layout): x (B, nh, T, hd), cos/sin (T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Static cache allocated once for (batch, max_len); `update` writes at `pos` and returns the filled prefix."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
+        T = k.shape[2]
+        self.k[:, :, pos:pos + T] = k
+        self.v[:, :, pos:pos + T] = v
+        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]  # (B, nkv, pos+T, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
+
+    def forward(self, x, rope, pos: int, cache: KVCache | None, mask):
+        B, T, _ = x.shape
+        nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nh, hd).transpose(1, 2)   # (B, nh, T, hd)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)         # (B, nkv, S, hd), S = pos + T
+        if T == 1 and nkv != nh:
+            # One query per head: fold each KV group's queries into rows so no K/V copy is needed.
+            y = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hd), k, v)  # (B, nkv, nh/nkv, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=nkv != nh)                # (B, nh, T, hd)
+        return self.proj(y.reshape(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.family == "llama"
+        if self.gated:  # SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one matmul
+            self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.mlp_bias)
+        else:           # GPT-2: down(gelu_tanh(up(x)))
+            self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        if self.gated:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        norm = (lambda: RMSNorm(cfg.d_model, cfg.norm_eps)) if cfg.family == "llama" else (
+            lambda: nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps))
+        self.attn_norm, self.attn = norm(), Attention(cfg)
+        self.mlp_norm, self.mlp = norm(), MLP(cfg)
+
+    def forward(self, x, rope, pos, cache, mask):
+        x = x + self.attn(self.attn_norm(x), rope, pos, cache, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.family == "gpt2" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.family == "llama" else nn.LayerNorm(
+            cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.kv_caches: list[KVCache] | None = None
+
+    def reset_buffers(self, device=None):
+        """Recompute non-persistent buffers (after building on the meta device and assigning weights)."""
+        self.inv_freq = rope_inv_freq(self.config).to(device or self.tok_emb.weight.device)
+
+    def init_weights(self, std: float = 0.02):
+        """GPT-2 style init for training from scratch; residual outputs scaled by 1/sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            else:
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("proj.weight", "down.weight")) else 1
+                nn.init.normal_(p, 0.0, std * scale)
+
+    # --- KV cache ---
+    def setup_cache(self, batch: int, max_len: int):
+        """Allocate the static KV cache once; reused while it is large enough."""
+        cfg, w = self.config, self.tok_emb.weight
+        if self.kv_caches is not None:
+            k = self.kv_caches[0].k
+            if k.shape[0] == batch and k.shape[2] >= max_len and k.dtype == w.dtype and k.device == w.device:
+                return
+        self.kv_caches = [KVCache(batch, max_len, cfg.n_kv_head, cfg.head_dim, w.dtype, w.device)
+                          for _ in range(cfg.n_layer)]
+
+    def free_cache(self):
+        self.kv_caches = None
+
+    @property
+    def cache_len(self) -> int:
+        return 0 if self.kv_caches is None else self.kv_caches[0].k.shape[2]
+
+    # --- forward ---
+    def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.pos_emb is not None:
+            return None
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                       # (T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, idx: torch.Tensor, pos: int = 0, use_cache: bool = False,
+                last_only: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids starting at position `pos` -> logits (B, T, V), or (B, 1, V) if last_only.
+
+        With use_cache the keys/values are written to the static cache (see setup_cache) at pos..pos+T.
+        """
+        B, T = idx.shape
+        if pos + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds the context of {self.config.max_seq_len}")
+        if use_cache and (self.kv_caches is None or pos + T > self.cache_len):
+            raise RuntimeError("KV cache too small: call setup_cache(batch, max_len) first")
+        positions = torch.arange(pos, pos + T, device=idx.device)
+        x = self.tok_emb(idx)                                          # (B, T, d)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        rope = self.rope(positions, x.dtype)
+        mask = None
+        if use_cache and pos > 0 and T > 1:  # a chunk after cached tokens: causal within the chunk, all before it
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=idx.device).tril(diagonal=pos)
+        caches = self.kv_caches if use_cache else [None] * len(self.blocks)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, rope, pos, cache, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))                              # (B, T, V)

@@ -1,0 +1,260 @@
+"""Tokenizer (a `tokenizers.Tokenizer` plus the model's special tokens) and chat-template rendering.
+
+Built from an HF folder (tokenizer.json, or GPT-2's vocab.json + merges.txt) or from GGUF metadata.
+Chat templates render in jinja2's sandbox the way transformers renders them; control tokens typed by a
+user inside a message are encoded as plain text, so a message cannot forge `<|im_end|>` and take over the turn.
+"""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+
+from .errors import GenerationError, ModelLoadError, UnsupportedModelError
+
+# Used when a model ships no chat template (base models): plain "role: content" turns.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+# Tokens that end a turn in common chat formats; treated as end-of-sequence when the vocabulary has them as
+# special tokens (llama.cpp does the same with its "end of generation" set).
+END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>", "<|eom_id|>")
+
+_MARK_START, _MARK_END = "\ue000", "\ue001"  # private-use markers around user-typed control tokens
+
+
+class Tokenizer:
+    def __init__(self, tk: HFTokenizer, bos_token: str | None = None, eos_token: str | None = None,
+                 chat_template: str | None = None, extra_special: dict | None = None):
+        self.tk = tk
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.chat_template = chat_template  # None: the model ships none (FALLBACK_CHAT_TEMPLATE is used)
+        self.extra_special = extra_special or {}  # unk_token, pad_token, ...: passed to templates
+        self.special_ids = {t.content: i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+        self.special_ids = {v: k for k, v in self.special_ids.items()}  # id -> text
+
+    # --- construction ---
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+        folder = Path(folder)
+        try:
+            if (folder / "tokenizer.json").exists():
+                tk = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+                tk = HFTokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+                tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                tk.decoder = decoders.ByteLevel()
+            else:
+                raise ModelLoadError(f"no tokenizer in {folder}: expected tokenizer.json (or vocab.json + merges.txt)")
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"tokenizer files in {folder} are unreadable: {e}") from e
+        cfg = _read_json(folder / "tokenizer_config.json")
+        special_map = _read_json(folder / "special_tokens_map.json")
+        template = cfg.get("chat_template")
+        if (folder / "chat_template.jinja").exists():
+            template = (folder / "chat_template.jinja").read_text()
+        elif (folder / "chat_template.json").exists():
+            template = _read_json(folder / "chat_template.json").get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t["name"]: t["template"] for t in template}
+            template = named.get("default", next(iter(named.values()), None))
+
+        def token(name):
+            t = cfg.get(name, special_map.get(name))
+            return t.get("content") if isinstance(t, dict) else t
+
+        extra = {n: token(n) for n in ("unk_token", "pad_token") if token(n)}
+        return cls(tk, token("bos_token"), token("eos_token"), template, extra)
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
+        """Rebuild the tokenizer a GGUF file describes (`tokenizer.ggml.*`)."""
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise UnsupportedModelError(f"GGUF tokenizer type {kind!r} is not supported (byte-level BPE 'gpt2' only)")
+        tokens = list(meta["tokenizer.ggml.tokens"])
+        types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        # Every real token of a byte-level vocabulary is spelled in the byte alphabet; respell any that is not.
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        byte_map = _bytes_to_unicode()
+        vocab = {}
+        for i, t in enumerate(tokens):
+            vocab.setdefault(t if set(t) <= set(alphabet) else "".join(byte_map[b] for b in t.encode()), i)
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        split = GGUF_PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre", "default"), None)
+        if split == "digits":
+            tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        elif split:
+            tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                        pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                 use_regex=False)])
+        else:
+            tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        # CONTROL (3) tokens are special; USER_DEFINED (4) are matched whole but are not special.
+        tk.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                               for t, ty in zip(tokens, types) if ty == 3 and set(t) <= set(alphabet)])
+        tk.add_tokens([AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4])
+
+        def tok(key):
+            i = meta.get(f"tokenizer.ggml.{key}")
+            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+        bos = tok("bos_token_id")
+        if meta.get("tokenizer.ggml.add_bos_token") and bos:
+            tk.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+        extra = {n: tok(k) for n, k in (("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")) if tok(k)}
+        return cls(tk, bos, tok("eos_token_id"), meta.get("tokenizer.chat_template"), extra)
+
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json (the chat template inside) as transformers reads them."""
+        folder = Path(folder)
+        self.tk.save(str(folder / "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+               "eos_token": self.eos_token, **self.extra_special, "clean_up_tokenization_spaces": False}
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+    # --- use ---
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+    def id_to_text(self, token_id: int) -> str:
+        """What one token shows as text on its own (a partial UTF-8 byte shows as U+FFFD)."""
+        return self.tk.decode([token_id], skip_special_tokens=False)
+
+    def end_of_turn_ids(self) -> set[int]:
+        ids = {self.token_to_id(t) for t in (self.eos_token, *END_OF_TURN_TOKENS) if t}
+        return {i for i in ids if i is not None and (i in self.special_ids or self.id_to_text(i) == self.eos_token)}
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text the chat template makes of `messages` (what apply_chat_template(tokenize=False) gives)."""
+        return self._render(messages, add_generation_prompt, mark=False)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered chat; control tokens typed inside messages stay plain text."""
+        rendered = self._render(messages, add_generation_prompt, mark=True)
+        pieces = re.split(f"{_MARK_START}(.*?){_MARK_END}|[{_MARK_START}{_MARK_END}]", rendered)
+        ids = []
+        for i, piece in enumerate(pieces):
+            if not piece:
+                continue
+            if i % 2:  # a control token the user typed: encode its characters, not the token
+                self.tk.encode_special_tokens = True
+                try:
+                    ids += self.encode(piece, add_special_tokens=False)
+                finally:
+                    self.tk.encode_special_tokens = False
+            else:
+                ids += self.encode(piece, add_special_tokens=False)
+        return ids
+
+    def _render(self, messages, add_generation_prompt, mark: bool) -> str:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise GenerationError("a chat must be a list of {'role': ..., 'content': ...} messages")
+        if mark:
+            control = sorted((t for t in self._control_tokens() if t), key=len, reverse=True)
+            pattern = re.compile("|".join(map(re.escape, control))) if control else None
+
+            def mark_text(v):
+                if isinstance(v, str):
+                    v = v.replace(_MARK_START, "").replace(_MARK_END, "")
+                    return pattern.sub(lambda m: _MARK_START + m.group(0) + _MARK_END, v) if pattern else v
+                if isinstance(v, dict):
+                    return {k: mark_text(x) for k, x in v.items()}
+                if isinstance(v, list):
+                    return [mark_text(x) for x in v]
+                return v
+
+            messages = mark_text(messages)
+        try:
+            template = _compile_template(self.chat_template or FALLBACK_CHAT_TEMPLATE)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                   tools=None, documents=None, **self.extra_special)
+        except jinja2.TemplateError as e:
+            raise GenerationError(f"the chat template refused these messages: {e}") from e
+
+    def _control_tokens(self):
+        return [t.content for t in self.tk.get_added_tokens_decoder().values()]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path.name} in {path.parent} is not valid JSON: {e}") from e
+
+
+@lru_cache(maxsize=16)
+def _compile_template(source: str) -> jinja2.Template:
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise GenerationError(f"the model's chat template does not parse: {e}") from e
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# `tokenizer.ggml.pre` -> how text is split before BPE, as llama.cpp's llama-vocab.cpp does it.
+# None: GPT-2's own split; "digits": every digit alone, then GPT-2's split (StarCoder / SmolLM family).
+GGUF_PRE_TOKENIZER_SPLITS = {
+    "default": None, "gpt-2": None, "gpt2": None,
+    "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits", "command-r": "digits",
+    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
+}

@@ -225,7 +225,8 @@ def hf_to_fornax(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     return out
 
 
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32, device="cpu") -> Transformer:
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32,
+                device: torch.device = torch.device("cpu")) -> Transformer:
     """Our Transformer holding the given HF-named weights (no random init, no extra copies)."""
     ours = hf_to_fornax(state, cfg)
     with torch.device("meta"):
@@ -241,4 +242,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.fl
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     model.reset_buffers(device)
-    return model.eval().requires_grad_(False)
+    model.requires_grad_(False)
+    if device.type == "cpu":
+        model.decode_layout()
+    return model.eval()

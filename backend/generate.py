@@ -200,7 +200,7 @@ def run_generation(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], 
         for b, tok in enumerate(chosen_list):
             if finish[b]:
                 continue
-            if tok in eos_ids:
+            if tok in eos_ids and not params.ignore_eos:
                 finish[b] = "eos"
                 continue
             alts = [] if top is None else [(i, tokenizer.id_to_text(i), lp) for i, lp in

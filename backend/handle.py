@@ -76,10 +76,14 @@ class ModelHandle:
                     chat_template="model" if self.chat_template else "fallback", backends=list(self.runners))
 
     # --- prompts ---
-    def encode(self, prompt_or_messages: str | list[dict]) -> list[int]:
-        """A raw prompt string, or chat messages rendered with the model's chat template."""
+    def encode(self, prompt_or_messages: str | list[dict] | list[int]) -> list[int]:
+        """A raw prompt string, chat messages rendered with the model's chat template, or token ids as they are."""
         if isinstance(prompt_or_messages, str):
             ids = self.tokenizer.encode(prompt_or_messages)
+        elif prompt_or_messages and all(isinstance(t, int) for t in prompt_or_messages):
+            ids = list(prompt_or_messages)
+            if max(ids) >= self.config.vocab_size or min(ids) < 0:
+                raise GenerationError(f"token ids must be in [0, {self.config.vocab_size})")
         else:
             ids = self.tokenizer.encode_chat(prompt_or_messages, add_generation_prompt=True)
         if not ids:
@@ -95,7 +99,7 @@ class ModelHandle:
         return self.model(input_ids.to(self.device)).to(dtype)
 
     # --- generation ---
-    def stream(self, prompt_or_messages: str | list[dict], backend: str | None = None, **params) -> Stream:
+    def stream(self, prompt_or_messages: str | list[dict] | list[int], backend: str | None = None, **params) -> Stream:
         """Stream text deltas (`Delta(index, text)`); `.result` holds the GenerationResult once exhausted."""
         t0 = time.perf_counter()
         p = SamplingParams.from_kwargs(**params)
@@ -117,7 +121,7 @@ class ModelHandle:
                                                   self.config.vocab_size, t0))
         return Stream(locked())
 
-    def generate(self, prompt_or_messages: str | list[dict], **params) -> GenerationResult:
+    def generate(self, prompt_or_messages: str | list[dict] | list[int], **params) -> GenerationResult:
         stream = self.stream(prompt_or_messages, **params)
         for _ in stream:
             pass

@@ -31,6 +31,7 @@ class SamplingParams:
     seed: int | None = None           # same seed, same model, same prompt -> same text
     num_samples: int = 1              # independent samples of one prompt, decoded as one batch
     top_logprobs: int = 0             # alternatives reported per generated token
+    ignore_eos: bool = False          # keep going past end-of-sequence (benchmarks)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingParams":

@@ -1,0 +1,138 @@
+"""CLI: python -m backend info|generate|chat|bench (each verb is one plain function)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import FornaxError
+
+
+def _load(args):
+    from .loading import load
+
+    handle = load(args.model, dtype=args.dtype)
+    print(f"[fornax] loaded {handle.config.name or args.model} ({handle.config.family}, "
+          f"{sum(p.numel() for p in handle.model.parameters()) / 1e6:.0f}M params, {handle.dtype}) "
+          f"in {handle.load_seconds:.1f} s", file=sys.stderr)
+    return handle
+
+
+def _params(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                stop=args.stop or [], seed=args.seed, num_samples=args.num_samples)
+
+
+def _print_stream(stream, num_samples: int):
+    if num_samples == 1:
+        for delta in stream:
+            print(delta.text, end="", flush=True)
+        print()
+    else:  # interleaved deltas would be unreadable: print each sample whole
+        for _ in stream:
+            pass
+        for i, text in enumerate(stream.result.texts):
+            print(f"--- sample {i}\n{text}")
+    print(f"[fornax] {stream.result.timings.summary()}", file=sys.stderr)
+
+
+def cmd_info(args):
+    print(json.dumps(_load(args).info(), indent=2))
+
+
+def cmd_generate(args):
+    handle = _load(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    _print_stream(handle.stream(prompt, backend=args.backend, **_params(args)), args.num_samples)
+
+
+def cmd_chat(args):
+    handle = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with the model. /reset clears the conversation, Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        stream = handle.stream(messages, backend=args.backend, **_params(args))
+        if interactive:
+            print("model> ", end="", flush=True)
+        _print_stream(stream, 1)
+        messages.append({"role": "assistant", "content": stream.result.text})
+
+
+def cmd_bench(args):
+    from .bench import run_bench
+
+    run_bench(model=args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+              threads=args.threads, csv_path=args.csv, skip_transformers=args.skip_transformers)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m backend", description="Fornax backend")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    def model_args(p):
+        p.add_argument("--model", default="default", help="default | HF folder | .gguf file | hub id")
+        p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+    def sampling_args(p):
+        p.add_argument("--backend", default=None, help="execution path (eager)")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--min-p", type=float, default=0.0)
+        p.add_argument("--repetition-penalty", type=float, default=1.0)
+        p.add_argument("--presence-penalty", type=float, default=0.0)
+        p.add_argument("--frequency-penalty", type=float, default=0.0)
+        p.add_argument("--stop", action="append", help="stop string (repeatable)")
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--num-samples", type=int, default=1)
+
+    p = sub.add_parser("info", help="load a model and print what it is")
+    model_args(p)
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("generate", help="complete a prompt (streamed)")
+    model_args(p)
+    sampling_args(p)
+    p.add_argument("--prompt", default=None, help="the prompt (default: read standard input)")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="chat with the model's chat template")
+    model_args(p)
+    sampling_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("bench", help="time our eager generation against transformers' on the same model")
+    p.add_argument("--model", default="default")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file")
+    p.add_argument("--skip-transformers", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except FornaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

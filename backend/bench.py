@@ -1,0 +1,116 @@
+"""Generation benchmark: our eager engine against transformers' eager generate, same weights, same run.
+
+    python -m backend bench [--model default] [--prompt-tokens 128] [--new-tokens 128] [--threads 2] [--csv F]
+
+Greedy, fixed prompt length, EOS ignored so every run decodes the same number of tokens. Prints prefill and
+decode tok/s, weight bandwidth achieved (weight bytes x decode steps/s) and the ratios, and appends tidy CSV rows.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .loading import load, resolve
+
+REPEATS = 3
+
+
+def bench_text() -> str:
+    """Real English prose: the shared corpus when it is beside the repo, else the Python docs shipped with Python."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "prideprejudice.txt"
+    if shared.exists():
+        return shared.read_text(encoding="utf-8")[20000:80000]
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics.values())[:60000]
+
+
+def memory_read_gb_s(threads: int) -> float:
+    """Streaming read bandwidth with `threads` threads: the ceiling for bandwidth-bound decoding."""
+    x = torch.ones(256 * 1024 * 1024 // 4)  # 256 MB, far beyond any cache
+    x.sum()
+    t = time.perf_counter()
+    for _ in range(5):
+        x.sum()
+    return 5 * x.numel() * 4 / (time.perf_counter() - t) / 1e9
+
+
+def bench_ours(handle, ids: list[int], new_tokens: int) -> dict:
+    handle.generate(ids[:16], max_new_tokens=8, temperature=0, ignore_eos=True)  # warm-up
+    runs = [handle.generate(ids, max_new_tokens=new_tokens, temperature=0, ignore_eos=True).timings
+            for _ in range(REPEATS)]
+    return dict(prefill_tok_s=statistics.median(t.prefill_tok_s for t in runs),
+                decode_tok_s=statistics.median(t.decode_tok_s for t in runs),
+                weight_bytes=runs[0].weight_bytes)
+
+
+def bench_transformers(folder: Path, ids: list[int], new_tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(x[:, :16], max_new_tokens=8, min_new_tokens=8, **kwargs)  # warm-up
+        prefill, decode = [], []
+        for _ in range(REPEATS):
+            t = time.perf_counter()
+            model(x, use_cache=True)
+            prefill.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            model.generate(x, max_new_tokens=1, min_new_tokens=1, **kwargs)
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+            decode.append((new_tokens - 1) / (time.perf_counter() - t - first))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return dict(prefill_tok_s=len(ids) / statistics.median(prefill), decode_tok_s=statistics.median(decode),
+                weight_bytes=weight_bytes)
+
+
+def run_bench(model: str = "default", prompt_tokens: int = 128, new_tokens: int = 128, threads: int = 2,
+              csv_path: str | None = None, skip_transformers: bool = False) -> dict:
+    torch.set_num_threads(threads)
+    handle = load(model, dtype="float32", device="cpu")
+    ids = handle.tokenizer.encode(bench_text(), add_special_tokens=False)[:prompt_tokens]
+    floor = memory_read_gb_s(threads)
+    print(f"model {handle.config.name} · {prompt_tokens}-token prompt · {new_tokens} new tokens · greedy · "
+          f"{threads} threads · fp32 · memory read {floor:.1f} GB/s", file=sys.stderr)
+    results = {"fornax eager": bench_ours(handle, ids, new_tokens)}
+    if not skip_transformers:
+        results["transformers eager"] = bench_transformers(resolve(model), ids, new_tokens)
+
+    print(f"{'engine':20s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'GB/s':>6s} {'% of read':>9s}")
+    for name, r in results.items():
+        r["bandwidth_gb_s"] = r["weight_bytes"] * r["decode_tok_s"] / 1e9
+        print(f"{name:20s} {r['prefill_tok_s']:14.0f} {r['decode_tok_s']:13.1f} {r['bandwidth_gb_s']:6.1f} "
+              f"{100 * r['bandwidth_gb_s'] / floor:8.0f}%")
+    if "transformers eager" in results:
+        ours, hf = results["fornax eager"], results["transformers eager"]
+        print(f"ratio fornax/transformers: prefill {ours['prefill_tok_s'] / hf['prefill_tok_s']:.2f}x, "
+              f"decode {ours['decode_tok_s'] / hf['decode_tok_s']:.2f}x")
+    if csv_path:
+        new = not os.path.exists(csv_path)
+        with open(csv_path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["date", "model", "engine", "metric", "value", "threads", "prompt_tokens", "new_tokens",
+                            "torch"])
+            for name, r in results.items():
+                for metric in ("prefill_tok_s", "decode_tok_s", "bandwidth_gb_s"):
+                    w.writerow([datetime.date.today(), model, name, metric, round(r[metric], 2), threads,
+                                prompt_tokens, new_tokens, torch.__version__])
+    return results
+
+
+if __name__ == "__main__":
+    from .__main__ import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))

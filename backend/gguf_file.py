@@ -110,7 +110,8 @@ def gguf_to_hf_state_dict(reader, cfg: ModelConfig, arch: str, progress: Callabl
             w = _unpermute_rope(w, cfg.n_kv_head)
         if cfg.family == "gpt2" and kind == "weight" and parts[-1] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
             w = w.T  # HF GPT-2 stores Conv1D weights as (in, out)
-        out[name] = torch.from_numpy(np.ascontiguousarray(w))
+        w = np.ascontiguousarray(w)
+        out[name] = torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are read-only file views
     return out
 
 

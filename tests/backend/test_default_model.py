@@ -109,3 +109,17 @@ def test_cli_generate_names_paris():
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "tok/s" in out.stderr  # timings are reported
+
+
+def test_cli_chat_reads_turns_from_stdin():
+    out = subprocess.run([sys.executable, "-m", "backend", "chat", "--model", "default", "--temperature", "0",
+                          "--max-new-tokens", "24"], input="What is the capital of France?\n",
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_cli_reports_bad_input_without_a_traceback():
+    out = subprocess.run([sys.executable, "-m", "backend", "generate", "--model", "default", "--prompt", "Hi",
+                          "--top-p", "5"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "top_p" in out.stderr and "Traceback" not in out.stderr

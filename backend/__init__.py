@@ -3,10 +3,10 @@ from .config import PRESETS, ModelConfig
 from .errors import FornaxError, GenerationError, ModelLoadError, UnsupportedModelError
 from .generate import Completion, Delta, GenerationResult, Stream, Timings, TokenInfo
 from .handle import ModelHandle
-from .loading import DEFAULT_HUB_ID, DEFAULT_INSTALL, load
+from .loading import DEFAULT_HUB_ID, DEFAULT_INSTALL, load, save_pretrained
 from .model import Transformer
 from .sampling import SamplingParams, sample
 
-__all__ = ["load", "ModelHandle", "ModelConfig", "PRESETS", "Transformer", "SamplingParams", "sample",
+__all__ = ["load", "save_pretrained", "ModelHandle", "ModelConfig", "PRESETS", "Transformer", "SamplingParams", "sample",
            "GenerationResult", "Completion", "Delta", "Stream", "Timings", "TokenInfo", "FornaxError",
            "ModelLoadError", "UnsupportedModelError", "GenerationError", "DEFAULT_HUB_ID", "DEFAULT_INSTALL"]

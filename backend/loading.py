@@ -246,3 +246,73 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.fl
     if device.type == "cpu":
         model.decode_layout()
     return model.eval()
+
+
+def fornax_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of hf_to_fornax: our tensor names -> the names (and layouts) transformers uses."""
+    nh, nkv, hd, ff = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff
+    out = {}
+    if cfg.family == "gpt2":
+        out["transformer.wte.weight"], out["transformer.wpe.weight"] = state["tok_emb.weight"], state["pos_emb.weight"]
+        for i in range(cfg.n_layer):
+            h, b = f"transformer.h.{i}.", f"blocks.{i}."
+            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                out[h + theirs + ".weight"], out[h + theirs + ".bias"] = state[b + ours + ".weight"], state[
+                    b + ours + ".bias"]
+            for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
+                                 ("mlp.down", "mlp.c_proj")):
+                out[h + theirs + ".weight"] = state[b + ours + ".weight"].t()
+                out[h + theirs + ".bias"] = state[b + ours + ".bias"]
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = state["norm.weight"], state["norm.bias"]
+    else:
+        out["model.embed_tokens.weight"] = state["tok_emb.weight"]
+        for i in range(cfg.n_layer):
+            h, b = f"model.layers.{i}.", f"blocks.{i}."
+            out[h + "input_layernorm.weight"] = state[b + "attn_norm.weight"]
+            out[h + "post_attention_layernorm.weight"] = state[b + "mlp_norm.weight"]
+            for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+                q, k, v = state[b + f"attn.qkv.{kind}"].split([nh * hd, nkv * hd, nkv * hd])
+                out[h + f"self_attn.q_proj.{kind}"], out[h + f"self_attn.k_proj.{kind}"] = q, k
+                out[h + f"self_attn.v_proj.{kind}"] = v
+            out[h + "self_attn.o_proj.weight"] = state[b + "attn.proj.weight"]
+            if cfg.out_bias:
+                out[h + "self_attn.o_proj.bias"] = state[b + "attn.proj.bias"]
+            for kind in ("weight", "bias") if cfg.mlp_bias else ("weight",):
+                gate, up = state[b + f"mlp.gate_up.{kind}"].split([ff, ff])
+                out[h + f"mlp.gate_proj.{kind}"], out[h + f"mlp.up_proj.{kind}"] = gate, up
+                out[h + f"mlp.down_proj.{kind}"] = state[b + f"mlp.down.{kind}"]
+        out["model.norm.weight"] = state["norm.weight"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def save_pretrained(model: Transformer, tokenizer: Tokenizer, folder: str | os.PathLike) -> Path:
+    """Write an HF-style folder (config.json, model.safetensors, tokenizer files) that `load` and transformers read.
+
+    Written into a temporary sibling folder and renamed into place, so a crash never leaves a half-written model."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        save_file(fornax_to_hf(model.state_dict(), cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf = cfg.to_hf_config()
+        hf["_name_or_path"] = cfg.name
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids}, indent=2))
+        tokenizer.save(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except OSError as e:
+        raise ModelLoadError(f"could not save the model to {folder}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -56,3 +56,16 @@ def test_greedy_tokens_match_transformers(pair):
     expected = out[0, len(prompt):].tolist()
     got = ours.generate(prompt, max_new_tokens=32, temperature=0, ignore_eos=True).completions[0].token_ids
     assert got == expected
+
+
+def test_save_pretrained_round_trips_through_transformers(pair, tmp_path):
+    """Our saved folder loads in transformers and in Fornax with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    hf, ours = pair
+    backend.save_pretrained(ours.model, ours.tokenizer, tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="eager").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(backend.load(tmp_path / "saved").logits(ids), ours.logits(ids))

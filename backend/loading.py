@@ -226,7 +226,7 @@ def hf_to_fornax(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32,
-                device: torch.device = torch.device("cpu")) -> Transformer:
+                device: torch.device = torch.device("cpu"), cpu_decode_layout: bool = True) -> Transformer:
     """Our Transformer holding the given HF-named weights (no random init, no extra copies)."""
     ours = hf_to_fornax(state, cfg)
     with torch.device("meta"):
@@ -243,7 +243,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.fl
         model.lm_head.weight = model.tok_emb.weight
     model.reset_buffers(device)
     model.requires_grad_(False)
-    if device.type == "cpu":
+    if torch.device(device).type == "cpu" and cpu_decode_layout:
         model.decode_layout()
     return model.eval()
 

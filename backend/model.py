@@ -94,6 +94,17 @@ class KVCache(nn.Module):
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]  # (B, nkv, pos+T, hd)
 
 
+class PastKV:
+    """Cache for graph export: past (B, nkv, P, hd) in, present (B, nkv, P + T, hd) out by concatenation."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -111,12 +122,14 @@ class Attention(nn.Module):
         q, k = qk[:, :nh], qk[:, nh:]              # (B, nh, T, hd), (B, nkv, T, hd)
         if cache is not None:
             k, v = cache.update(pos, k, v)         # (B, nkv, S, hd), S = pos + T
-        if T == 1 and nkv != nh:
+        if mask is not None and nkv != nh:         # explicit K/V repeat: exports to ONNX as plain ops
+            k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+        if T == 1 and nkv != nh and mask is None:
             # One query per head: fold each KV group's queries into rows so no K/V copy is needed.
             y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hd), k, v)  # (B, nkv, nh/nkv, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=nkv != nh)                   # (B, nh, T, hd)
+                                               enable_gqa=mask is None and nkv != nh)  # (B, nh, T, hd)
         return self.proj(y.reshape(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd))
 
 
@@ -174,6 +187,15 @@ class Transformer(nn.Module):
         device = device or self.tok_emb.weight.device
         self.register_buffer("rope_cos", emb.cos().to(device), persistent=False)
         self.register_buffer("rope_sin", emb.sin().to(device), persistent=False)
+
+    def contiguous_layout(self):
+        """Row-major weights again (for training and graph export)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and not m.weight.is_contiguous():
+                m.weight = nn.Parameter(m.weight.detach().contiguous(), requires_grad=m.weight.requires_grad)
+        if self.config.tie_embeddings:
+            self.tok_emb.weight = self.lm_head.weight
+        return self
 
     def decode_layout(self):
         """Store Linear weights column-major (same values, transposed strides). At batch 1 a matmul is a
@@ -244,3 +266,25 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))                              # (B, T, V)
+
+    def forward_with_past(self, idx: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          past: list[tuple[torch.Tensor, torch.Tensor]]):
+        """The exported graph's forward: explicit positions, a padding mask, and past keys/values in -> logits and
+        present keys/values out. idx, position_ids (B, T); attention_mask (B, P + T) with 1 for real tokens."""
+        B, T = idx.shape
+        P = past[0][0].shape[2]
+        x = self.tok_emb(idx)                                                  # (B, T, d)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(position_ids)
+        rope = None
+        if self.pos_emb is None:
+            rope = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)  # (B, 1, T, hd)
+        keys = torch.arange(P + T, device=idx.device)
+        queries = torch.arange(T, device=idx.device) + P
+        causal = keys[None, :] <= queries[:, None]                             # (T, P + T)
+        mask = causal[None, None] & attention_mask[:, None, None, :].bool()    # (B, 1, T, P + T)
+        mask = mask | (keys[None, :] == queries[:, None])[None, None]          # a padded query still sees itself
+        caches = [PastKV(k, v) for k, v in past]
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, rope, 0, cache, mask)
+        return self.lm_head(self.norm(x)), [(c.k, c.v) for c in caches]

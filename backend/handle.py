@@ -36,22 +36,27 @@ class EagerRunner:
 
 @dataclass
 class ModelHandle:
-    model: Transformer
+    model: Transformer | None   # None for a handle that runs an exported graph only
     tokenizer: Tokenizer
     source: str
     load_seconds: float = 0.0
     runners: dict[str, Runner] = field(default_factory=dict)
     backend: str = "eager"
     eos_ids: set[int] = field(default_factory=set)
+    config: ModelConfig | None = None
 
     def __post_init__(self):
-        self.runners.setdefault("eager", EagerRunner(self.model))
+        if self.model is not None:
+            self.config = self.model.config
+            self.runners.setdefault("eager", EagerRunner(self.model))
+        self.backend = self.backend if self.backend in self.runners else next(iter(self.runners))
         self.eos_ids = set(self.eos_ids) | set(self.config.eos_token_ids) | self.tokenizer.end_of_turn_ids()
         self._lock = threading.Lock()  # one KV cache per model: generations take turns
 
-    @property
-    def config(self) -> ModelConfig:
-        return self.model.config
+    def add_runner(self, name: str, runner: Runner) -> None:
+        """Offer another execution path (e.g. an ONNX Runtime session of this model's export)."""
+        with self._lock:
+            self.runners[name] = runner
 
     @property
     def chat_template(self) -> str | None:
@@ -59,20 +64,20 @@ class ModelHandle:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.tok_emb.weight.dtype
+        return self.model.tok_emb.weight.dtype if self.model is not None else torch.float32
 
     @property
     def device(self) -> torch.device:
-        return self.model.tok_emb.weight.device
+        return self.model.tok_emb.weight.device if self.model is not None else torch.device("cpu")
 
     def info(self) -> dict:
         cfg = self.config
-        n_params = sum(p.numel() for p in self.model.parameters())
+        n_params = sum(p.numel() for p in self.model.parameters()) if self.model is not None else cfg.n_params
         return dict(source=self.source, name=cfg.name, family=cfg.family, model_type=cfg.hf_model_type,
                     parameters=n_params, layers=cfg.n_layer, heads=cfg.n_head, kv_heads=cfg.n_kv_head,
                     d_model=cfg.d_model, vocab_size=cfg.vocab_size, context_length=cfg.max_seq_len,
                     dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
-                    weight_bytes=self.runners["eager"].weight_bytes, load_seconds=round(self.load_seconds, 2),
+                    weight_bytes=self.runners[self.backend].weight_bytes, load_seconds=round(self.load_seconds, 2),
                     chat_template="model" if self.chat_template else "fallback", backends=list(self.runners))
 
     # --- prompts ---
@@ -96,6 +101,9 @@ class ModelHandle:
         """Full forward without cache: input_ids (B, T) -> logits (B, T, V)."""
         if input_ids.shape[-1] > self.config.max_seq_len:
             raise GenerationError(f"{input_ids.shape[-1]} tokens exceed the context of {self.config.max_seq_len}")
+        if self.model is None:
+            with self._lock:
+                return self.runners[self.backend].full_logits(input_ids).to(dtype)
         return self.model(input_ids.to(self.device)).to(dtype)
 
     # --- generation ---
@@ -128,4 +136,8 @@ class ModelHandle:
         return stream.result
 
     def free(self):
-        self.model.free_cache()
+        if self.model is not None:
+            self.model.free_cache()
+        for runner in self.runners.values():
+            if hasattr(runner, "past"):
+                runner.past = None

@@ -49,12 +49,25 @@ def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None 
         if dtype not in ("float32", "float16", "bfloat16"):
             raise ModelLoadError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
         dtype = getattr(torch, dtype)
+    if (folder / "model.onnx").exists() and not _weight_files(folder, "model.safetensors"):
+        return load_onnx(folder, source, t0)
     cfg, state = read_hf_folder(folder)
     tokenizer = Tokenizer.from_folder(folder)
     if progress:
         progress(0.9, "building the model")
     model = build_model(cfg, state, dtype, device)
     return ModelHandle(model, tokenizer, source, load_seconds=time.perf_counter() - t0)
+
+
+def load_onnx(folder: Path, source: str, t0: float) -> ModelHandle:
+    """A handle over an exported graph (python -m export): runs on ONNX Runtime, no PyTorch weights."""
+    from .onnx_runner import OnnxRunner, read_onnx_config
+
+    cfg = read_onnx_config(folder)
+    tokenizer = Tokenizer.from_folder(folder)
+    runner = OnnxRunner(folder / "model.onnx", cfg)
+    return ModelHandle(None, tokenizer, source, load_seconds=time.perf_counter() - t0, runners={"onnx": runner},
+                       backend="onnx", config=cfg)
 
 
 def resolve(source: str, progress=None) -> Path:

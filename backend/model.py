@@ -44,7 +44,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op; same formula
+        if x.dtype == torch.float32 and not torch.onnx.is_in_onnx_export():  # one fused op; same formula
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -109,6 +109,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)  # given explicitly so exported graphs hold a constant
         self.qkv = Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
         self.proj = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
 
@@ -126,10 +127,10 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
         if T == 1 and nkv != nh and mask is None:
             # One query per head: fold each KV group's queries into rows so no K/V copy is needed.
-            y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hd), k, v)  # (B, nkv, nh/nkv, hd)
+            y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hd), k, v, scale=self.scale)  # (B, nkv, g, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=mask is None and nkv != nh)  # (B, nh, T, hd)
+                                               scale=self.scale, enable_gqa=mask is None and nkv != nh)  # (B, nh, T, hd)
         return self.proj(y.reshape(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd))
 
 
@@ -282,8 +283,10 @@ class Transformer(nn.Module):
         keys = torch.arange(P + T, device=idx.device)
         queries = torch.arange(T, device=idx.device) + P
         causal = keys[None, :] <= queries[:, None]                             # (T, P + T)
-        mask = causal[None, None] & attention_mask[:, None, None, :].bool()    # (B, 1, T, P + T)
-        mask = mask | (keys[None, :] == queries[:, None])[None, None]          # a padded query still sees itself
+        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, P + T)
+        allowed = allowed | (keys[None, :] == queries[:, None])[None, None]    # a padded query still sees itself
+        # additive float mask, built once for all layers (a boolean one is converted again in every layer's graph)
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
         caches = [PastKV(k, v) for k, v in past]
         for block, cache in zip(self.blocks, caches):
             x = block(x, rope, 0, cache, mask)

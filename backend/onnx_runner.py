@@ -1,0 +1,98 @@
+"""ONNX Runtime execution path: the exported graph (see export/) behind the same Runner interface as eager.
+
+Keys and values stay in ONNX Runtime's own memory between steps: each step's `present` outputs are bound
+straight back as the next step's `past` inputs (IO binding), so the cache never round-trips through numpy.
+The CUDA provider is asked for only where CUDA is really present, so CPU machines get no error spam.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import ModelLoadError
+
+MODEL_FILE = "model.onnx"
+
+
+def providers() -> list[str]:
+    import onnxruntime as ort
+
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def read_onnx_config(folder: Path) -> ModelConfig:
+    """Our exact config from fornax.json, else the HF config.json written beside the graph."""
+    try:
+        if (folder / "fornax.json").exists():
+            return ModelConfig.from_dict(json.loads((folder / "fornax.json").read_text())["config"])
+        return ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
+    except (OSError, KeyError, ValueError) as e:
+        raise ModelLoadError(f"{folder} has a model.onnx but no readable config.json / fornax.json: {e}") from e
+
+
+class OnnxRunner:
+    name = "onnx"
+
+    def __init__(self, path: str | Path, config: ModelConfig, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        self.path, self.config = path, config
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers())
+        except Exception as e:
+            raise ModelLoadError(f"{path} is not a loadable ONNX model: {str(e).strip()[:300]}") from e
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        names = {i.name for i in self.session.get_inputs()}
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(config.n_layer) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(config.n_layer) for kv in ("key", "value")]
+        missing = {"input_ids", "attention_mask", "position_ids", *self.past_names} - names
+        if missing:
+            raise ModelLoadError(f"{path.name} is not a Fornax/optimum causal-LM graph: it lacks inputs "
+                                 f"{sorted(missing)[:3]}")
+        self.weight_bytes = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+        self.batch, self.past = 1, None
+
+    def start(self, batch: int, max_len: int) -> None:
+        self.batch, self.past = batch, None
+
+    def _run(self, ids: np.ndarray, pos: int, past) -> tuple[np.ndarray, list]:
+        import onnxruntime as ort
+
+        B, T = ids.shape
+        cfg = self.config
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((B, pos + T), dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.broadcast_to(np.arange(pos, pos + T, dtype=np.int64), (B, T)).copy())
+        if past is None:
+            empty = np.zeros((B, cfg.n_kv_head, 0, cfg.head_dim), dtype=np.float32)
+            past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device)] * len(self.past_names)
+        for name, value in zip(self.past_names, past):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", "cpu")
+        for name in self.present_names:
+            io.bind_output(name, self.device)
+        self.session.run_with_iobinding(io)
+        out = io.get_outputs()
+        return out[0].numpy(), out[1:]
+
+    def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        logits, self.past = self._run(ids.numpy(), pos, self.past if pos else None)
+        return torch.from_numpy(np.ascontiguousarray(logits[:, -1]))  # (B, V)
+
+    def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """A full forward without cache: (B, T) -> (B, T, V)."""
+        logits, _ = self._run(ids.numpy(), 0, None)
+        return torch.from_numpy(logits)

@@ -1,0 +1,76 @@
+"""CLI: python -m export --model SOURCE --out DIR [--quant none|int8|int4]   |   python -m export verify DIR"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from backend.errors import FornaxError
+
+
+def cmd_export(args):
+    from tqdm import tqdm
+
+    from .onnx_export import export
+    from .verify import format_report, save_report
+
+    bar = tqdm(total=100, desc="export", unit="%", bar_format="{l_bar}{bar}| {postfix}")
+
+    def progress(fraction, message):
+        bar.n = int(100 * fraction)
+        bar.set_postfix_str(message)
+
+    info = export(args.model, args.out, quant=args.quant, verify=not args.no_verify, progress=progress)
+    bar.close()
+    sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in info["sizes_bytes"].items())
+    print(f"exported {args.model} to {args.out} in {info['export_seconds']} s ({sizes})")
+    if "report" in info:
+        save_report(Path(args.out), info["report"])
+        print(format_report(info["report"], "fp32" if args.quant == "none" else args.quant))
+
+
+def cmd_verify(args):
+    from backend.loading import build_model, read_hf_folder, resolve
+    from backend.tokenizer import Tokenizer
+
+    from .verify import format_report, save_report, verify_export
+
+    folder = Path(args.folder)
+    meta = json.loads((folder / "fornax.json").read_text()) if (folder / "fornax.json").exists() else {}
+    source = args.model or meta.get("source")
+    if not source:
+        raise FornaxError("which model was exported? pass --model SOURCE")
+    src = resolve(source)
+    model = build_model(*read_hf_folder(src))
+    report = verify_export(folder, model, Tokenizer.from_folder(src))
+    save_report(folder, report)
+    print(format_report(report, meta.get("quant", "")))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:
+        p = argparse.ArgumentParser(prog="python -m export verify", description="parity of an export vs eager")
+        p.add_argument("folder")
+        p.add_argument("--model", default=None, help="the source model (default: the one fornax.json names)")
+        p.set_defaults(func=cmd_verify)
+        argv = argv[1:]
+    else:
+        p = argparse.ArgumentParser(prog="python -m export", description="export a model to ONNX (with KV cache)")
+        p.add_argument("--model", default="default", help="default | HF folder | .gguf file | hub id")
+        p.add_argument("--out", required=True, help="a new (or empty) folder")
+        p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
+        p.add_argument("--no-verify", action="store_true", help="skip the parity report")
+        p.set_defaults(func=cmd_export)
+    args = p.parse_args(argv)
+    try:
+        args.func(args)
+    except FornaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Export any model `backend.load` accepts as one ONNX graph with KV cache, then optimise and quantise it.
+
+Graph interface (the one optimum's ORTModelForCausalLM reads):
+  inputs  input_ids (B, S) int64, attention_mask (B, P+S) int64, position_ids (B, S) int64,
+          past_key_values.{i}.key / .value (B, n_kv_heads, P, head_dim) float32
+  outputs logits (B, S, V) float32, present.{i}.key / .value (B, n_kv_heads, P+S, head_dim)
+One graph serves prefill (P = 0) and decode (S = 1).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from backend.config import ModelConfig
+from backend.errors import FornaxError
+from backend.loading import build_model, read_hf_folder, resolve
+from backend.tokenizer import Tokenizer
+
+QUANTS = ("none", "int8", "int4")
+OPSET = 17
+MODEL_FILE = "model.onnx"
+PROTOBUF_LIMIT = 2 * 1024**3  # weights beyond this go to external data files
+
+
+class ExportError(FornaxError):
+    """The export could not be written or checked."""
+
+
+class GraphWrapper(torch.nn.Module):
+    """Flat tensors in and out, as an ONNX graph needs them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
+        logits, present = self.model.forward_with_past(input_ids, position_ids, attention_mask, past)
+        return (logits, *[t for kv in present for t in kv])
+
+
+def io_names(n_layer: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} is not an empty folder: choose a new folder (nothing was written)")
+    parent = out.parent if not out.exists() else out
+    parent.mkdir(parents=True, exist_ok=True) if not parent.exists() else None
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"{parent} is not writable")
+
+
+def export_fp32(model, path: Path) -> None:
+    """torch.onnx.export (TorchScript exporter) with dynamic batch and sequence axes."""
+    cfg: ModelConfig = model.config
+    inputs, outputs = io_names(cfg.n_layer)
+    B, S, P = 2, 3, 4  # example sizes; every axis below is dynamic
+    example = [torch.randint(0, cfg.vocab_size, (B, S)), torch.ones(B, P + S, dtype=torch.long),
+               torch.arange(P, P + S).expand(B, S).contiguous()]
+    example += [torch.zeros(B, cfg.n_kv_head, P, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"}}
+    axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in inputs[3:]})
+    axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in outputs[1:]})
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape branches are constant with a mask
+            torch.onnx.export(GraphWrapper(model), tuple(example), str(path), input_names=inputs,
+                              output_names=outputs, dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True,
+                              dynamo=False, external_data=_needs_external_data(model))
+    except OSError:
+        raise
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export failed for this model: {type(e).__name__}: {e}") from e
+
+
+def _needs_external_data(model) -> bool:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) > PROTOBUF_LIMIT * 0.9
+
+
+def check_graph(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path))  # path form: works with external data
+
+
+def quantize(src: Path, dst: Path, quant: str) -> None:
+    """onnxruntime's own quantizers: dynamic int8 for every MatMul, or int4 weight-only MatMulNBits."""
+    if quant == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
+    elif quant == "int4":
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        # accuracy_level 4: int8 activations inside MatMulNBits, the fast CPU kernel
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True, accuracy_level=4)
+        q.process()
+        q.model.save_model_to_file(str(dst), use_external_data_format=False)
+    else:
+        raise ExportError(f"unknown quantisation {quant!r}; choose one of {', '.join(QUANTS)}")
+
+
+def write_side_files(folder: Path, cfg: ModelConfig, tokenizer: Tokenizer, info: dict) -> None:
+    """What a user needs to run the graph elsewhere: HF config, generation config, tokenizer, our own config."""
+    hf = cfg.to_hf_config()
+    hf["use_cache"] = True
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids}, indent=2))
+    tokenizer.save(folder)
+    (folder / "fornax.json").write_text(json.dumps({"config": cfg.to_dict(), **info}, indent=2))
+
+
+def export(source: str, out: str | os.PathLike, quant: str = "none", verify: bool = True,
+           progress: Callable[[float, str], None] | None = None) -> dict:
+    """Export `source` to the folder `out` (must be new or empty). Returns a summary with sizes and the report."""
+    if quant not in QUANTS:
+        raise ExportError(f"unknown quantisation {quant!r}; choose one of {', '.join(QUANTS)}")
+    out = Path(out).expanduser()
+    check_out_dir(out)
+    say = progress or (lambda f, m: None)
+    t0 = time.perf_counter()
+    say(0.05, "loading the model")
+    folder = resolve(source)
+    cfg, state = read_hf_folder(folder)
+    tokenizer = Tokenizer.from_folder(folder)
+    model = build_model(cfg, state, torch.float32, torch.device("cpu"), cpu_decode_layout=False)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        say(0.2, "exporting the graph")
+        fp32 = tmp / (MODEL_FILE if quant == "none" else "model_fp32.onnx")
+        export_fp32(model, fp32)
+        check_graph(fp32)
+        sizes = {"fp32": _size(fp32)}
+        if quant != "none":
+            say(0.5, f"quantising to {quant}")
+            quantize(fp32, tmp / MODEL_FILE, quant)
+            check_graph(tmp / MODEL_FILE)
+            sizes[quant] = _size(tmp / MODEL_FILE)
+            for f in tmp.glob("model_fp32.onnx*"):
+                f.unlink()
+        info = {"source": source, "quant": quant, "opset": OPSET, "sizes_bytes": sizes,
+                "export_seconds": round(time.perf_counter() - t0, 1)}
+        write_side_files(tmp, cfg, tokenizer, info)
+        if verify:
+            from .verify import verify_export
+
+            say(0.8, "checking parity against the eager model")
+            info["report"] = verify_export(tmp, model=model, tokenizer=tokenizer)
+            (tmp / "fornax.json").write_text(json.dumps({"config": cfg.to_dict(), **info}, indent=2))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)  # the folder appears whole or not at all
+    except OSError as e:
+        raise ExportError(f"could not write the export to {out}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(1.0, "done")
+    return info
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))

@@ -1,0 +1,68 @@
+"""Parity of an export against our eager model on a fixed text: logits, KL, top-1, greedy match, perplexity."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from backend.handle import ModelHandle
+from backend.onnx_runner import OnnxRunner, read_onnx_config
+
+GREEDY_TOKENS = 64
+TEXT_TOKENS = 128
+
+
+def fixed_text() -> str:
+    """English prose that ships with Python (pydoc's help on the `with` statement)."""
+    from pydoc_data.topics import topics
+
+    return topics["with"]
+
+
+@torch.inference_mode()
+def verify_export(folder: str | Path, model, tokenizer, text: str | None = None) -> dict:
+    folder = Path(folder)
+    runner = OnnxRunner(folder / "model.onnx", read_onnx_config(folder))
+    ids = torch.tensor([tokenizer.encode(text or fixed_text(), add_special_tokens=False)[:TEXT_TOKENS]])
+    ref = model(ids)[0].float()                       # (T, V)
+    got = runner.full_logits(ids)[0].float()
+    ref_logp, got_logp = ref.log_softmax(-1), got.log_softmax(-1)
+    kl = (ref_logp.exp() * (ref_logp - got_logp)).sum(-1)          # KL(eager || onnx) per position
+    targets = ids[0, 1:]
+    nll = lambda logp: -logp[:-1].gather(1, targets[:, None]).mean().item()  # noqa: E731
+    handle = ModelHandle(model, tokenizer, "verify", runners={"onnx": runner})
+    prompt = ids[0, :16].tolist()
+    greedy = {name: handle.generate(prompt, backend=name, max_new_tokens=GREEDY_TOKENS, temperature=0,
+                                    ignore_eos=True).completions[0].token_ids for name in ("eager", "onnx")}
+    match = next((i for i, (a, b) in enumerate(zip(greedy["eager"], greedy["onnx"])) if a != b), GREEDY_TOKENS)
+    per_position = (ref - got).abs().amax(-1)
+    return {
+        "positions": ids.shape[1],
+        "max_abs_logit_diff": per_position.max().item(),
+        "max_abs_logit_diff_per_position": [round(x, 6) for x in per_position.tolist()],
+        "mean_kl": kl.mean().item(),
+        "top1_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
+        "greedy_match_length": match,
+        "greedy_tokens": GREEDY_TOKENS,
+        "perplexity_eager": math.exp(nll(ref_logp)),
+        "perplexity_onnx": math.exp(nll(got_logp)),
+    }
+
+
+def format_report(report: dict, quant: str = "") -> str:
+    r = report
+    return "\n".join([
+        f"parity of the {quant or 'ONNX'} export against eager fp32 on {r['positions']} tokens of fixed text:",
+        f"  max |logit diff|      {r['max_abs_logit_diff']:.2e}",
+        f"  mean KL(eager||onnx)  {r['mean_kl']:.2e}",
+        f"  top-1 agreement       {100 * r['top1_agreement']:.1f} %",
+        f"  greedy match          {r['greedy_match_length']} / {r['greedy_tokens']} tokens",
+        f"  perplexity            {r['perplexity_eager']:.3f} eager, {r['perplexity_onnx']:.3f} onnx "
+        f"({r['perplexity_onnx'] - r['perplexity_eager']:+.3f})",
+    ])
+
+
+def save_report(folder: Path, report: dict) -> None:
+    (Path(folder) / "parity.json").write_text(json.dumps(report, indent=2))

@@ -75,8 +75,8 @@ def cmd_chat(args):
 def cmd_bench(args):
     from .bench import run_bench
 
-    run_bench(model=args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-              threads=args.threads, csv_path=args.csv, skip_transformers=args.skip_transformers)
+    run_bench(model=args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
+              csv_path=args.csv, skip_transformers=args.skip_transformers)
 
 
 def main(argv=None):

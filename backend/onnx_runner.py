@@ -61,7 +61,10 @@ class OnnxRunner:
         if missing:
             raise ModelLoadError(f"{path.name} is not a Fornax/optimum causal-LM graph: it lacks inputs "
                                  f"{sorted(missing)[:3]}")
-        self.weight_bytes = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+        # bytes read per decode step: the graph's weights less the fp32 embedding table, of which a step
+        # gathers one row only
+        file_bytes = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+        self.weight_bytes = max(file_bytes - config.vocab_size * config.d_model * 4, file_bytes // 2)
         self.batch, self.past = 1, None
 
     def start(self, batch: int, max_len: int) -> None:

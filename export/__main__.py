@@ -48,9 +48,32 @@ def cmd_verify(args):
     print(format_report(report, meta.get("quant", "")))
 
 
+def cmd_bench(args):
+    from backend.bench import run_bench
+
+    from .cache import cached_export
+
+    rows = [("transformers eager", "transformers", args.model), ("fornax eager", "fornax", args.model)]
+    for quant in ("none", "int8", "int4"):
+        folder = cached_export(args.model, quant)
+        rows.append((f"onnx {'fp32' if quant == 'none' else quant}", "fornax", str(folder)))
+    run_bench(rows, model=args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+              threads=args.threads, csv_path=args.csv)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["verify"]:
+    if argv[:1] == ["bench"]:
+        p = argparse.ArgumentParser(prog="python -m export bench",
+                                    description="eager fp32 vs ONNX fp32/int8/int4 vs transformers, one run")
+        p.add_argument("--model", default="default")
+        p.add_argument("--prompt-tokens", type=int, default=128)
+        p.add_argument("--new-tokens", type=int, default=128)
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--csv", default=None)
+        p.set_defaults(func=cmd_bench)
+        argv = argv[1:]
+    elif argv[:1] == ["verify"]:
         p = argparse.ArgumentParser(prog="python -m export verify", description="parity of an export vs eager")
         p.add_argument("folder")
         p.add_argument("--model", default=None, help="the source model (default: the one fornax.json names)")

@@ -99,21 +99,24 @@ def check_graph(path: Path) -> None:
 
 
 def quantize(src: Path, dst: Path, quant: str) -> None:
-    """onnxruntime's own quantizers: dynamic int8 for every MatMul, or int4 weight-only MatMulNBits."""
-    if quant == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+    """Weight-only quantisation with onnxruntime's MatMulNBits quantizer: 8 or 4 bits, blocks of 32 along the
+    input dimension (the block layout GGUF files use too), asymmetric, int8 activations inside the kernel
+    (accuracy_level 4, the fast CPU path).
 
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
-    elif quant == "int4":
-        import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    Why not quantize_dynamic for int8: on SmolLM2 its per-tensor activation quantization kept only 61 % top-1
+    agreement with fp32 (per-channel weights: 0 %), where 8-bit MatMulNBits keeps 94.5 % (export verify)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        # accuracy_level 4: int8 activations inside MatMulNBits, the fast CPU kernel
-        q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True, accuracy_level=4)
-        q.process()
-        q.model.save_model_to_file(str(dst), use_external_data_format=False)
-    else:
+    import logging
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # per-node INFO
+    bits = {"int8": 8, "int4": 4}.get(quant)
+    if bits is None:
         raise ExportError(f"unknown quantisation {quant!r}; choose one of {', '.join(QUANTS)}")
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=32, is_symmetric=False, accuracy_level=4)
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=q.model.model.ByteSize() > PROTOBUF_LIMIT * 0.9)
 
 
 def write_side_files(folder: Path, cfg: ModelConfig, tokenizer: Tokenizer, info: dict) -> None:

@@ -139,16 +139,19 @@ def optimum_path():
 def test_optimum_loads_our_export_and_agrees(default_export, optimum_path, tmp_path):
     out, _ = default_export
     prompt = "The capital of France is"
-    ours = backend.load(out).generate(prompt, max_new_tokens=32, temperature=0, ignore_eos=True)
+    handle = backend.load(out)
+    ours = handle.generate(prompt, max_new_tokens=32, temperature=0)
     script = (
         "import json, sys, torch\n"
         "from optimum.onnxruntime import ORTModelForCausalLM\n"
         "m = ORTModelForCausalLM.from_pretrained(sys.argv[1], use_cache=True, use_io_binding=False)\n"
         "ids = torch.tensor([json.loads(sys.argv[2])])\n"
-        "out = m.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)\n"
+        "out = m.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=0)\n"
         "print(json.dumps(out[0, ids.shape[1]:].tolist()))\n")
     env = {**os.environ, "PYTHONPATH": str(optimum_path)}
     done = subprocess.run([sys.executable, "-c", script, str(out), json.dumps(ours.prompt_ids)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == ours.completions[0].token_ids
+    theirs, mine = json.loads(done.stdout.strip().splitlines()[-1]), ours.completions[0].token_ids
+    assert len(mine) >= 8 and theirs[:len(mine)] == mine
+    assert len(mine) == 32 or theirs[len(mine)] in handle.eos_ids  # both stopped at the same end of turn

@@ -1,0 +1,29 @@
+"""Exports made on demand (playground backend selector, benchmark) are cached per model content and precision."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+from backend.gguf_file import cache_root
+from backend.loading import resolve
+
+from .onnx_export import MODEL_FILE, export
+
+
+def model_key(folder: Path) -> str:
+    """Content key of a resolved model folder: its config and the size and mtime of its weight files."""
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def cached_export(source: str, quant: str = "none", progress: Callable[[float, str], None] | None = None) -> Path:
+    """The export folder of `source` at `quant`, exporting it first if it is not cached yet."""
+    folder = resolve(source)
+    out = cache_root() / "exports" / f"{model_key(folder)}-{quant}"
+    if not (out / MODEL_FILE).exists():
+        export(str(folder), out, quant=quant, progress=progress)
+    return out

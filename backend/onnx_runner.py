@@ -57,7 +57,8 @@ class OnnxRunner:
         names = {i.name for i in self.session.get_inputs()}
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(config.n_layer) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(config.n_layer) for kv in ("key", "value")]
-        missing = {"input_ids", "attention_mask", "position_ids", *self.past_names} - names
+        self.takes_positions = "position_ids" in names  # graphs with fused rotary read positions from the mask
+        missing = {"input_ids", "attention_mask", *self.past_names} - names
         if missing:
             raise ModelLoadError(f"{path.name} is not a Fornax/optimum causal-LM graph: it lacks inputs "
                                  f"{sorted(missing)[:3]}")
@@ -78,7 +79,8 @@ class OnnxRunner:
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ones((B, pos + T), dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.broadcast_to(np.arange(pos, pos + T, dtype=np.int64), (B, T)).copy())
+        if self.takes_positions:
+            io.bind_cpu_input("position_ids", np.broadcast_to(np.arange(pos, pos + T, dtype=np.int64), (B, T)).copy())
         if past is None:
             empty = np.zeros((B, cfg.n_kv_head, 0, cfg.head_dim), dtype=np.float32)
             past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device)] * len(self.past_names)

@@ -8,7 +8,7 @@ from typing import Callable
 from backend.gguf_file import cache_root
 from backend.loading import resolve
 
-from .onnx_export import MODEL_FILE, export
+from .onnx_export import EXPORT_VERSION, MODEL_FILE, export
 
 
 def model_key(folder: Path) -> str:
@@ -23,7 +23,7 @@ def model_key(folder: Path) -> str:
 def cached_export(source: str, quant: str = "none", progress: Callable[[float, str], None] | None = None) -> Path:
     """The export folder of `source` at `quant`, exporting it first if it is not cached yet."""
     folder = resolve(source)
-    out = cache_root() / "exports" / f"{model_key(folder)}-{quant}"
+    out = cache_root() / "exports" / f"{model_key(folder)}-v{EXPORT_VERSION}-{quant}"
     if not (out / MODEL_FILE).exists():
         export(str(folder), out, quant=quant, progress=progress)
     return out

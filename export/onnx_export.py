@@ -24,7 +24,10 @@ from backend.errors import FornaxError
 from backend.loading import build_model, read_hf_folder, resolve
 from backend.tokenizer import Tokenizer
 
+from .gqa_graph import GqaGraph
+
 QUANTS = ("none", "int8", "int4")
+EXPORT_VERSION = 2  # bump when graphs change, so cached exports are made again
 OPSET = 17
 MODEL_FILE = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3  # weights beyond this go to external data files
@@ -76,10 +79,11 @@ def export_fp32(model, path: Path) -> None:
             "logits": {0: "batch_size", 1: "sequence_length"}}
     axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in inputs[3:]})
     axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in outputs[1:]})
+    graph = GqaGraph(model) if cfg.family == "llama" else GraphWrapper(model)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape branches are constant with a mask
-            torch.onnx.export(GraphWrapper(model), tuple(example), str(path), input_names=inputs,
+            torch.onnx.export(graph, tuple(example), str(path), input_names=inputs,
                               output_names=outputs, dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True,
                               dynamo=False, external_data=_needs_external_data(model))
     except OSError:

@@ -1,0 +1,68 @@
+"""Llama-family graphs whose attention is onnxruntime's fused GroupQueryAttention contrib op.
+
+One GQA node per layer does the rotary embedding, the K/V cache concatenation and grouped-query attention that
+otherwise take ~40 small ONNX nodes; at batch 1 those small nodes, not the weights, dominate decode time.
+Same graph interface as the generic export (optimum names, BNSH past/present), so runners need not know.
+ORT derives each row's positions from the mask (seqlens_k): rows must be unpadded or right-padded.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from backend.model import Transformer, apply_rope
+
+
+class GroupQueryAttention(torch.autograd.Function):
+    """PyTorch reference of com.microsoft.GroupQueryAttention (no padding), exported as that one node."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, n_head: int, n_kv_head: int,
+                scale: float):
+        B, T, _ = q.shape
+        P, hd = past_k.shape[2], past_k.shape[3]
+        q = q.view(B, T, n_head, hd).transpose(1, 2)                 # (B, nh, T, hd)
+        k = k.view(B, T, n_kv_head, hd).transpose(1, 2)              # (B, nkv, T, hd)
+        v = v.view(B, T, n_kv_head, hd).transpose(1, 2)
+        rope = torch.cat([cos, cos], -1)[P:P + T], torch.cat([sin, sin], -1)[P:P + T]  # (T, hd)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)  # (B, nkv, P + T, hd)
+        mask = torch.ones(T, P + T, dtype=torch.bool).tril(diagonal=P)
+        reps = n_head // n_kv_head
+        y = F.scaled_dot_product_attention(q, k.repeat_interleave(reps, 1), v.repeat_interleave(reps, 1),
+                                           attn_mask=mask, scale=scale)  # (B, nh, T, hd)
+        return y.transpose(1, 2).reshape(B, T, n_head * hd), k, v
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, n_head, n_kv_head, scale):
+        return g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin,
+                    num_heads_i=n_head, kv_num_heads_i=n_kv_head, scale_f=scale, do_rotary_i=1,
+                    rotary_interleaved_i=0, outputs=3)
+
+
+class GqaGraph(torch.nn.Module):
+    """Flat inputs/outputs like export.onnx_export.GraphWrapper, for Llama-family models."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+        half = model.config.head_dim // 2
+        self.register_buffer("cos_cache", model.rope_cos[:, :half].clone(), persistent=False)  # (S, hd/2)
+        self.register_buffer("sin_cache", model.rope_sin[:, :half].clone(), persistent=False)
+
+    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+        m, cfg = self.model, self.model.config
+        nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)           # (B,) index of each row's last token
+        total_len = torch.tensor(attention_mask.shape[1], dtype=torch.int32)
+        x = m.tok_emb(input_ids)                                             # (B, T, d)
+        present = []
+        for i, block in enumerate(m.blocks):
+            a = block.attn
+            q, k, v = a.qkv(block.attn_norm(x)).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            y, pk, pv = GroupQueryAttention.apply(q, k, v, past_flat[2 * i], past_flat[2 * i + 1], seqlens_k,
+                                                  total_len, self.cos_cache, self.sin_cache, nh, nkv, a.scale)
+            present += [pk, pv]
+            x = x + a.proj(y)
+            x = x + block.mlp(block.mlp_norm(x))
+        return (m.lm_head(m.norm(x)), *present)

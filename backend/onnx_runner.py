@@ -57,7 +57,10 @@ class OnnxRunner:
         names = {i.name for i in self.session.get_inputs()}
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(config.n_layer) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(config.n_layer) for kv in ("key", "value")]
-        self.takes_positions = "position_ids" in names  # graphs with fused rotary read positions from the mask
+        # Graphs with fused GroupQueryAttention read positions from the mask and can update one preallocated
+        # K/V buffer in place (past and present bound to the same memory); the generic graph concatenates.
+        self.takes_positions = "position_ids" in names
+        self.shared_kv = not self.takes_positions
         missing = {"input_ids", "attention_mask", *self.past_names} - names
         if missing:
             raise ModelLoadError(f"{path.name} is not a Fornax/optimum causal-LM graph: it lacks inputs "
@@ -69,7 +72,14 @@ class OnnxRunner:
         self.batch, self.past = 1, None
 
     def start(self, batch: int, max_len: int) -> None:
+        import onnxruntime as ort
+
         self.batch, self.past = batch, None
+        if self.shared_kv:  # allocated once per generation, written in place by every step
+            cfg = self.config
+            shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+            self.kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device)
+                       for _ in self.past_names]
 
     def _run(self, ids: np.ndarray, pos: int, past) -> tuple[np.ndarray, list]:
         import onnxruntime as ort
@@ -94,8 +104,23 @@ class OnnxRunner:
         return out[0].numpy(), out[1:]
 
     def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        logits, self.past = self._run(ids.numpy(), pos, self.past if pos else None)
+        if self.shared_kv:
+            logits = self._run_shared(ids.numpy(), pos)
+        else:
+            logits, self.past = self._run(ids.numpy(), pos, self.past if pos else None)
         return torch.from_numpy(np.ascontiguousarray(logits[:, -1]))  # (B, V)
+
+    def _run_shared(self, ids: np.ndarray, pos: int) -> np.ndarray:
+        B, T = ids.shape
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((B, pos + T), dtype=np.int64))
+        io.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
+        for past, present, value in zip(self.past_names, self.present_names, self.kv):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)  # same memory: the step writes its keys/values in place
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
 
     def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """A full forward without cache: (B, T) -> (B, T, V)."""

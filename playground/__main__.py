@@ -1,0 +1,29 @@
+"""python -m playground [--host 127.0.0.1] [--port 7860] [--model default] [--dtype auto]"""
+import argparse
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m playground", description="Open the Fornax playground.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    parser.add_argument("--model", default="default",
+                        help="model loaded at start: default, a folder, a .gguf file, a Hub id, or 'none'")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+
+    from playground import create_app, launch_options  # imported late: --help stays instant
+
+    model = None if args.model.lower() == "none" else args.model
+    demo = create_app(model, dtype=None if args.dtype == "auto" else args.dtype)
+    # No share tunnel, ever: it would be an outbound connection and a public URL.
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, **launch_options())
+    except OSError as e:  # typically the port is taken
+        raise SystemExit(f"playground: cannot serve on {args.host}:{args.port}: {e}. Try another --port.")
+
+
+if __name__ == "__main__":
+    main()

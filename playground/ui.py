@@ -299,7 +299,8 @@ def param_slider(*args, **kwargs) -> gr.Slider:
 def build_app() -> gr.Blocks:
     info = current.info()
     backends = info["backends"] if info else []
-    with gr.Blocks(title="Fornax playground") as demo:
+    # Uploaded .gguf files are converted into the backend's own cache on load; Gradio's copies go after an hour.
+    with gr.Blocks(title="Fornax playground", delete_cache=(3600, 3600)) as demo:
         with gr.Row(equal_height=True, elem_id="fx-header"):
             gr.Markdown("## Fornax playground", elem_id="fx-title")
             badge = gr.HTML(render.model_badge(info), elem_id="fx-model-badge")

@@ -143,6 +143,8 @@ def test_concurrent_requests_each_get_their_own_text(url, handle):
 
 BAD_CALLS = {
     "nonexistent path": (dict(source="/no/such/model", api_name="/load"), "no model at"),
+    "hub id not cached, offline": (dict(source="nobody/no-such-model", api_name="/load"),
+                                   "not in the local Hugging Face cache"),
     "empty prompt": (dict(prompt="", **PANEL, api_name="/complete"), "the prompt is empty"),
     "empty message": (dict(message="  ", history=[], system_prompt="", **PANEL, api_name="/chat"),
                       "the message is empty"),
@@ -153,6 +155,8 @@ BAD_CALLS = {
                         "max_new_tokens must be"),
     "beyond the context": (dict(prompt=PROMPT, **{**PANEL, "max_new_tokens": 10**5}, api_name="/complete"),
                            "context"),
+    "too many samples": (dict(prompt=PROMPT, **{**PANEL, "num_samples": 100}, api_name="/complete"),
+                         "num_samples must be"),
     "negative seed": (dict(prompt=PROMPT, **{**PANEL, "seed": -7}, api_name="/complete"), "seed must be"),
     "unknown backend": (dict(prompt=PROMPT, **{**PANEL, "backend_name": "warp-drive"}, api_name="/complete"),
                         "no backend 'warp-drive'"),

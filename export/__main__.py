@@ -13,7 +13,7 @@ def cmd_export(args):
     from tqdm import tqdm
 
     from .onnx_export import export
-    from .verify import format_report, save_report
+    from .verify import format_report
 
     bar = tqdm(total=100, desc="export", unit="%", bar_format="{l_bar}{bar}| {postfix}")
 
@@ -26,7 +26,6 @@ def cmd_export(args):
     sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in info["sizes_bytes"].items())
     print(f"exported {args.model} to {args.out} in {info['export_seconds']} s ({sizes})")
     if "report" in info:
-        save_report(Path(args.out), info["report"])
         print(format_report(info["report"], "fp32" if args.quant == "none" else args.quant))
 
 

@@ -167,10 +167,11 @@ def export(source: str, out: str | os.PathLike, quant: str = "none", verify: boo
                 "export_seconds": round(time.perf_counter() - t0, 1)}
         write_side_files(tmp, cfg, tokenizer, info)
         if verify:
-            from .verify import verify_export
+            from .verify import save_report, verify_export
 
             say(0.8, "checking parity against the eager model")
             info["report"] = verify_export(tmp, model=model, tokenizer=tokenizer)
+            save_report(tmp, info["report"])
             (tmp / "fornax.json").write_text(json.dumps({"config": cfg.to_dict(), **info}, indent=2))
         if out.exists():
             out.rmdir()  # empty, checked above

@@ -71,6 +71,41 @@ def model_badge(info: dict | None) -> str:
             f"{human_count(info['parameters'])} params · {info['dtype']} · {info['device']}</div>")
 
 
+# --- execution paths ---
+BACKEND_LABELS = {"eager": "PyTorch eager", "onnx": "ONNX Runtime", "onnx-fp32": "ONNX Runtime fp32",
+                  "onnx-int8": "ONNX Runtime int8", "onnx-int4": "ONNX Runtime int4"}
+
+
+def backend_choices(ready: list[str], on_demand: list[str]) -> list[tuple[str, str]]:
+    """(label, runner name) pairs for the Backend dropdown: the paths the model has, then those made on first use."""
+    label = lambda name: BACKEND_LABELS.get(name, name)  # noqa: E731
+    return [(label(n), n) for n in ready] + [(f"{label(n)} · exports on first use", n) for n in on_demand]
+
+
+def export_report(summary: dict, precision: str, folder: str, backend_label: str) -> str:
+    """Export tab: sizes, time and the parity report (see export/verify.py) as Markdown."""
+    sizes = summary.get("sizes_bytes", {})
+    lines = [f"### {html.escape(summary['config']['name'])} · ONNX {precision}",
+             f"Exported in {summary.get('export_seconds', 0):.0f} s (cached: exporting again is instant) · "
+             f"now in the Backend selector as **{backend_label}**.", "",
+             "| file | size |", "|---|---|"]
+    lines += [f"| model.onnx ({kind}) | {human_bytes(n)} |" for kind, n in sizes.items()]
+    r = summary.get("report")
+    if r:
+        delta = r["perplexity_onnx"] - r["perplexity_eager"]
+        lines += ["", f"**Parity against the eager fp32 model** on {r['positions']} tokens of fixed text:", "",
+                  "| check | value |", "|---|---|",
+                  f"| max abs logit difference | {r['max_abs_logit_diff']:.2e} |",
+                  f"| mean KL(eager ‖ onnx) | {r['mean_kl']:.2e} |",
+                  f"| top-1 agreement | {100 * r['top1_agreement']:.1f} % |",
+                  f"| greedy tokens identical | {r['greedy_match_length']} / {r['greedy_tokens']} |",
+                  f"| perplexity | {r['perplexity_eager']:.3f} eager → {r['perplexity_onnx']:.3f} onnx "
+                  f"({delta:+.3f}) |"]
+    lines += ["", f"Folder: `{html.escape(folder)}` — ONNX graph, `config.json`, tokenizer and `parity.json`; "
+              "optimum's `ORTModelForCausalLM` loads it as it is."]
+    return "\n".join(lines)
+
+
 # --- generation stats ---
 def stats_line(result: backend.GenerationResult, backend_name: str) -> str:
     """TTFT, decode speed and the weight bandwidth it implies, for one finished generation."""

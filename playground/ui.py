@@ -8,12 +8,16 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import tempfile
 import threading
 import time
+import zipfile
+from pathlib import Path
 
 import gradio as gr
 
 import backend
+from export.attach import ONNX_BACKENDS, PRECISIONS, attach_onnx, export_for, export_summary, runner_name
 
 from . import render
 from .state import current
@@ -172,6 +176,8 @@ def start_stream(handle: backend.ModelHandle, prompt_or_messages, backend_name: 
                  **extra) -> tuple[backend.Stream, str]:
     """Validates everything (raising before the first UI update) and returns the stream and the backend used."""
     name = backend_name or handle.backend  # an unknown name is the backend's to reject, naming the ones it has
+    if name in ONNX_BACKENDS and name not in handle.runners:
+        attach_onnx(handle, ONNX_BACKENDS[name])  # an API caller picked it without the dropdown: export now
     return handle.stream(prompt_or_messages, backend=name, **params, **extra), name
 
 
@@ -196,12 +202,61 @@ def load_upload(file, dtype: str = "auto", progress=gr.Progress()):
     return load_model(file if isinstance(file, str) else file.name, dtype, progress)
 
 
+def backend_dropdown(model_info: dict | None, value: str | None = None, **layout) -> gr.Dropdown:
+    """The loaded model's execution paths, plus the ONNX Runtime ones an export would add (a model that has
+    PyTorch weights can be exported; one loaded from an ONNX folder already runs on ONNX Runtime only)."""
+    ready = model_info["backends"] if model_info else []
+    on_demand = [n for n in ONNX_BACKENDS if n not in ready] if "eager" in ready else []
+    value = value if value in ready else (ready[0] if ready else None)
+    return gr.Dropdown(choices=render.backend_choices(ready, on_demand), value=value, **layout)
+
+
 def model_outputs():
     """Model card, page badge and backend choices for whatever model is current."""
     info = current.info()
-    backends = info["backends"] if info else []
-    return (render.model_card(info), render.model_badge(info),
-            gr.Dropdown(choices=backends, value=backends[0] if backends else None))
+    return render.model_card(info), render.model_badge(info), backend_dropdown(info)
+
+
+@user_errors
+def choose_backend(name: str, progress=gr.Progress()):
+    """Picking an ONNX Runtime path in the dropdown exports the model for it (once; cached on disk)."""
+    if name in ONNX_BACKENDS:
+        with current.using() as handle:
+            if name not in handle.runners:
+                attach_onnx(handle, ONNX_BACKENDS[name], progress=lambda f, m: progress(f, desc=m))
+                gr.Info(f"{render.BACKEND_LABELS[name]} is ready (the export is cached for next time)")
+    info = current.info()
+    return backend_dropdown(info, name), render.model_card(info)
+
+
+@user_errors
+def export_model(precision: str, progress=gr.Progress()):
+    """Export the loaded model to ONNX at `precision`; returns the report, a zip to download and the backends."""
+    if precision not in PRECISIONS:
+        raise refusal(f"pick a precision: {', '.join(PRECISIONS)}")
+    quant = PRECISIONS[precision]
+    with current.using() as handle:
+        folder = export_for(handle, quant, progress=lambda f, m: progress(0.9 * f, desc=m))
+        name = attach_onnx(handle, quant)
+    progress(0.92, desc="packing the download")
+    archive = zipped(folder, f"{current.info()['name']}-onnx-{precision}")
+    report = render.export_report(export_summary(folder), precision, str(folder), render.BACKEND_LABELS[name])
+    info = current.info()
+    return report, str(archive), backend_dropdown(info, name), render.model_card(info)
+
+
+def zipped(folder: Path, stem: str) -> Path:
+    """The export folder as one .zip in the temp dir (where Gradio may serve files from), made once per folder.
+    Stored, not deflated: ONNX weights barely compress and deflating hundreds of MB takes long."""
+    out = Path(tempfile.gettempdir()) / "fornax-exports" / folder.name / f"{stem.replace('/', '_')}.zip"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_suffix(".zip.part")
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as z:
+            for f in sorted(folder.iterdir()):
+                z.write(f, f"{stem}/{f.name}")
+        partial.replace(out)
+    return out
 
 
 @user_errors
@@ -298,7 +353,6 @@ def param_slider(*args, **kwargs) -> gr.Slider:
 
 def build_app() -> gr.Blocks:
     info = current.info()
-    backends = info["backends"] if info else []
     # Uploaded .gguf files are converted into the backend's own cache on load; Gradio's copies go after an hour.
     with gr.Blocks(title="Fornax playground", delete_cache=(3600, 3600)) as demo:
         with gr.Row(equal_height=True, elem_id="fx-header"):
@@ -345,11 +399,24 @@ def build_app() -> gr.Blocks:
                         with gr.Accordion("Upload a .gguf file", open=False):
                             upload = gr.File(show_label=False, file_types=[".gguf"], type="filepath", height=110)
                         card = gr.HTML(render.model_card(info), elem_id="fx-model-card")
+                    with gr.Tab("Export", id="export"):
+                        gr.Markdown("Export the loaded model to **ONNX** for ONNX Runtime: one graph with a KV cache "
+                                    "that optimum's `ORTModelForCausalLM` and any ONNX Runtime client can run. "
+                                    "int8 and int4 quantise the weights (onnxruntime's MatMulNBits): smaller and "
+                                    "faster on a CPU, a little less exact — the parity report says how much. "
+                                    "The export is checked against the PyTorch model and added to the Backend "
+                                    "selector.")
+                        with gr.Row(equal_height=True):
+                            precision = gr.Radio(list(PRECISIONS), value="int8", label="Precision", scale=3,
+                                                 elem_id="fx-precision")
+                            export_button = gr.Button("Export to ONNX", variant="primary", scale=1,
+                                                      elem_id="fx-export")
+                        export_report = gr.Markdown("", elem_id="fx-export-report")
+                        export_file = gr.File(label="Download (.zip)", interactive=False, elem_id="fx-export-file")
             with gr.Column(scale=1, min_width=280, elem_id="fx-params"):
                 gr.Markdown("### Parameters")
-                backend_name = gr.Dropdown(backends, value=backends[0] if backends else None, label="Backend",
-                                           allow_custom_value=True, info="execution path of the loaded model",
-                                           elem_id="fx-backend")
+                backend_name = backend_dropdown(info, label="Backend", allow_custom_value=True, elem_id="fx-backend",
+                                                info="execution path of the loaded model")
                 max_new_tokens = param_slider(1, 2048, value=256, step=1, label="Max new tokens",
                                               elem_id="fx-max-new-tokens")
                 temperature = param_slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 = greedy",
@@ -389,6 +456,10 @@ def build_app() -> gr.Blocks:
               api_name="load", show_progress_on=card, **model_events)
         upload.upload(load_upload, [upload, dtype], [card, badge, backend_name], api_name="load_upload",
                       show_progress_on=card, **model_events)
+        backend_name.input(choose_backend, backend_name, [backend_name, card], show_progress_on=backend_name,
+                           api_visibility="private", **model_events)
+        export_button.click(export_model, precision, [export_report, export_file, backend_name, card],
+                            api_name="export", **model_events)
         demo.load(refresh, None, [card, badge, backend_name], api_visibility="private")
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
     return demo

@@ -27,7 +27,7 @@ from backend.tokenizer import Tokenizer
 from .gqa_graph import GqaGraph
 
 QUANTS = ("none", "int8", "int4")
-EXPORT_VERSION = 2  # bump when graphs change, so cached exports are made again
+EXPORT_VERSION = 3  # bump when graphs change, so cached exports are made again
 OPSET = 17
 MODEL_FILE = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3  # weights beyond this go to external data files
@@ -123,6 +123,24 @@ def quantize(src: Path, dst: Path, quant: str) -> None:
     q.model.save_model_to_file(str(dst), use_external_data_format=q.model.model.ByteSize() > PROTOBUF_LIMIT * 0.9)
 
 
+def quantize_model(source: str, folder: Path, model, src: Path, dst: Path, quant: str) -> str:
+    """int4 of a model that came from a GGUF file takes the file's own 4-bit blocks (exact; see gguf_blocks.py);
+    anything else goes through onnxruntime's quantizer. Returns which way was taken."""
+    if quant == "int4":
+        from .gguf_blocks import gguf_of, quantized_linears, transcode
+
+        path = gguf_of(source, folder)
+        linears = quantized_linears(path, model.config) if path is not None else {}
+        weights = {name: m.weight.detach().numpy() for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear)}
+        if linears and set(weights) <= set(linears):
+            if transcode(src, dst, linears, weights) == len(weights):
+                return f"GGUF blocks of {path.name}, re-packed for MatMulNBits (no second rounding)"
+            dst.unlink(missing_ok=True)
+    quantize(src, dst, quant)
+    return f"onnxruntime MatMulNBits quantizer, {8 if quant == 'int8' else 4}-bit, blocks of 32"
+
+
 def write_side_files(folder: Path, cfg: ModelConfig, tokenizer: Tokenizer, info: dict) -> None:
     """What a user needs to run the graph elsewhere: HF config, generation config, tokenizer, our own config."""
     hf = cfg.to_hf_config()
@@ -156,14 +174,15 @@ def export(source: str, out: str | os.PathLike, quant: str = "none", verify: boo
         export_fp32(model, fp32)
         check_graph(fp32)
         sizes = {"fp32": _size(fp32)}
+        method = None
         if quant != "none":
             say(0.5, f"quantising to {quant}")
-            quantize(fp32, tmp / MODEL_FILE, quant)
+            method = quantize_model(source, folder, model, fp32, tmp / MODEL_FILE, quant)
             check_graph(tmp / MODEL_FILE)
             sizes[quant] = _size(tmp / MODEL_FILE)
             for f in tmp.glob("model_fp32.onnx*"):
                 f.unlink()
-        info = {"source": source, "quant": quant, "opset": OPSET, "sizes_bytes": sizes,
+        info = {"source": source, "quant": quant, "quant_method": method, "opset": OPSET, "sizes_bytes": sizes,
                 "export_seconds": round(time.perf_counter() - t0, 1)}
         write_side_files(tmp, cfg, tokenizer, info)
         if verify:

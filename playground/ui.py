@@ -33,8 +33,13 @@ STOP_SUGGESTIONS = ["\\n\\n", "\\n", "User:", "###"]
 RANDOM_SEED = -1                  # the seed box's "pick one for me" (a Number box cannot be left blank)
 DEFAULT_PROMPT = "The three most surprising facts about octopuses are"
 
+class StopFlag(threading.Event):
+    """Set by Stop (keep what was generated) or by Clear (`discard`: the chat was emptied, show nothing more)."""
+    discard = False
+
+
 # Stop: the running generation of each browser session (or gradio_client) checks its own flag between tokens.
-_stop_flags: dict[str, threading.Event] = {}
+_stop_flags: dict[str, StopFlag] = {}
 
 
 # --- glue helpers -----------------------------------------------------------------------------------------------
@@ -142,7 +147,7 @@ class Generation:
         self.stopped = False
         self.started = time.perf_counter()
         self.ttft_s: float | None = None
-        self.flag = _stop_flags[self.key] = threading.Event()
+        self.flag = _stop_flags[self.key] = StopFlag()
 
     def updates(self):
         """Yields the sample texts so far, at most every UI_UPDATE_INTERVAL_S, and once more at the end."""
@@ -296,8 +301,11 @@ def reply(history: list[dict], system_prompt: str, backend_name: str, params: di
         run = Generation(stream, params["num_samples"], request)
         yield history + reply_messages(run.texts), "*generating…*"
         for texts in run.updates():
+            if run.flag.discard:  # Clear: any later update would put the emptied chat back on the page
+                return
             yield history + reply_messages(texts), "*generating…*"
-        yield history + reply_messages(run.texts), run.stats(name)
+        if not run.flag.discard:
+            yield history + reply_messages(run.texts), run.stats(name)
 
 
 @user_errors
@@ -330,8 +338,11 @@ def stop(request: gr.Request = None):
 
 
 def clear(request: gr.Request = None):
-    """Empty the chat (and stop a reply still streaming into it)."""
-    stop(request)
+    """Empty the chat (and stop a reply still streaming into it, discarding it)."""
+    flag = _stop_flags.get(session_key(request))
+    if flag is not None:
+        flag.discard = True
+        flag.set()
     return [], ""
 
 

@@ -158,3 +158,50 @@ def test_optimum_loads_our_export_and_agrees(default_export, optimum_path, tmp_p
     theirs, mine = json.loads(done.stdout.strip().splitlines()[-1]), ours.completions[0].token_ids
     assert len(mine) >= 8 and theirs[:len(mine)] == mine
     assert len(mine) == 32 or theirs[len(mine)] in handle.eos_ids  # both stopped at the same end of turn
+
+
+# --- int4 from a GGUF file's own blocks ---
+
+def test_int4_of_a_q4_1_gguf_reuses_its_blocks_exactly(tmp_path, monkeypatch):
+    """Q4_1 weights re-packed for MatMulNBits (plus the block-minimum side product) compute the very weights the
+    eager model dequantized: with float activations (accuracy_level 0) the logits agree to float rounding, and
+    the shipped int4 (int8 activations) is far closer than quantizing the dequantized weights a second time."""
+    import gguf
+
+    import export.gguf_blocks as gb
+    import export.onnx_export as ox
+    from backend.onnx_runner import OnnxRunner, read_onnx_config
+    from tests.backend.test_loading import write_gguf
+
+    monkeypatch.setenv("FORNAX_CACHE", str(tmp_path / "cache"))
+    hf = make_tiny("llama-untied", tmp_path / "hf")
+    path = write_gguf(hf, tmp_path / "hf", tmp_path / "q4_1.gguf", gguf.GGMLQuantizationType.Q4_1)
+    eager = backend.load(path)
+    ids = torch.randint(0, eager.config.vocab_size, (1, 40))
+
+    export(str(path), tmp_path / "fp32", verify=False)
+    model = eager.model.contiguous_layout()
+    weights = {n: m.weight.detach().numpy() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = gb.quantized_linears(path, eager.config)
+    assert set(linears) == set(weights)  # every Linear found its GGUF tensor
+    assert gb.transcode(tmp_path / "fp32" / "model.onnx", tmp_path / "exact.onnx", linears, weights,
+                        accuracy_level=0) == len(weights)
+    (tmp_path / "exact.onnx").replace(tmp_path / "fp32" / "model.onnx")
+    exact = OnnxRunner(tmp_path / "fp32" / "model.onnx", read_onnx_config(tmp_path / "fp32"))
+    torch.testing.assert_close(exact.full_logits(ids), eager.logits(ids), atol=1e-4, rtol=1e-4)
+
+    blocks = export(str(path), tmp_path / "int4", quant="int4")
+    assert blocks["quant_method"].startswith("GGUF blocks of q4_1.gguf")
+    monkeypatch.setattr(gb, "gguf_of", lambda source, folder: None)  # as if the GGUF were gone: re-quantize
+    again = export(str(path), tmp_path / "int4-again", quant="int4")
+    assert again["quant_method"].startswith("onnxruntime MatMulNBits quantizer")
+    assert blocks["report"]["mean_kl"] < again["report"]["mean_kl"] / 4
+    assert blocks["report"]["top1_agreement"] >= 0.95
+
+
+@needs_default
+def test_default_model_int4_keeps_the_top1_token(tmp_path):
+    """Issue target: int4 top-1 agreement >= 90 % with the fp32 model on the default model."""
+    info = export("default", tmp_path / "int4", quant="int4")
+    assert info["quant_method"].startswith("GGUF blocks")
+    assert info["report"]["top1_agreement"] >= 0.90 and info["report"]["mean_kl"] < 0.05

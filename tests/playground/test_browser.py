@@ -101,15 +101,17 @@ def test_clear_empties_the_chat_even_while_a_reply_streams(page):
     page, _ = page
     page.get_by_role("tab", name="Chat").click()
     set_number(page, "fx-max-new-tokens", 400)
-    page.fill("#fx-message textarea", "Count from 1 to 200, separated by commas.")
-    page.keyboard.press("Enter")
-    page.wait_for_function("(document.querySelector('#fx-chatbot [data-testid=bot]')?.innerText || '').length > 0",
-                           timeout=60_000)
-    page.click("#fx-clear")
-    time.sleep(1.5)  # long enough for any late streamed update to land
-    assert page.locator("#fx-chatbot [data-testid=user]").count() == 0
-    assert page.locator("#fx-chatbot [data-testid=bot]").count() == 0
-    set_number(page, "fx-max-new-tokens", 24)
+    try:
+        page.fill("#fx-message textarea", "Count from 1 to 200, separated by commas.")
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            "(document.querySelector('#fx-chatbot [data-testid=bot]')?.innerText || '').length > 0", timeout=60_000)
+        page.click("#fx-clear")
+        time.sleep(1.5)  # long enough for any late streamed update to land
+        assert page.locator("#fx-chatbot [data-testid=user]").count() == 0
+        assert page.locator("#fx-chatbot [data-testid=bot]").count() == 0
+    finally:
+        set_number(page, "fx-max-new-tokens", 24)  # the next tests expect short runs
 
 
 def test_completion_tokens_are_coloured_with_alternatives_on_hover(page, tmp_path):

@@ -1,0 +1,189 @@
+"""int4 straight from a GGUF file's own quantized blocks, instead of quantizing its dequantized weights again.
+
+A model that came from a GGUF file is already quantized: re-quantizing its dequantized weights adds a second
+rounding on top of the first. On SmolLM2 (Q4_1) onnxruntime's 4-bit quantizer kept 71 % top-1 agreement with the
+model it started from. Q4_1 stores each block of 32 weights as w = d * q + m (q in 0..15); MatMulNBits computes
+s * (q - z) with an integer zero point z, which cannot hold an arbitrary float minimum m. So the minimum goes into a
+small side product instead, exactly:
+
+    x @ W = MatMulNBits(x; q, scale d, zero point 0)  +  blocksum(x) @ M      (M[b, n] = m of block b, row n)
+
+where blocksum(x) sums each block of 32 inputs: for SmolLM2 a (1, 18) @ (18, N) product per matmul, against
+(1, 576) @ (576, N) for the weights. Q4_0 (w = d * (q - 8)) and Q8_0 (w = d * q) need no side product.
+Other GGUF types return None and the caller falls back to onnxruntime's quantizer.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from backend.config import ModelConfig
+from backend.gguf_file import _unpermute_rope
+
+BLOCK = 32
+
+
+@dataclass
+class QuantizedLinear:
+    q: np.ndarray                 # (N, K) uint8 codes, 0..2**bits - 1
+    scales: np.ndarray            # (N, K / 32) float32
+    zero_point: int               # the same for every block: 0, 8 or 128
+    bits: int
+    offsets: np.ndarray | None    # (N, K / 32) float32 block minima (Q4_1), else None
+
+
+def decode_blocks(raw: np.ndarray, kind: str) -> QuantizedLinear | None:
+    """One GGUF weight (rows, bytes per row) of type Q4_0 / Q4_1 / Q8_0 as codes, scales and offsets."""
+    rows = raw.shape[0]
+    if kind == "Q4_0":     # 18 bytes: d f16, 16 bytes of nibbles; element j low nibble of byte j, 16 + j high
+        b = raw.reshape(rows, -1, 18)
+        d, m, nib = b[..., :2], None, b[..., 2:]
+    elif kind == "Q4_1":   # 20 bytes: d f16, m f16, 16 bytes of nibbles
+        b = raw.reshape(rows, -1, 20)
+        d, m, nib = b[..., :2], b[..., 2:4], b[..., 4:]
+    elif kind == "Q8_0":   # 34 bytes: d f16, 32 int8
+        b = raw.reshape(rows, -1, 34)
+        d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        q = (b[..., 2:].copy().view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        return QuantizedLinear(q.reshape(rows, -1), d, 128, 8, None)
+    else:
+        return None
+    q = np.concatenate([nib & 0x0F, nib >> 4], axis=-1).reshape(rows, -1)  # (rows, K) in element order
+    scales = d.copy().view(np.float16)[..., 0].astype(np.float32)
+    offsets = None if m is None else m.copy().view(np.float16)[..., 0].astype(np.float32)
+    return QuantizedLinear(q, scales, 8 if m is None else 0, 4, offsets)
+
+
+def stack(parts: list[QuantizedLinear]) -> QuantizedLinear | None:
+    """Weights fused along the output dimension (QKV, gate+up): blocks run along the input, so rows just stack."""
+    if any(p is None for p in parts) or len({(p.bits, p.zero_point, p.offsets is None) for p in parts}) != 1:
+        return None
+    cat = lambda xs: np.concatenate(xs, axis=0)  # noqa: E731
+    return QuantizedLinear(cat([p.q for p in parts]), cat([p.scales for p in parts]), parts[0].zero_point,
+                           parts[0].bits, None if parts[0].offsets is None else cat([p.offsets for p in parts]))
+
+
+def unpermute(ql: QuantizedLinear, n_head: int) -> QuantizedLinear:
+    """llama.cpp stores Q/K rows permuted for its rotary layout; reorder rows as the converter does."""
+    f = lambda a: None if a is None else np.ascontiguousarray(_unpermute_rope(a, n_head))  # noqa: E731
+    return QuantizedLinear(f(ql.q), f(ql.scales), ql.zero_point, ql.bits, f(ql.offsets))
+
+
+def gguf_of(source: str, folder: Path) -> Path | None:
+    """The GGUF file behind `source` (resolved to the converted `folder`), if it came from one and still exists."""
+    from backend.loading import default_gguf_path
+
+    if source == "default":
+        return default_gguf_path()
+    if str(source).lower().endswith(".gguf") and Path(source).expanduser().is_file():
+        return Path(source).expanduser()
+    try:  # e.g. a converted folder passed directly: backend/gguf_file.py notes where it came from
+        path = Path(json.loads((Path(folder) / "source.json").read_text())["gguf"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return path if path.is_file() else None
+
+
+def quantized_linears(gguf_path: Path, cfg: ModelConfig) -> dict[str, QuantizedLinear]:
+    """Our Linear names (blocks.3.attn.qkv, ..., lm_head) -> their GGUF blocks, for the Llama family."""
+    import gguf
+
+    if cfg.family != "llama":
+        return {}
+    reader = gguf.GGUFReader(str(gguf_path))
+    tensors = {t.name: t for t in reader.tensors}
+    get = lambda name: decode_blocks(np.asarray(tensors[name].data), tensors[name].tensor_type.name) \
+        if name in tensors else None  # noqa: E731
+    out = {}
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        q, k = get(p + "attn_q.weight"), get(p + "attn_k.weight")
+        if q is not None and k is not None:
+            q, k = unpermute(q, cfg.n_head), unpermute(k, cfg.n_kv_head)
+        out[f"blocks.{i}.attn.qkv"] = stack([q, k, get(p + "attn_v.weight")])
+        out[f"blocks.{i}.attn.proj"] = get(p + "attn_output.weight")
+        out[f"blocks.{i}.mlp.gate_up"] = stack([get(p + "ffn_gate.weight"), get(p + "ffn_up.weight")])
+        out[f"blocks.{i}.mlp.down"] = get(p + "ffn_down.weight")
+    out["lm_head"] = get("output.weight") if "output.weight" in tensors else get("token_embd.weight")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def pack(ql: QuantizedLinear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MatMulNBits inputs: B (N, K/32, 32*bits/8) uint8, scales (N*K/32,), zero points (packed like B)."""
+    N, K = ql.q.shape
+    blocks = ql.q.reshape(N, K // BLOCK, BLOCK)
+    nblk = K // BLOCK
+    if ql.bits == 4:
+        B = (blocks[..., 0::2] | (blocks[..., 1::2] << 4)).astype(np.uint8)    # element 2i low nibble, 2i+1 high
+        zp = np.full((N, (nblk + 1) // 2), ql.zero_point | (ql.zero_point << 4), dtype=np.uint8)
+    else:
+        B = blocks.astype(np.uint8)
+        zp = np.full((N, nblk), ql.zero_point, dtype=np.uint8)
+    return B, ql.scales.reshape(-1).astype(np.float32), zp.reshape(-1)
+
+
+def transcode(model_path: Path, out_path: Path, linears: dict[str, QuantizedLinear], weights: dict[str, np.ndarray],
+              accuracy_level: int = 4) -> int:
+    """Replace every MatMul whose weight is one of `weights` (our Linear name -> (out, in) float array) by the
+    GGUF blocks of that Linear. Returns how many were replaced; the others stay as they are."""
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    by_shape: dict[tuple, list[str]] = {}
+    for name, w in weights.items():
+        if name in linears:
+            by_shape.setdefault(tuple(w.T.shape), []).append(name)
+    nodes, replaced, used = [], 0, set()
+    for node in graph.node:
+        init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        match = None
+        if init is not None and tuple(init.dims) in by_shape:
+            value = numpy_helper.to_array(init)
+            match = next((n for n in by_shape[tuple(init.dims)] if n not in used and np.array_equal(value, weights[n].T)),
+                         None)
+        if match is None:
+            nodes.append(node)
+            continue
+        used.add(match)
+        nodes.extend(_nbits_nodes(graph, node, linears[match], match, accuracy_level))
+        replaced += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    live = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in live]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(out_path))
+    return replaced
+
+
+def _nbits_nodes(graph, node, ql: QuantizedLinear, name: str, accuracy_level: int) -> list:
+    N, K = ql.q.shape
+    B, scales, zp = pack(ql)
+    tag = name.replace(".", "_")
+    for arr, suffix in ((B, "B"), (scales, "scales"), (zp, "zp")):
+        graph.initializer.append(numpy_helper.from_array(arr, f"{tag}.{suffix}"))
+    x, y = node.input[0], node.output[0]
+    main = y if ql.offsets is None else f"{tag}.nbits_out"
+    out = [helper.make_node("MatMulNBits", [x, f"{tag}.B", f"{tag}.scales", f"{tag}.zp"], [main],
+                            name=f"{tag}/MatMulNBits", domain="com.microsoft", K=K, N=N, bits=ql.bits,
+                            block_size=BLOCK, accuracy_level=accuracy_level if ql.bits == 4 else 4)]
+    if ql.offsets is not None:  # + blocksum(x) @ M, the blocks' minima
+        graph.initializer.append(numpy_helper.from_array(np.array([0, 0, K // BLOCK, BLOCK], np.int64),
+                                                         f"{tag}.block_shape"))
+        graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{tag}.last_axis"))
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(ql.offsets.T), f"{tag}.offsets"))
+        out += [helper.make_node("Reshape", [x, f"{tag}.block_shape"], [f"{tag}.x_blocks"], name=f"{tag}/Reshape"),
+                helper.make_node("ReduceSum", [f"{tag}.x_blocks", f"{tag}.last_axis"], [f"{tag}.x_sums"],
+                                 name=f"{tag}/ReduceSum", keepdims=0),
+                helper.make_node("MatMul", [f"{tag}.x_sums", f"{tag}.offsets"], [f"{tag}.offset_out"],
+                                 name=f"{tag}/MatMulOffsets"),
+                helper.make_node("Add", [main, f"{tag}.offset_out"], [y], name=f"{tag}/Add")]
+    return out

@@ -25,6 +25,8 @@ def cmd_export(args):
     bar.close()
     sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in info["sizes_bytes"].items())
     print(f"exported {args.model} to {args.out} in {info['export_seconds']} s ({sizes})")
+    if info.get("quant_method"):
+        print(f"weights: {info['quant_method']}")
     if "report" in info:
         print(format_report(info["report"], "fp32" if args.quant == "none" else args.quant))
 

@@ -89,6 +89,8 @@ def export_report(summary: dict, precision: str, folder: str, backend_label: str
              f"Exported in {summary.get('export_seconds', 0):.0f} s (cached: exporting again is instant) · "
              f"now in the Backend selector as **{backend_label}**.", "",
              "| file | size |", "|---|---|"]
+    if summary.get("quant_method"):
+        lines.insert(2, f"Weights: {html.escape(summary['quant_method'])}.")
     lines += [f"| model.onnx ({kind}) | {human_bytes(n)} |" for kind, n in sizes.items()]
     r = summary.get("report")
     if r:

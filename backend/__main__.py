@@ -1,4 +1,4 @@
-"""CLI: python -m backend info|generate|chat|bench (each verb is one plain function)."""
+"""CLI: python -m backend info|generate|chat|bench|finetune|bench-train (each verb is one plain function)."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +79,66 @@ def cmd_bench(args):
               csv_path=args.csv, skip_transformers=args.skip_transformers)
 
 
+# finetune flags -> TrainConfig fields (None = not given: the --config file's value or the default)
+TRAIN_FLAGS = {
+    "data": str, "out": str, "mode": str, "task": str, "model": str, "preset": str, "vocab_size": int, "steps": int,
+    "lr": float, "min_lr_ratio": float, "warmup_steps": int, "weight_decay": float, "grad_clip": float,
+    "batch_size": int, "grad_accum": int, "seq_len": int, "lora_r": int, "lora_alpha": float, "lora_dropout": float,
+    "eval_every": int, "sample_every": int, "save_every": int, "sample_tokens": int, "seed": int,
+    "val_fraction": float, "device": str,
+}
+
+
+def _train_config(args):
+    from pathlib import Path
+
+    from .errors import TrainError
+    from .training import TrainConfig
+
+    base = {}
+    if args.config:
+        try:
+            base = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as e:
+            raise TrainError(f"cannot read the training config {args.config}: {e}") from e
+    for name in TRAIN_FLAGS:
+        if getattr(args, name) is not None:
+            base[name] = getattr(args, name)
+    if args.lora_targets:
+        base["lora_targets"] = [t for t in args.lora_targets.replace(",", " ").split() if t]
+    if args.sample_prompt:
+        base["sample_prompts"] = args.sample_prompt
+    if args.resume:
+        base["resume"] = True
+    return TrainConfig.from_dict(base).check()
+
+
+def cmd_finetune(args):
+    import signal
+
+    from .training import train
+    from .training.jobs import mark_failed
+
+    try:
+        cfg = _train_config(args)
+    except FornaxError as e:
+        if args.job_dir:
+            mark_failed(args.job_dir, str(e))
+        raise
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # SIGTERM = cancel: checkpoint, then exit
+    state = train(cfg, job_dir=args.job_dir, should_stop=lambda: bool(stop), progress=True)
+    print(f"[fornax] {state['status']} at step {state['step']}/{state['total_steps']}: {state['message']}",
+          file=sys.stderr)
+
+
+def cmd_bench_train(args):
+    from .bench_train import run_bench_train
+
+    run_bench_train(steps=args.steps, threads=args.threads, preset=args.preset, seq_len=args.seq_len,
+                    batch_size=args.batch_size, csv_path=args.csv)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m backend", description="Fornax backend")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -122,6 +182,25 @@ def main(argv=None):
     p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file")
     p.add_argument("--skip-transformers", action="store_true")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("finetune", help="train: LoRA or full finetuning of a model, or pretraining from scratch",
+                       description="Data: .txt (plain text), .jsonl ({'text'} / {'messages'} / {'text','label'} per "
+                                   "line) or .csv (text,label). See backend/training/data.py.")
+    p.add_argument("--config", default=None, help="a TrainConfig JSON file; flags given override it")
+    for name, kind in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    p.add_argument("--lora-targets", default=None, help="e.g. attn.qkv,attn.proj (default: every projection)")
+    p.add_argument("--sample-prompt", action="append", help="prompt sampled during training (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--job-dir", default=None, help="write live state to DIR/state.json; DIR/cancel stops the run")
+    p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("bench-train", help="time our training loop against transformers' Trainer, same model and data")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--preset", default="small-llama")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file")
+    p.set_defaults(func=cmd_bench_train)
 
     args = parser.parse_args(argv)
     try:

@@ -15,3 +15,7 @@ class UnsupportedModelError(ModelLoadError):
 
 class GenerationError(FornaxError, ValueError):
     """A prompt or sampling parameter is out of range."""
+
+
+class TrainError(FornaxError, ValueError):
+    """A training run cannot start or go on: bad data, a bad hyper-parameter, an unusable output folder."""

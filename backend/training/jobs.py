@@ -1,0 +1,192 @@
+"""JobManager: each training run is a subprocess with persisted state, so a UI can start one, poll it, find it again
+after a page reload (or a restart of the UI), and cancel it. One job runs at a time.
+
+    ROOT/<job id>/
+        config.json   the TrainConfig
+        state.json    the live state, written atomically by the training process (keys below)
+        pid           the training process id
+        log.txt       its standard output and error
+        cancel        made by cancel(): the loop stops at the next step, saves a checkpoint, status 'cancelled'
+
+state.json: id, status ('starting' | 'running' | 'done' | 'failed' | 'cancelled'), step, total_steps, tokens_per_s,
+train_loss [[step, loss]], val_loss [[step, loss, perplexity]], samples [{step, prompt, text}] (step 0 = before
+training), metrics (classify: accuracy, macro_f1, majority_baseline, n, step), error (str | None), out_dir, config,
+started, updated (unix times); also message (what it is doing now), lr, data (a summary), pid.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import TrainError
+from .checkpoint import write_json_atomic
+from .config import TrainConfig
+from .data import read_records
+from .loop import CANCEL_FILE, STATE_FILE, _check_out
+
+ACTIVE = ("starting", "running")
+REPO = Path(__file__).resolve().parents[2]  # the folder that holds the `backend` package
+
+__all__ = ["JobManager", "TrainConfig", "TrainError", "mark_failed"]
+
+
+class JobManager:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._procs: dict[str, subprocess.Popen] = {}  # children of this process (polled, so none stays a zombie)
+
+    def start(self, cfg: TrainConfig) -> str:
+        """Check the config, the data file and the output folder, then run `python -m backend finetune` in a
+        subprocess; returns the job id. Raises TrainError for bad input or while another job is running."""
+        cfg = TrainConfig.from_dict(cfg.to_dict()).check()
+        records = read_records(cfg.data, cfg.task)  # a malformed file fails now, not in the background
+        cfg.task = records.task
+        cfg.data = str(Path(cfg.data).expanduser().resolve())
+        cfg.out = str(Path(cfg.out).expanduser().resolve())
+        for job in self.jobs():
+            st = self.state(job)
+            if st["status"] in ACTIVE:
+                raise TrainError(f"job {job} is still {st['status']} (training into {st['out_dir']}); one training "
+                                 f"job runs at a time: wait for it or cancel it")
+        _check_out(Path(cfg.out), cfg)
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        job_dir = self.root / job_id
+        job_dir.mkdir()
+        write_json_atomic(job_dir / "config.json", cfg.to_dict())
+        now = time.time()
+        write_json_atomic(job_dir / STATE_FILE, dict(
+            id=job_id, status="starting", step=0, total_steps=cfg.steps, tokens_per_s=0.0, train_loss=[], val_loss=[],
+            samples=[], metrics={}, error=None, out_dir=cfg.out, config=cfg.to_dict(), started=now, updated=now,
+            pid=None, message="starting the training process"))
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        with open(job_dir / "log.txt", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "backend", "finetune", "--config", str(job_dir / "config.json"),
+                 "--job-dir", str(job_dir)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, cwd=str(REPO), start_new_session=True)  # its own session: a Ctrl-C in the UI's terminal
+        (job_dir / "pid").write_text(str(proc.pid))             # does not kill the run
+        self._procs[job_id] = proc
+        return job_id
+
+    def state(self, job_id: str) -> dict:
+        """The job's state.json; an active job whose process has died is reported 'failed' with its log's tail."""
+        job_dir = self._dir(job_id)
+        state = _read_state(job_dir)
+        if state["status"] not in ACTIVE:
+            return state
+        pid = state.get("pid") or _read_pid(job_dir)
+        proc = self._procs.get(job_id)
+        if proc is not None:
+            alive, code = proc.poll() is None, proc.returncode
+        else:
+            alive, code = pid is not None and _pid_alive(pid, str(job_dir)), None
+        if alive:
+            return state
+        state = _read_state(job_dir)  # it may have written its final status just before exiting
+        if state["status"] in ACTIVE:
+            how = f" with exit code {code}" if code is not None else ""
+            tail = _log_tail(job_dir)
+            state.update(status="failed", message="failed",
+                         error=f"the training process exited{how} without a final status (killed, or out of "
+                               f"memory?)" + (f"; the end of its log:\n{tail}" if tail else ""))
+        return state
+
+    def jobs(self) -> list[str]:
+        """Every job id under root, oldest first."""
+        found = []
+        for d in self.root.iterdir() if self.root.is_dir() else []:
+            if (d / STATE_FILE).is_file():
+                try:
+                    started = json.loads((d / STATE_FILE).read_text()).get("started", 0)
+                except ValueError:
+                    started = 0
+                found.append((started, d.name))
+        return [name for _, name in sorted(found)]
+
+    def latest(self) -> str | None:
+        """The most recently started job (for a UI to reattach to after a reload), or None."""
+        jobs = self.jobs()
+        return jobs[-1] if jobs else None
+
+    def cancel(self, job_id: str) -> dict:
+        """Ask the job to stop: at its next step it saves a checkpoint and ends with status 'cancelled'."""
+        job_dir = self._dir(job_id)
+        (job_dir / CANCEL_FILE).touch()
+        return self.state(job_id)
+
+    def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.2) -> dict:
+        """Block until the job is no longer active (or timeout seconds pass); returns its state."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.state(job_id)
+            if state["status"] not in ACTIVE or (deadline is not None and time.monotonic() > deadline):
+                return state
+            time.sleep(poll)
+
+    def log(self, job_id: str, max_chars: int = 20000) -> str:
+        """The end of the job's log (stdout and stderr of the training process)."""
+        return _log_tail(self._dir(job_id), max_chars)
+
+    def _dir(self, job_id: str) -> Path:
+        job_dir = self.root / str(job_id)
+        if not job_id or "/" in str(job_id) or not (job_dir / STATE_FILE).is_file():
+            raise TrainError(f"no training job {job_id!r} in {self.root}")
+        return job_dir
+
+
+def mark_failed(job_dir: Path, message: str) -> None:
+    """Record a failure that happened before the training loop could report it (e.g. a bad --config)."""
+    job_dir = Path(job_dir)
+    state = _read_state(job_dir) if (job_dir / STATE_FILE).exists() else {"id": job_dir.name}
+    state.update(status="failed", error=message, message="failed", updated=time.time(), pid=os.getpid())
+    write_json_atomic(job_dir / STATE_FILE, state)
+
+
+def _read_state(job_dir: Path) -> dict:
+    for _ in range(5):  # written by rename, so a read sees a whole file; retry only an unlucky open
+        try:
+            return json.loads((job_dir / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    raise TrainError(f"the state of job {job_dir.name} is unreadable")
+
+
+def _read_pid(job_dir: Path) -> int | None:
+    try:
+        return int((job_dir / "pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int, marker: str) -> bool:
+    """Is `pid` a live (not zombie) process whose command line mentions `marker` (so a reused pid does not count)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    proc = Path(f"/proc/{pid}")
+    if proc.exists():
+        try:
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return False
+            return marker in (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+    return True
+
+
+def _log_tail(job_dir: Path, max_chars: int = 1500) -> str:
+    try:
+        text = (job_dir / "log.txt").read_bytes()[-max_chars:].decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.strip().splitlines())  # progress bars: last frame

@@ -19,7 +19,7 @@ import gradio as gr
 import backend
 from export.attach import ONNX_BACKENDS, PRECISIONS, attach_onnx, export_for, export_summary, runner_name
 
-from . import render
+from . import finetune, render
 from .state import current
 
 log = logging.getLogger("playground")
@@ -424,6 +424,8 @@ def build_app() -> gr.Blocks:
                                                       elem_id="fx-export")
                         export_report = gr.Markdown("", elem_id="fx-export-report")
                         export_file = gr.File(label="Download (.zip)", interactive=False, elem_id="fx-export-file")
+                    with gr.Tab("Finetune", id="finetune"):
+                        finetune_tab = gr.Column()
             with gr.Column(scale=1, min_width=280, elem_id="fx-params"):
                 gr.Markdown("### Parameters")
                 backend_name = backend_dropdown(info, label="Backend", allow_custom_value=True, elem_id="fx-backend",
@@ -447,6 +449,10 @@ def build_app() -> gr.Blocks:
                                  info="-1 = random; the seed used is shown after each run")
                 num_samples = param_slider(1, 16, value=1, step=1, label="Samples", elem_id="fx-samples",
                                            info="independent samples, decoded as one batch")
+
+        with finetune_tab:
+            finetune.build_tab(source, [card, badge, backend_name], load_model, dtype,
+                               dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1))
 
         params = [backend_name, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                   presence_penalty, frequency_penalty, stop_strings, seed, num_samples]
@@ -478,7 +484,7 @@ def build_app() -> gr.Blocks:
 
 def launch_options() -> dict:
     """What Gradio 6 takes at launch rather than in Blocks(): look and feel, and no outbound calls."""
-    return dict(css=render.CSS + LAYOUT_CSS, theme=gr.themes.Soft(primary_hue="indigo"), share=False,
+    return dict(css=render.CSS + finetune.CSS + LAYOUT_CSS, theme=gr.themes.Soft(primary_hue="indigo"), share=False,
                 footer_links=["api", "settings"])
 
 

@@ -193,6 +193,44 @@ def test_bad_input_shows_a_readable_error_and_the_page_keeps_working(page, tmp_p
         "Hello", max_new_tokens=24, seed=11, **UI_PARAMS).text
 
 
+def test_finetune_job_plots_its_loss_live_and_is_still_there_after_a_reload(page, tmp_path, monkeypatch):
+    from pydoc_data.topics import topics
+
+    page, _ = page
+    monkeypatch.setenv("FORNAX_CACHE", str(tmp_path / "cache"))  # the job's files, out folder and tokenizer
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(topics.values())[:120_000])
+    page.get_by_role("tab", name="Finetune").click()
+    page.fill("#fx-train-path textarea, #fx-train-path input", str(corpus))
+    page.locator("#fx-train-mode label", has_text="pretrain").click()
+    set_number(page, "fx-train-steps", 400)
+    page.click("#fx-train-start")
+    status = "#fx-train-status .fx-job"
+    page.wait_for_selector(f"{status}[data-status=running]", timeout=60_000)
+    job = page.get_attribute(status, "data-job")
+    # the plot is drawn from the job's losses, and redrawn as they come
+    page.wait_for_function("() => /step (\\d+)/.exec(document.querySelector('#fx-train-status').innerText)?.[1] >= 3",
+                           timeout=60_000)
+    page.wait_for_selector("#fx-loss-plot canvas, #fx-loss-plot svg", timeout=30_000)
+    first = page.locator("#fx-loss-plot").screenshot()
+    page.wait_for_function("() => /step (\\d+)/.exec(document.querySelector('#fx-train-status').innerText)?.[1] >= 20",
+                           timeout=120_000)
+    time.sleep(2 * 1.0)  # a poll or two later
+    assert page.locator("#fx-loss-plot").screenshot() != first
+    # both series drawn, each with a colour (a plot first given no data draws its lines without one: blank)
+    strokes = page.evaluate("() => [...document.querySelectorAll('#fx-loss-plot svg .mark-line path')]"
+                            ".map(p => p.getAttribute('stroke'))")
+    assert len(strokes) == 2 and all(strokes), strokes
+
+    page.reload()
+    page.get_by_role("tab", name="Finetune").click()
+    page.wait_for_selector(f"{status}[data-job='{job}']", timeout=30_000)
+    page.wait_for_selector("#fx-loss-plot canvas, #fx-loss-plot svg", timeout=30_000)
+    page.click("#fx-train-cancel")
+    page.wait_for_selector(f"{status}[data-status=cancelled]", timeout=120_000)
+    page.get_by_role("tab", name="Chat").click()
+
+
 def test_the_page_made_no_requests_outside_the_machine(page):
     _, outside = page
     assert outside == []

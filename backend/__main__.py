@@ -136,7 +136,7 @@ def cmd_bench_train(args):
     from .bench_train import run_bench_train
 
     run_bench_train(steps=args.steps, threads=args.threads, preset=args.preset, seq_len=args.seq_len,
-                    batch_size=args.batch_size, csv_path=args.csv)
+                    batch_size=args.batch_size, csv_path=args.csv, repeats=args.repeats)
 
 
 def main(argv=None):
@@ -199,6 +199,7 @@ def main(argv=None):
     p.add_argument("--preset", default="small-llama")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2, help="alternated runs per engine; the best is kept")
     p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file")
     p.set_defaults(func=cmd_bench_train)
 

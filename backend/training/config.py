@@ -36,8 +36,9 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None  # None = every projection: attn.qkv attn.proj mlp.gate_up|mlp.up mlp.down
-    eval_every: int = 50             # validation loss / perplexity (and classify metrics) every N steps; 0 = end only
-    sample_every: int = 100          # samples from sample_prompts every N steps (and at 0 and the end); 0 = off
+    eval_every: int = 50             # validation loss / perplexity (and classify metrics) every N steps, before the
+                                     # first and after the last; 0 = only before and after
+    sample_every: int = 100          # samples from sample_prompts every N steps, before the first, after the last; 0 = off
     save_every: int = 100            # checkpoint every N steps (and on cancel); 0 = only on cancel
     sample_prompts: list[str] = field(default_factory=list)  # [] = taken from the validation data
     sample_tokens: int = 48

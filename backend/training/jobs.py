@@ -78,13 +78,14 @@ class JobManager:
     def state(self, job_id: str) -> dict:
         """The job's state.json; an active job whose process has died is reported 'failed' with its log's tail."""
         job_dir = self._dir(job_id)
+        proc = self._procs.get(job_id)
+        running = proc is not None and proc.poll() is None  # (polling also reaps a finished child)
         state = _read_state(job_dir)
         if state["status"] not in ACTIVE:
             return state
         pid = state.get("pid") or _read_pid(job_dir)
-        proc = self._procs.get(job_id)
         if proc is not None:
-            alive, code = proc.poll() is None, proc.returncode
+            alive, code = running, proc.returncode
         else:
             alive, code = pid is not None and _pid_alive(pid, str(job_dir)), None
         if alive:

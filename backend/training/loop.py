@@ -141,7 +141,7 @@ def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig, devic
     no_decay = [p for p in named.values() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.peak_lr, betas=tuple(cfg.betas),
-                                  fused=device.type == "cuda")
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel over all tensors
     warmup, total, floor = cfg.warmup, cfg.steps, cfg.min_lr_ratio
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, floor))
     return optimizer, scheduler
@@ -469,9 +469,11 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
             status = "cancelled"
             break
         t0 = time.perf_counter()
-        batches = [data.train.batch(idx, pad_id) for idx in step_batches(step)]
-        counts = torch.tensor([sum(int((y != IGNORE).sum()) for _, y in batches),
-                               sum(int((x != pad_id).sum()) for x, _ in batches)], dtype=torch.float64)
+        micro = step_batches(step)
+        batches = [data.train.batch(idx, pad_id) for idx in micro]
+        counts = torch.tensor([sum(int((y != IGNORE).sum()) for _, y in batches),                 # targets
+                               sum(len(data.train.ids[i]) - 1 for idx in micro for i in idx)],  # input tokens
+                              dtype=torch.float64)
         n_targets, n_tokens = dist.sum(counts).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for m, (x, y) in enumerate(batches):
@@ -511,7 +513,7 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         bar.close()
 
     if status == "cancelled":
-        if step > start or ckpt.latest_checkpoint(out) is None:
+        if step > start:  # (else nothing new: the checkpoint resumed from, or no step at all)
             save(step)
         reporter.update(force=True, status="cancelled", message=f"cancelled at step {step}; resumable from {out}")
         return dict(reporter.state)

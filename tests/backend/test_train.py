@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import backend
+from backend.__main__ import main
 from backend.loading import build_model, read_hf_folder
 from backend.tokenizer import Tokenizer
 from backend.training import (add_lora, chat_sequence, latest_checkpoint, list_checkpoints, merge_lora,
@@ -163,15 +164,19 @@ def test_classification_beats_chance(base, tmp_path):
     assert m["accuracy"] >= 0.85 and m["macro_f1"] >= 0.85, m
 
 
-def test_pretrain_from_scratch_loads_and_generates(tmp_path):
+def test_pretrain_from_scratch_cli_loads_and_generates(tmp_path):
     data = write_text(tmp_path / "corpus.txt", 15000, offset=5000)
-    state = train(quick(data, tmp_path / "out", mode="pretrain", preset="tiny-gpt2", vocab_size=400, steps=30,
-                        lr=3e-3, sample_every=30))
+    out = tmp_path / "out"
+    code = main(["finetune", "--mode", "pretrain", "--data", str(data), "--out", str(out), "--preset", "tiny-gpt2",
+                 "--vocab-size", "400", "--steps", "30", "--lr", "3e-3", "--seq-len", "32", "--batch-size", "8",
+                 "--eval-every", "0", "--sample-every", "30", "--save-every", "0", "--sample-tokens", "8"])
+    assert code == 0
+    state = json.loads((out / "training.json").read_text())
     losses = [loss for _, loss in state["train_loss"]]
-    assert losses[-1] < losses[0] - 1.0
-    h = backend.load(tmp_path / "out")
+    assert len(losses) == 30 and losses[-1] < losses[0] - 1.0
+    assert [s["step"] for s in state["samples"]] == [0, 0, 30, 30]
+    h = backend.load(out)  # no --model: a new byte-level BPE tokenizer and a tiny-gpt2 model
     assert h.config.family == "gpt2" and h.config.vocab_size == 400 and h.tokenizer.vocab_size == 400
+    assert h.tokenizer.decode(h.tokenizer.encode("naïve café ☕")) == "naïve café ☕"  # byte-level: nothing unknown
     r = h.generate("The ", max_new_tokens=12, temperature=0)
     assert len(r.completions[0].tokens) > 0 and r.text
-    assert json.loads((tmp_path / "out" / "training.json").read_text())["train_loss"][0][0] == 1
-    assert [s["step"] for s in state["samples"]] == [0, 0, 30, 30]

@@ -1,6 +1,6 @@
 """Fornax backend: load a causal LM (default / HF folder / GGUF / hub id) and generate with it."""
 from .config import PRESETS, ModelConfig
-from .errors import FornaxError, GenerationError, ModelLoadError, UnsupportedModelError
+from .errors import FornaxError, GenerationError, ModelLoadError, TrainError, UnsupportedModelError
 from .generate import Completion, Delta, GenerationResult, Stream, Timings, TokenInfo
 from .handle import ModelHandle
 from .loading import DEFAULT_HUB_ID, DEFAULT_INSTALL, load, save_pretrained
@@ -9,4 +9,4 @@ from .sampling import SamplingParams, sample
 
 __all__ = ["load", "save_pretrained", "ModelHandle", "ModelConfig", "PRESETS", "Transformer", "SamplingParams", "sample",
            "GenerationResult", "Completion", "Delta", "Stream", "Timings", "TokenInfo", "FornaxError",
-           "ModelLoadError", "UnsupportedModelError", "GenerationError", "DEFAULT_HUB_ID", "DEFAULT_INSTALL"]
+           "ModelLoadError", "UnsupportedModelError", "GenerationError", "TrainError", "DEFAULT_HUB_ID", "DEFAULT_INSTALL"]

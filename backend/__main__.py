@@ -115,6 +115,7 @@ def _train_config(args):
 
 def cmd_finetune(args):
     import signal
+    import threading
 
     from .training import train
     from .training.jobs import mark_failed
@@ -126,8 +127,21 @@ def cmd_finetune(args):
             mark_failed(args.job_dir, str(e))
         raise
     stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # SIGTERM = cancel: checkpoint, then exit
-    state = train(cfg, job_dir=args.job_dir, should_stop=lambda: bool(stop), progress=True)
+
+    def on_signal(signum, frame):  # SIGTERM or a first Ctrl-C = cancel: stop at the next step with a checkpoint
+        if signum == signal.SIGINT and stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        print("\n[fornax] stopping after this step (a checkpoint is saved); Ctrl-C again to abort", file=sys.stderr)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        state = train(cfg, job_dir=args.job_dir, should_stop=lambda: bool(stop), progress=True)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     print(f"[fornax] {state['status']} at step {state['step']}/{state['total_steps']}: {state['message']}",
           file=sys.stderr)
 

@@ -380,7 +380,7 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                          broadcast_buffers=False)
+                                          forward_sync_buffers=False)  # rotary tables: equal everywhere
 
     n_trainable = sum(p.numel() for p in named.values())
     global_batch = cfg.batch_size * cfg.grad_accum * dist.world

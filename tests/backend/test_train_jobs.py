@@ -93,19 +93,22 @@ def test_job_whose_process_died_or_failed_is_reported_failed(base, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_ddp_two_gloo_processes_match_one_process(base, tmp_path):
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    """Pretraining (rank 0 trains the tokenizer and sends it to rank 1) with gradient accumulation, the same global
+    batch of 8 sequences per step: one process x 4 x 2 micro-batches, or two processes x 2 x 2."""
     data = write_text(tmp_path / "corpus.txt", 8000)
-    kw = dict(mode="full", model=str(base), steps=6, lr=3e-3, grad_accum=2, warmup_steps=2)
-    one = train(quick(data, tmp_path / "one", batch_size=4, **kw))   # global batch 4 x 2 = 8 sequences
+    kw = dict(mode="pretrain", vocab_size=320, steps=6, lr=3e-3, grad_accum=2, warmup_steps=2)
+    one = train(quick(data, tmp_path / "one", batch_size=4, **kw))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "backend",
-           "finetune", "--data", str(data), "--out", str(tmp_path / "two"), "--mode", "full", "--model", str(base),
+           "finetune", "--data", str(data), "--out", str(tmp_path / "two"), "--mode", "pretrain", "--vocab-size", "320",
            "--steps", "6", "--lr", "3e-3", "--grad-accum", "2", "--warmup-steps", "2", "--batch-size", "2",
            "--seq-len", "32", "--eval-every", "0", "--sample-every", "0", "--save-every", "0", "--device", "cpu"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")  # 2 x 2 x 2 = 8 sequences a step
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stderr
     two = json.loads((tmp_path / "two" / "training.json").read_text())
+    assert (tmp_path / "one" / "tokenizer.json").read_text() == (tmp_path / "two" / "tokenizer.json").read_text()
     a = [loss for _, loss in one["train_loss"]]
     b = [loss for _, loss in two["train_loss"]]
     assert len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)

@@ -38,7 +38,8 @@ class TrainConfig:
     lora_targets: list[str] | None = None  # None = every projection: attn.qkv attn.proj mlp.gate_up|mlp.up mlp.down
     eval_every: int = 50             # validation loss / perplexity (and classify metrics) every N steps, before the
                                      # first and after the last; 0 = only before and after
-    sample_every: int = 100          # samples from sample_prompts every N steps, before the first, after the last; 0 = off
+    sample_every: int = 100          # samples from sample_prompts every N steps, before the first and after the
+                                     # last; 0 = off
     save_every: int = 100            # checkpoint every N steps (and on cancel); 0 = only on cancel
     sample_prompts: list[str] = field(default_factory=list)  # [] = taken from the validation data
     sample_tokens: int = 48
@@ -100,7 +101,7 @@ class TrainConfig:
         need(0 < self.peak_lr < 1, f"lr must be in (0, 1), got {self.peak_lr}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1)")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two numbers in [0, 1)")
         need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")

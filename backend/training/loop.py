@@ -29,7 +29,7 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import IGNORE, MAX_VAL_SEQUENCES, Data, Sequences, build_data, classify_example, read_records
+from .data import IGNORE, MAX_VAL_SEQUENCES, Records, Sequences, build_data, classify_example, read_records
 
 STATE_FILE, CANCEL_FILE = "state.json", "cancel"
 # Settings that change the computation: a run resumes only with the same ones.
@@ -73,7 +73,10 @@ class Dist:
 
         n = torch.tensor([len(data) if self.main else 0])
         dist.broadcast(n, 0)
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.main else torch.empty(int(n), dtype=torch.uint8)
+        if self.main:
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        else:
+            buf = torch.empty(int(n), dtype=torch.uint8)
         dist.broadcast(buf, 0)
         return bytes(buf.tolist())
 
@@ -314,41 +317,14 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         weights, trainer, meta = ckpt.read_checkpoint(resume_from)
         _check_resume(meta, cfg, fingerprint, dist.world, resume_from)
 
-    # model and tokenizer
-    if cfg.mode == "pretrain":
-        reporter.update(force=True, message="training the tokenizer")
-        if resume_from is not None:
-            tokenizer = Tokenizer.from_folder(resume_from)
-            mcfg = ModelConfig.from_dict(json.loads((resume_from / "model_config.json").read_text()))
-        else:
-            tokenizer = _shared_tokenizer(records.corpus, cfg.vocab_size, dist)
-            mcfg = ModelConfig.from_name(cfg.preset)
-            mcfg.vocab_size = tokenizer.vocab_size
-            mcfg.eos_token_ids = [tokenizer.token_to_id(tokenizer.eos_token)]
-            mcfg.bos_token_id, mcfg.name = None, f"fornax-{cfg.preset}"
-        context = mcfg.max_seq_len
-    else:
-        reporter.update(force=True, message=f"loading {cfg.model}")
-        from ..loading import load
-
-        try:
-            handle = load(cfg.model, dtype="float32", device=device)
-        except FornaxError as e:
-            raise TrainError(f"could not load the model {cfg.model!r}: {e}") from e
-        if handle.model is None:
-            raise TrainError(f"{cfg.model} is an exported ONNX graph; train the PyTorch model it came from")
-        core, tokenizer = handle.model.contiguous_layout(), handle.tokenizer
-        context = core.config.max_seq_len
+    core, tokenizer = _model_and_tokenizer(cfg, records, resume_from, device, dist, reporter)
+    context = core.config.max_seq_len
     seq_len = cfg.seq_len or min(256, context)
     if seq_len > context:
         raise TrainError(f"seq_len {seq_len} is beyond the model's context of {context} tokens")
     reporter.update(force=True, message="tokenizing the data")
     data = build_data(records, tokenizer, seq_len, cfg.val_fraction, cfg.seed)
     prompts = cfg.sample_prompts or data.prompts
-    if cfg.mode == "pretrain":
-        torch.manual_seed(cfg.seed)
-        core = Transformer(mcfg).to(device)
-        core.init_weights()
 
     core.train()
     torch.manual_seed(cfg.seed)
@@ -536,6 +512,37 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
             "config", "train_loss", "val_loss", "samples", "metrics", "tokens_per_s", "data", "trainable_params")})
     reporter.update(force=True, status="done")
     return dict(reporter.state)
+
+
+def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path | None, device: torch.device, dist: Dist,
+                         reporter: Reporter) -> tuple[Transformer, Tokenizer]:
+    """The model to train (fp32, row-major weights) and its tokenizer: loaded for lora/full; for pretrain a new
+    byte-level BPE tokenizer trained on the data (or the checkpoint's) and a freshly initialised preset model."""
+    if cfg.mode != "pretrain":
+        reporter.update(force=True, message=f"loading {cfg.model}")
+        from ..loading import load
+
+        try:
+            handle = load(cfg.model, dtype="float32", device=device)
+        except FornaxError as e:
+            raise TrainError(f"could not load the model {cfg.model!r}: {e}") from e
+        if handle.model is None:
+            raise TrainError(f"{cfg.model} is an exported ONNX graph; train the PyTorch model it came from")
+        return handle.model.contiguous_layout(), handle.tokenizer
+    if resume_from is not None:
+        tokenizer = Tokenizer.from_folder(resume_from)
+        mcfg = ModelConfig.from_dict(json.loads((resume_from / "model_config.json").read_text()))
+    else:
+        reporter.update(force=True, message="training the tokenizer")
+        tokenizer = _shared_tokenizer(records.corpus, cfg.vocab_size, dist)
+        mcfg = ModelConfig.from_name(cfg.preset)
+        mcfg.vocab_size = tokenizer.vocab_size
+        mcfg.eos_token_ids = [tokenizer.token_to_id(tokenizer.eos_token)]
+        mcfg.bos_token_id, mcfg.name = None, f"fornax-{cfg.preset}"
+    torch.manual_seed(cfg.seed)
+    core = Transformer(mcfg).to(device)
+    core.init_weights()
+    return core, tokenizer
 
 
 def _shared_tokenizer(corpus: str, vocab_size: int, dist: Dist) -> Tokenizer:

@@ -1,7 +1,6 @@
 """The training loop in-process on tiny models: loss falls, LoRA trains only its adapters and merges exactly, resume is
 exact, chat loss masking, atomic checkpoints, classification, pretraining from scratch."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -113,7 +112,8 @@ def test_chat_loss_mask_is_exactly_the_assistant_turns(base, tmp_path):
             start = end
     inside = [any(a <= s and e <= b for a, b in spans) for s, e in enc.offsets]
     assert mask == inside and sum(mask) > 0
-    assert tokenizer.decode([t for t, m in zip(ids, mask) if m]) == "2 plus 1 is 3.<|im_end|>\nYou are welcome.<|im_end|>\n"
+    learned = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert learned == "2 plus 1 is 3.<|im_end|>\nYou are welcome.<|im_end|>\n"
     seqs = Sequences()
     seqs.add(ids, mask)
     x, y = seqs.batch([0])
@@ -177,6 +177,7 @@ def test_pretrain_from_scratch_cli_loads_and_generates(tmp_path):
     assert [s["step"] for s in state["samples"]] == [0, 0, 30, 30]
     h = backend.load(out)  # no --model: a new byte-level BPE tokenizer and a tiny-gpt2 model
     assert h.config.family == "gpt2" and h.config.vocab_size == 400 and h.tokenizer.vocab_size == 400
-    assert h.tokenizer.decode(h.tokenizer.encode("naïve café ☕")) == "naïve café ☕"  # byte-level: nothing unknown
+    text = "naïve café ☕"
+    assert h.tokenizer.decode(h.tokenizer.encode(text)) == text  # byte-level: nothing is unknown
     r = h.generate("The ", max_new_tokens=12, temperature=0)
     assert len(r.completions[0].tokens) > 0 and r.text

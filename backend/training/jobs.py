@@ -37,7 +37,7 @@ __all__ = ["JobManager", "TrainConfig", "TrainError", "mark_failed"]
 
 class JobManager:
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).expanduser()
+        self.root = Path(root).expanduser().absolute()  # the training process runs in another folder
         self.root.mkdir(parents=True, exist_ok=True)
         self._procs: dict[str, subprocess.Popen] = {}  # children of this process (polled, so none stays a zombie)
 
@@ -49,6 +49,8 @@ class JobManager:
         cfg.task = records.task
         cfg.data = str(Path(cfg.data).expanduser().resolve())
         cfg.out = str(Path(cfg.out).expanduser().resolve())
+        if cfg.model != "default" and Path(cfg.model).expanduser().exists():  # (the process runs in another folder)
+            cfg.model = str(Path(cfg.model).expanduser().resolve())
         for job in self.jobs():
             st = self.state(job)
             if st["status"] in ACTIVE:

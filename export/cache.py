@@ -25,5 +25,5 @@ def cached_export(source: str, quant: str = "none", progress: Callable[[float, s
     folder = resolve(source)
     out = cache_root() / "exports" / f"{model_key(folder)}-v{EXPORT_VERSION}-{quant}"
     if not (out / MODEL_FILE).exists():
-        export(str(folder), out, quant=quant, progress=progress)
+        export(source, out, quant=quant, progress=progress)  # the source, not the folder: int4 looks for its GGUF
     return out

@@ -143,16 +143,12 @@ def run_bench(rows: list[tuple[str, str, str]] | None = None, model: str = "defa
                 print(f"{name} / transformers: prefill {r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x, "
                       f"decode {r['decode_tok_s'] / base['decode_tok_s']:.2f}x")
     if csv_path:
-        new = not os.path.exists(csv_path)
-        with open(csv_path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["date", "model", "engine", "metric", "value", "threads", "prompt_tokens", "new_tokens",
-                            "torch"])
-            for name, r in results.items():
-                for metric in ("prefill_tok_s", "decode_tok_s", "bandwidth_gb_s", "peak_rss_mb"):
-                    w.writerow([datetime.date.today(), model, name, metric, round(r[metric], 2), threads,
-                                prompt_tokens, new_tokens, torch.__version__])
+        append_csv(csv_path, ["date", "model", "engine", "metric", "value", "threads", "prompt_tokens", "new_tokens",
+                              "torch"],
+                   [[datetime.date.today(), model, name, metric, round(r[metric], 2), threads, prompt_tokens,
+                     new_tokens, torch.__version__]
+                    for name, r in results.items()
+                    for metric in ("prefill_tok_s", "decode_tok_s", "bandwidth_gb_s", "peak_rss_mb")])
     return results
 
 
@@ -166,3 +162,13 @@ if __name__ == "__main__":
         from .__main__ import main
 
         sys.exit(main(["bench", *sys.argv[1:]]))
+
+
+def append_csv(path: str, header: list[str], rows: list[list]) -> None:
+    """Append benchmark rows to a CSV file (header first if the file is new), so runs accumulate over time."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(header)
+        w.writerows(rows)

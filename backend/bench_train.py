@@ -11,7 +11,6 @@ the engines run alternately `repeats` times and the best run of each is kept.
 """
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import os
@@ -128,16 +127,13 @@ def run_bench_train(steps: int = 30, threads: int = 2, preset: str = "small-llam
         print(f"fornax / transformers: tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
               f"peak RSS {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x")
     if csv_path:
-        new = not os.path.exists(csv_path)
-        with open(csv_path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["date", "preset", "engine", "metric", "value", "threads", "steps", "batch", "seq_len",
-                            "torch"])
-            for name, r in results.items():
-                for metric in ("tokens_per_s", "peak_rss_mb", "mean_loss"):
-                    w.writerow([datetime.date.today(), preset, name, metric, round(r[metric], 3), threads, steps,
-                                batch_size, seq_len, torch.__version__])
+        from .bench import append_csv
+
+        append_csv(csv_path, ["date", "preset", "engine", "metric", "value", "threads", "steps", "batch", "seq_len",
+                              "torch"],
+                   [[datetime.date.today(), preset, name, metric, round(r[metric], 3), threads, steps, batch_size,
+                     seq_len, torch.__version__]
+                    for name, r in results.items() for metric in ("tokens_per_s", "peak_rss_mb", "mean_loss")])
     return results
 
 

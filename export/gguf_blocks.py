@@ -96,6 +96,8 @@ def quantized_linears(gguf_path: Path, cfg: ModelConfig) -> dict[str, QuantizedL
     if cfg.family != "llama":
         return {}
     reader = gguf.GGUFReader(str(gguf_path))
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field is not None else ""
     tensors = {t.name: t for t in reader.tensors}
     get = lambda name: decode_blocks(np.asarray(tensors[name].data), tensors[name].tensor_type.name) \
         if name in tensors else None  # noqa: E731
@@ -103,7 +105,7 @@ def quantized_linears(gguf_path: Path, cfg: ModelConfig) -> dict[str, QuantizedL
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
         q, k = get(p + "attn_q.weight"), get(p + "attn_k.weight")
-        if q is not None and k is not None:
+        if q is not None and k is not None and arch == "llama":  # llama.cpp permutes Llama's Q/K only (not Qwen2's)
             q, k = unpermute(q, cfg.n_head), unpermute(k, cfg.n_kv_head)
         out[f"blocks.{i}.attn.qkv"] = stack([q, k, get(p + "attn_v.weight")])
         out[f"blocks.{i}.attn.proj"] = get(p + "attn_output.weight")
@@ -111,6 +113,26 @@ def quantized_linears(gguf_path: Path, cfg: ModelConfig) -> dict[str, QuantizedL
         out[f"blocks.{i}.mlp.down"] = get(p + "ffn_down.weight")
     out["lm_head"] = get("output.weight") if "output.weight" in tensors else get("token_embd.weight")
     return {k: v for k, v in out.items() if v is not None}
+
+
+def dequantize(ql: QuantizedLinear) -> np.ndarray:
+    """The (N, K) float weights the blocks stand for."""
+    N, K = ql.q.shape
+    w = (ql.q.reshape(N, K // BLOCK, BLOCK).astype(np.float32) - ql.zero_point) * ql.scales[..., None]
+    if ql.offsets is not None:
+        w = w + ql.offsets[..., None]
+    return w.reshape(N, K)
+
+
+def matching(linears: dict[str, QuantizedLinear], weights: dict[str, np.ndarray]) -> bool:
+    """Do the blocks stand for exactly the weights the model holds (same rows, same order)? A check, so that a
+    layout this file gets wrong falls back to the quantizer instead of exporting a scrambled model."""
+    for name, w in weights.items():
+        ql = linears.get(name)
+        if ql is None or ql.q.shape != w.shape or not np.allclose(dequantize(ql), w, rtol=0, atol=1e-6 * max(
+                1.0, float(np.abs(w).max()))):
+            return False
+    return True
 
 
 def pack(ql: QuantizedLinear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -127,13 +127,13 @@ def quantize_model(source: str, folder: Path, model, src: Path, dst: Path, quant
     """int4 of a model that came from a GGUF file takes the file's own 4-bit blocks (exact; see gguf_blocks.py);
     anything else goes through onnxruntime's quantizer. Returns which way was taken."""
     if quant == "int4":
-        from .gguf_blocks import gguf_of, quantized_linears, transcode
+        from .gguf_blocks import gguf_of, matching, quantized_linears, transcode
 
         path = gguf_of(source, folder)
         linears = quantized_linears(path, model.config) if path is not None else {}
         weights = {name: m.weight.detach().numpy() for name, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear)}
-        if linears and set(weights) <= set(linears):
+        if linears and set(weights) <= set(linears) and matching(linears, weights):
             if transcode(src, dst, linears, weights) == len(weights):
                 return f"GGUF blocks of {path.name}, re-packed for MatMulNBits (no second rounding)"
             dst.unlink(missing_ok=True)

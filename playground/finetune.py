@@ -7,12 +7,16 @@ The page holds no training state: every second it reads the job's state.json thr
 from __future__ import annotations
 
 import html
+import os
+import secrets
+import shutil
 import time
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
+import backend
 from backend.config import PRESETS
 from backend.gguf_file import cache_root
 from backend.training import DEFAULT_LR, MODES, TASKS, JobManager, TrainConfig
@@ -31,17 +35,45 @@ def manager() -> JobManager:
 
 
 def default_out(mode: str) -> str:
-    return str(cache_root() / "finetuned" / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return str(cache_root() / "finetuned" / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+
+
+def server_paths_allowed() -> bool:
+    """Typing a path on the server is for your own machine. On a public deployment (a Hugging Face Space sets
+    SPACE_ID) it would let a visitor train on, and read back through the samples, any file the server can read."""
+    return not (os.environ.get("SPACE_ID") or os.environ.get("FORNAX_NO_SERVER_PATHS"))
+
+
+def keep_upload(path: str) -> str:
+    """Gradio deletes uploads after an hour; a job (and a later resume) needs its data longer: keep a copy."""
+    src = Path(path)
+    dest = cache_root() / "train-data" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}-{src.name}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return str(dest)
 
 
 # --- handlers ---------------------------------------------------------------------------------------------------
 def start_job(upload, data_path: str, mode: str, task: str, model: str, preset: str, steps: int, lr: float,
               batch_size: int, seq_len: int, lora_r: int, eval_every: int, sample_prompts: str, out: str):
     """Check everything, start the job, and show it. Returns the same outputs as `poll`."""
-    data = upload if isinstance(upload, str) and upload else getattr(upload, "name", None) or (data_path or "").strip()
+    uploaded = upload if isinstance(upload, str) and upload else getattr(upload, "name", None)
+    data = keep_upload(uploaded) if uploaded else (data_path or "").strip()
     if not data:
         raise gr.Error("choose training data: upload a .txt, .jsonl or .csv file, or type its path",
                        print_exception=False)
+    if not uploaded and not server_paths_allowed():
+        raise gr.Error("this deployment takes training data as an upload only", print_exception=False)
+    if (out or "").strip() and not server_paths_allowed():
+        raise gr.Error("this deployment chooses the output folder itself: leave it empty", print_exception=False)
+    if not (model or "").strip() and mode != "pretrain":  # empty: the model loaded now, not the one at page build
+        from .state import current
+
+        info = current.info()
+        if info is None:
+            raise gr.Error("no model is loaded to finetune: load one in the Model tab or type its source",
+                           print_exception=False)
+        model = info["source"]
     prompts = [p.strip() for p in (sample_prompts or "").splitlines() if p.strip()]
     cfg = TrainConfig(data=data, out=(out or "").strip() or default_out(mode), mode=mode, task=task,
                       model=(model or "").strip() or "default", preset=preset, steps=int(steps),
@@ -71,7 +103,10 @@ def poll():
     job_id = manager().latest()
     if job_id is None:
         return (status_html(None), loss_frame(None), samples_html(None), "")
-    state = manager().state(job_id)
+    try:
+        state = manager().state(job_id)
+    except backend.FornaxError as e:  # e.g. a state file a crash left unreadable: say so, keep polling
+        return (f"<div class='fx-job-error'>{html.escape(str(e))}</div>", None, samples_html(None), "")
     done = state["status"] == "done" and Path(state["out_dir"]).is_dir()
     return status_html(state), loss_frame(state), samples_html(state), state["out_dir"] if done else ""
 
@@ -177,12 +212,6 @@ CSS = """
 def build_tab(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, model_events: dict) -> None:
     """The tab's components and events, inside the caller's `gr.Tab`. Loading the result reuses the Model tab's
     load (`load_fn` into `load_outputs`, with the folder put into its `source` box)."""
-    info = None
-    try:
-        from .state import current
-        info = current.info()
-    except Exception:  # noqa: BLE001 - only a default for a text box
-        pass
     gr.Markdown("Train on your own text. **LoRA** adapts the loaded model cheaply, **full** updates every "
                 "weight, **pretrain** trains a new tokenizer and a tiny model from nothing. Data: `.txt` (plain "
                 "text), `.jsonl` with `{\"messages\": [...]}` (chat; loss on the assistant's turns only) or "
@@ -196,8 +225,8 @@ def build_tab(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdow
             with gr.Row():
                 mode = gr.Radio(list(MODES), value="lora", label="Mode", elem_id="fx-train-mode")
                 task = gr.Dropdown(list(TASKS), value="auto", label="Task", info="auto: from the file")
-            model = gr.Textbox(label="Model to finetune", value=(info or {}).get("source", "default"),
-                               info="the loaded model by default", elem_id="fx-train-model")
+            model = gr.Textbox(label="Model to finetune", value="", placeholder="empty: the model loaded now",
+                               info="default · a model folder · a .gguf path · a Hub id", elem_id="fx-train-model")
             preset = gr.Dropdown([p for p in PRESETS if p.startswith("tiny")] or list(PRESETS), value="tiny-llama",
                                  label="Architecture (pretrain)", visible=False, elem_id="fx-train-preset")
         with gr.Column(scale=2):
@@ -227,7 +256,7 @@ def build_tab(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdow
     mode.change(mode_changed, mode, [model, preset, lora_r, lr], api_visibility="private")
     start.click(user_errors(start_job), [upload, data_path, mode, task, model, preset, steps, lr, batch_size, seq_len,
                                          lora_r, eval_every, sample_prompts, out], shown, api_name="finetune",
-                concurrency_limit=None)
+                concurrency_limit=1)  # one start at a time (the job manager also locks check-then-spawn)
     cancel.click(user_errors(cancel_job), None, shown, api_name="cancel_finetune", concurrency_limit=None)
     gr.Timer(POLL_S).tick(poll, None, shown, show_progress="hidden", api_visibility="private",
                           concurrency_limit=None)

@@ -17,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 
 import backend
-from export.attach import ONNX_BACKENDS, PRECISIONS, attach_onnx, export_for, export_summary, runner_name
+from export.attach import ONNX_BACKENDS, PRECISIONS, attach_onnx, export_for, export_summary
 
 from . import finetune, render
 from .state import current

@@ -32,7 +32,10 @@ _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temporary sibling and rename it over `path`: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, ensure_ascii=False))
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not reach the disk before the data (a power cut would leave nothing)
     os.replace(tmp, path)
 
 

@@ -98,7 +98,7 @@ def read_records(path: str | Path, task: str = "auto") -> Records:
 
 def _read_jsonl(path: Path, text: str, task: str) -> Records:
     objects = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may stand raw inside a string
         if not line.strip():
             continue
         try:
@@ -285,7 +285,7 @@ def chat_sequence(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int]
 
 
 def _build_chat(records: Records, tokenizer: Tokenizer, seq_len: int, val_fraction: float, seed: int) -> Data:
-    seqs, cut, dropped = Sequences(), 0, 0
+    seqs, cut, dropped, kept = Sequences(), 0, 0, []  # kept: the conversation behind each sequence
     for messages in records.items:
         ids, mask = chat_sequence(tokenizer, messages)
         if len(ids) > seq_len + 1:
@@ -294,6 +294,7 @@ def _build_chat(records: Records, tokenizer: Tokenizer, seq_len: int, val_fracti
             dropped += 1
             continue
         seqs.add(ids, mask)
+        kept.append(messages)
     if not len(seqs):
         raise TrainError(f"{records.path.name}: no conversation has an assistant token within the first "
                          f"{seq_len + 1} tokens; use a larger seq_len")
@@ -301,7 +302,7 @@ def _build_chat(records: Records, tokenizer: Tokenizer, seq_len: int, val_fracti
     random.Random(seed).shuffle(order)
     n_val = _n_val(len(order), val_fraction)
     val, train = seqs.subset(sorted(order[:n_val])), seqs.subset(sorted(order[n_val:]))
-    first = records.items[sorted(order[:n_val])[0] if n_val else 0]
+    first = kept[sorted(order[:n_val])[0] if n_val else 0]
     prompts = [next(m["content"] for m in first if m["role"] == "user")] if any(
         m["role"] == "user" for m in first) else ["Hello!"]
     notes = (f", {cut} cut at {seq_len + 1} tokens" if cut else "") + (

@@ -15,12 +15,16 @@ started, updated (unix times); also message (what it is doing now), lr, data (a 
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import TrainError
@@ -40,6 +44,17 @@ class JobManager:
         self.root = Path(root).expanduser().absolute()  # the training process runs in another folder
         self.root.mkdir(parents=True, exist_ok=True)
         self._procs: dict[str, subprocess.Popen] = {}  # children of this process (polled, so none stays a zombie)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def _starting(self):
+        """Check-then-spawn as one step, across threads (a double click) and processes (two app instances)."""
+        with self._lock, open(self.root / ".start.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def start(self, cfg: TrainConfig) -> str:
         """Check the config, the data file and the output folder, then run `python -m backend finetune` in a
@@ -51,12 +66,19 @@ class JobManager:
         cfg.out = str(Path(cfg.out).expanduser().resolve())
         if cfg.model != "default" and Path(cfg.model).expanduser().exists():  # (the process runs in another folder)
             cfg.model = str(Path(cfg.model).expanduser().resolve())
-        for job in self.jobs():
-            st = self.state(job)
-            if st["status"] in ACTIVE:
-                raise TrainError(f"job {job} is still {st['status']} (training into {st['out_dir']}); one training "
-                                 f"job runs at a time: wait for it or cancel it")
-        _check_out(Path(cfg.out), cfg)
+        with self._starting():
+            for job in self.jobs():
+                try:
+                    st = self.state(job)
+                except TrainError:  # an unreadable state (a crash mid-write long ago) does not block new jobs
+                    continue
+                if st["status"] in ACTIVE:
+                    raise TrainError(f"job {job} is still {st['status']} (training into {st['out_dir']}); one "
+                                     f"training job runs at a time: wait for it or cancel it")
+            _check_out(Path(cfg.out), cfg)
+            return self._spawn(cfg)
+
+    def _spawn(self, cfg: TrainConfig) -> str:
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         job_dir = self.root / job_id
         job_dir.mkdir()
@@ -108,7 +130,7 @@ class JobManager:
             if (d / STATE_FILE).is_file():
                 try:
                     started = json.loads((d / STATE_FILE).read_text()).get("started", 0)
-                except ValueError:
+                except (OSError, ValueError):
                     started = 0
                 found.append((started, d.name))
         return [name for _, name in sorted(found)]
@@ -119,10 +141,28 @@ class JobManager:
         return jobs[-1] if jobs else None
 
     def cancel(self, job_id: str) -> dict:
-        """Ask the job to stop: at its next step it saves a checkpoint and ends with status 'cancelled'."""
+        """Ask the job to stop: at its next step it saves a checkpoint and ends with status 'cancelled'. Asked again
+        while it is still active (stuck loading a model, say), the process is killed and the job marked cancelled."""
         job_dir = self._dir(job_id)
+        again = (job_dir / CANCEL_FILE).exists()
         (job_dir / CANCEL_FILE).touch()
-        return self.state(job_id)
+        state = self.state(job_id)
+        # The process writes its pid into the state once its SIGTERM handler (= cancel at the next step, with a
+        # checkpoint) is in place; before that a SIGTERM would just kill it, so the cancel file alone must do.
+        pid = state.get("pid") if not again else (state.get("pid") or _read_pid(job_dir))
+        if state["status"] in ACTIVE and pid and _pid_alive(pid, str(job_dir)):
+            try:
+                os.killpg(os.getpgid(pid), signal.SIGKILL if again else signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if again:  # stuck (a model load that hangs, say): killed, and said so
+                proc = self._procs.get(job_id)
+                if proc is not None:
+                    proc.wait(timeout=10)  # reap it
+                state.update(status="cancelled", message="killed by a second cancel (no checkpoint of this step)",
+                             updated=time.time())
+                write_json_atomic(job_dir / STATE_FILE, state)
+        return state
 
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.2) -> dict:
         """Block until the job is no longer active (or timeout seconds pass); returns its state."""

@@ -84,6 +84,10 @@ class Dist:
         import torch.distributed as dist
 
         if self.world > 1 and dist.is_initialized():
+            try:  # leave together: a rank tearing gloo down while rank 0 still saves the model aborts at exit
+                dist.barrier()
+            except RuntimeError:
+                pass  # another rank failed; its error is the one to report
             dist.destroy_process_group()
 
 
@@ -179,7 +183,7 @@ def evaluate_loss(module: torch.nn.Module, seqs: Sequences, batch_size: int, dev
 
 @torch.no_grad()
 def evaluate_classify(module: torch.nn.Module, tokenizer: Tokenizer, records: list[tuple[str, str]],
-                      labels: list[str], seq_len: int, device: torch.device, batch_rows: int = 64) -> dict:
+                      labels: list[str], seq_len: int, device: torch.device, batch_rows: int = 8) -> dict:
     """Accuracy and macro-F1 on labelled rows: each row is given the label whose tokens (and the end-of-sequence
     after them) have the highest total log-probability after its prompt.
 
@@ -202,8 +206,9 @@ def evaluate_classify(module: torch.nn.Module, tokenizer: Tokenizer, records: li
         x, y = x.to(device), y.to(device)
         with _autocast(device):
             logits = module(x)                                                  # (B, T, V)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        tok = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)        # (B, T)
+        # log p(target) = logit[target] - logsumexp(logits), without a second (B, T, V) tensor
+        logits = logits.float()
+        tok = logits.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (B, T)
         scores.append((tok * (y != IGNORE)).sum(-1).cpu())
     module.train(was_training)
     pred = torch.cat(scores).view(len(records), len(labels)).argmax(-1).tolist()

@@ -183,7 +183,10 @@ def test_int4_of_a_q4_1_gguf_reuses_its_blocks_exactly(tmp_path, monkeypatch):
     model = eager.model.contiguous_layout()
     weights = {n: m.weight.detach().numpy() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     linears = gb.quantized_linears(path, eager.config)
-    assert set(linears) == set(weights)  # every Linear found its GGUF tensor
+    assert set(linears) == set(weights) and gb.matching(linears, weights)  # every Linear found its own blocks
+    with monkeypatch.context() as m:  # a row layout got wrong (e.g. Q/K un-permuted where the file has none)
+        m.setattr(gb, "unpermute", lambda ql, n_head: ql)
+        assert not gb.matching(gb.quantized_linears(path, eager.config), weights)
     assert gb.transcode(tmp_path / "fp32" / "model.onnx", tmp_path / "exact.onnx", linears, weights,
                         accuracy_level=0) == len(weights)
     (tmp_path / "exact.onnx").replace(tmp_path / "fp32" / "model.onnx")

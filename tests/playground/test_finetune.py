@@ -69,3 +69,29 @@ def test_loss_frame_names_both_series_from_the_first_point():
     assert sorted(frame["split"]) == ["train", "validation"]
     assert math.isnan(frame[frame.split == "train"]["loss"].iloc[0])
     assert loss_frame({"train_loss": [], "val_loss": []}) is None
+
+
+def test_an_upload_is_kept_and_an_empty_model_box_means_the_loaded_model(client, corpus, tmp_path):
+    """Gradio deletes uploads after an hour: the job trains on a copy in the Fornax cache. And a LoRA job with an
+    empty model box finetunes the model loaded now (not the one loaded when the page was built)."""
+    from playground import current
+    from tests.backend.tiny import make_tiny
+
+    make_tiny("llama", tmp_path / "tiny")
+    current.load(str(tmp_path / "tiny"))
+    form = {**FORM, "mode": "lora", "upload": gradio_client.handle_file(str(corpus)), "seq_len": 32}
+    client.predict(data_path="", **form, api_name="/finetune")
+    job = manager().latest()
+    cfg = manager().state(job)["config"]
+    client.predict(api_name="/cancel_finetune")
+    assert manager().wait(job, timeout=120)["status"] == "cancelled"
+    assert cfg["model"] == str(tmp_path / "tiny") and cfg["mode"] == "lora"
+    kept = cfg["data"]
+    assert "train-data" in kept and open(kept).read() == corpus.read_text()
+
+
+def test_a_public_deployment_takes_uploads_only(client, corpus, monkeypatch):
+    monkeypatch.setenv("SPACE_ID", "someone/fornax")
+    before = manager().jobs()
+    assert_plain_error(lambda: client.predict(data_path=str(corpus), **FORM, api_name="/finetune"), "upload only")
+    assert manager().jobs() == before

@@ -98,6 +98,24 @@ def cancel_job():
     return poll()
 
 
+def resume_job():
+    """Continue the latest job from its newest checkpoint (same settings, same data: the backend checks both)."""
+    job_id = manager().latest()
+    if job_id is None:
+        raise gr.Error("no training job to resume", print_exception=False)
+    state = manager().state(job_id)
+    if state["status"] in ("starting", "running"):
+        raise gr.Error(f"job {job_id} is still {state['status']}", print_exception=False)
+    if state["status"] == "done":
+        raise gr.Error(f"job {job_id} has finished: there is nothing to resume", print_exception=False)
+    if not any(Path(state["out_dir"]).glob("checkpoint-*")):
+        raise gr.Error(f"job {job_id} saved no checkpoint before it ended: start it again instead",
+                       print_exception=False)
+    new_id = manager().start(TrainConfig.from_dict({**state["config"], "resume": True}))
+    gr.Info(f"job {new_id} resumes job {job_id} from its newest checkpoint")
+    return poll()
+
+
 def poll():
     """The latest job as (status HTML, loss plot, samples HTML, result folder): what the page shows each second."""
     job_id = manager().latest()
@@ -244,6 +262,7 @@ def build_tab(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdow
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="fx-train-start")
         cancel = gr.Button("Cancel", variant="stop", elem_id="fx-train-cancel")
+        resume = gr.Button("Resume the last job", elem_id="fx-train-resume")
         load_result = gr.Button("Load the result into Chat / Completion", elem_id="fx-train-load")
     status = gr.HTML(status_html(None), elem_id="fx-train-status")
     plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="split", title="Loss", height=280,
@@ -258,6 +277,7 @@ def build_tab(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdow
                                          lora_r, eval_every, sample_prompts, out], shown, api_name="finetune",
                 concurrency_limit=1)  # one start at a time (the job manager also locks check-then-spawn)
     cancel.click(user_errors(cancel_job), None, shown, api_name="cancel_finetune", concurrency_limit=None)
+    resume.click(user_errors(resume_job), None, shown, api_name="resume_finetune", concurrency_limit=1)
     gr.Timer(POLL_S).tick(poll, None, shown, show_progress="hidden", api_visibility="private",
                           concurrency_limit=None)
     load_result.click(user_errors(result_folder), result, source, api_visibility="private").success(

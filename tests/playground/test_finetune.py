@@ -1,6 +1,7 @@
 """The Finetune tab's API (/finetune, /cancel_finetune) over gradio_client: a job starts, runs in its own process,
 is the one the page shows, can be cancelled; bad input is a plain error and nothing is started."""
 import math
+import time
 
 import pytest
 
@@ -44,10 +45,23 @@ def test_a_job_starts_is_shown_refuses_a_second_and_cancels(client, corpus, tmp_
     assert job in status and "pretrain" in status and result == ""
     assert_plain_error(lambda: client.predict(data_path=str(corpus), **FORM, api_name="/finetune"),
                        "one training job runs at a time")
+    deadline = time.monotonic() + 120
+    while manager().state(job)["step"] < 3 and time.monotonic() < deadline:  # a few steps: something to resume
+        time.sleep(0.2)
     client.predict(api_name="/cancel_finetune")
     state = manager().wait(job, timeout=120)
     assert state["status"] == "cancelled" and state["step"] < FORM["steps"]
     assert_plain_error(lambda: client.predict(api_name="/cancel_finetune"), "has already ended")
+    # Resume: a new job that continues from the checkpoint the cancel saved, in the same folder
+    status, *_ = client.predict(api_name="/resume_finetune")
+    resumed = manager().latest()
+    assert resumed != job and resumed in status
+    client.predict(api_name="/cancel_finetune")
+    again = manager().wait(resumed, timeout=120)
+    assert again["out_dir"] == state["out_dir"] and again["config"]["resume"] is True
+    # it went on from the checkpoint (its loss history carried over), not from scratch
+    assert again["status"] == "cancelled" and again["step"] >= state["step"]
+    assert again["train_loss"][:len(state["train_loss"])] == state["train_loss"]
 
 
 @pytest.mark.parametrize("content, words", [(b"", "empty"), (bytes(range(256)) * 64, "binary"),

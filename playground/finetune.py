@@ -129,6 +129,21 @@ def poll():
     return status_html(state), loss_frame(state), samples_html(state), state["out_dir"] if done else ""
 
 
+def watching() -> gr.Timer:
+    """The poll timer, on while the latest job is starting or running."""
+    job_id = manager().latest()
+    try:
+        active = job_id is not None and manager().state(job_id)["status"] in ("starting", "running")
+    except backend.FornaxError:
+        active = False
+    return gr.Timer(active=active)
+
+
+def poll_and_watch():
+    """A poll, and whether to keep polling (for the timer and for a page that has just been (re)loaded)."""
+    return (*poll(), watching())
+
+
 def result_folder(folder: str):
     """'Load into Chat' puts the finished model's folder in the Model tab's box; loading follows."""
     if not folder:
@@ -227,9 +242,10 @@ CSS = """
 
 
 # --- layout -----------------------------------------------------------------------------------------------------
-def build_tab(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, model_events: dict) -> None:
+def build_tab(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, model_events: dict):
     """The tab's components and events, inside the caller's `gr.Tab`. Loading the result reuses the Model tab's
-    load (`load_fn` into `load_outputs`, with the folder put into its `source` box)."""
+    load (`load_fn` into `load_outputs`, with the folder put into its `source` box). Returns what the page should
+    run when it loads (function, outputs): it shows the latest job and resumes polling if that job is active."""
     gr.Markdown("Train on your own text. **LoRA** adapts the loaded model cheaply, **full** updates every "
                 "weight, **pretrain** trains a new tokenizer and a tiny model from nothing. Data: `.txt` (plain "
                 "text), `.jsonl` with `{\"messages\": [...]}` (chat; loss on the assistant's turns only) or "
@@ -272,16 +288,21 @@ def build_tab(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdow
     result = gr.Textbox(visible=False)
 
     shown = [status, plot, samples, result]
+    # The page polls only while a job is active: the timer is switched on by start/resume/page load and off by
+    # the first poll that finds the job ended (every open page would otherwise ask once a second, forever).
+    timer = gr.Timer(POLL_S, active=False)
+    watch = dict(fn=watching, inputs=None, outputs=timer, api_visibility="private", show_progress="hidden")
     mode.change(mode_changed, mode, [model, preset, lora_r, lr], api_visibility="private")
     start.click(user_errors(start_job), [upload, data_path, mode, task, model, preset, steps, lr, batch_size, seq_len,
                                          lora_r, eval_every, sample_prompts, out], shown, api_name="finetune",
-                concurrency_limit=1)  # one start at a time (the job manager also locks check-then-spawn)
+                concurrency_limit=1).then(**watch)  # one start at a time (the job manager also locks)
     cancel.click(user_errors(cancel_job), None, shown, api_name="cancel_finetune", concurrency_limit=None)
-    resume.click(user_errors(resume_job), None, shown, api_name="resume_finetune", concurrency_limit=1)
-    gr.Timer(POLL_S).tick(poll, None, shown, show_progress="hidden", api_visibility="private",
-                          concurrency_limit=None)
+    resume.click(user_errors(resume_job), None, shown, api_name="resume_finetune", concurrency_limit=1).then(**watch)
+    timer.tick(poll_and_watch, None, [*shown, timer], show_progress="hidden", api_visibility="private",
+               concurrency_limit=None)
     load_result.click(user_errors(result_folder), result, source, api_visibility="private").success(
         load_fn, [source, dtype], load_outputs, show_progress_on=status, **model_events)
+    return poll_and_watch, [*shown, timer]
 
 
 def user_errors(fn):

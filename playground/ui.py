@@ -451,8 +451,8 @@ def build_app() -> gr.Blocks:
                                            info="independent samples, decoded as one batch")
 
         with finetune_tab:
-            finetune.build_tab(source, [card, badge, backend_name], load_model, dtype,
-                               dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1))
+            on_page_load = finetune.build_tab(source, [card, badge, backend_name], load_model, dtype,
+                                              dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1))
 
         params = [backend_name, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                   presence_penalty, frequency_penalty, stop_strings, seed, num_samples]
@@ -478,6 +478,8 @@ def build_app() -> gr.Blocks:
         export_button.click(export_model, precision, [export_report, export_file, backend_name, card],
                             api_name="export", **model_events)
         demo.load(refresh, None, [card, badge, backend_name], api_visibility="private")
+        poll_fn, poll_outputs = on_page_load  # shows the latest job, and reattaches to it if it is running
+        demo.load(poll_fn, None, poll_outputs, api_visibility="private", show_progress="hidden")
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
     return demo
 

@@ -74,6 +74,7 @@ def expect_error(page, words: str):
     text = toast.first.inner_text()
     assert "Traceback" not in text and 'File "' not in text
     page.locator(".toast-close").first.click()  # dismissed, as a user would
+    toast.first.wait_for(state="hidden", timeout=10_000)  # gone, so it cannot cover the next thing clicked
 
 
 def test_chat_reply_streams_into_the_page(page):

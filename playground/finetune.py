@@ -20,6 +20,7 @@ import backend
 from backend.config import PRESETS
 from backend.gguf_file import cache_root
 from backend.training import DEFAULT_LR, MODES, TASKS, JobManager, TrainConfig
+from backend.training.jobs import ACTIVE
 
 POLL_S = 1.0
 _manager: JobManager | None = None
@@ -86,12 +87,17 @@ def start_job(upload, data_path: str, mode: str, task: str, model: str, preset: 
     return poll()
 
 
-def cancel_job():
+def latest_job(verb: str) -> tuple[str, dict]:
+    """The job the tab shows (the latest) and its state, or a plain error that there is none to `verb`."""
     job_id = manager().latest()
     if job_id is None:
-        raise gr.Error("no training job to cancel", print_exception=False)
-    state = manager().state(job_id)
-    if state["status"] not in ("starting", "running"):
+        raise gr.Error(f"no training job to {verb}", print_exception=False)
+    return job_id, manager().state(job_id)
+
+
+def cancel_job():
+    job_id, state = latest_job("cancel")
+    if state["status"] not in ACTIVE:
         raise gr.Error(f"job {job_id} has already ended ({state['status']})", print_exception=False)
     manager().cancel(job_id)
     gr.Info(f"cancelling job {job_id}: it stops and saves a checkpoint at its next step")
@@ -100,11 +106,8 @@ def cancel_job():
 
 def resume_job():
     """Continue the latest job from its newest checkpoint (same settings, same data: the backend checks both)."""
-    job_id = manager().latest()
-    if job_id is None:
-        raise gr.Error("no training job to resume", print_exception=False)
-    state = manager().state(job_id)
-    if state["status"] in ("starting", "running"):
+    job_id, state = latest_job("resume")
+    if state["status"] in ACTIVE:
         raise gr.Error(f"job {job_id} is still {state['status']}", print_exception=False)
     if state["status"] == "done":
         raise gr.Error(f"job {job_id} has finished: there is nothing to resume", print_exception=False)
@@ -133,7 +136,7 @@ def watching() -> gr.Timer:
     """The poll timer, on while the latest job is starting or running."""
     job_id = manager().latest()
     try:
-        active = job_id is not None and manager().state(job_id)["status"] in ("starting", "running")
+        active = job_id is not None and manager().state(job_id)["status"] in ACTIVE
     except backend.FornaxError:
         active = False
     return gr.Timer(active=active)

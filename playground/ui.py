@@ -33,6 +33,7 @@ STOP_SUGGESTIONS = ["\\n\\n", "\\n", "User:", "###"]
 RANDOM_SEED = -1                  # the seed box's "pick one for me" (a Number box cannot be left blank)
 DEFAULT_PROMPT = "The three most surprising facts about octopuses are"
 
+
 class StopFlag(threading.Event):
     """Set by Stop (keep what was generated) or by Clear (`discard`: the chat was emptied, show nothing more)."""
     discard = False

@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,66 +28,14 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import IGNORE, MAX_VAL_SEQUENCES, Records, Sequences, build_data, classify_example, read_records
+from .data import IGNORE, Records, build_data, read_records
+from .distributed import Dist
+from .evaluate import autocast, evaluate_classify, evaluate_loss, make_samples
 
 STATE_FILE, CANCEL_FILE = "state.json", "cancel"
 # Settings that change the computation: a run resumes only with the same ones.
 RESUME_FREE = {"out", "resume", "eval_every", "sample_every", "save_every", "sample_prompts", "sample_tokens", "device",
                "batch_size", "grad_accum"}  # (the global batch is compared instead of its split)
-
-
-# --- distributed ---
-@dataclass
-class Dist:
-    world: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls, device_type: str) -> "Dist":
-        """torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK): one process group, gloo on CPU, nccl on CUDA."""
-        import torch.distributed as dist
-
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        return cls(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t)
-        return t
-
-    def broadcast_bytes(self, data: bytes | None) -> bytes:
-        """Rank 0's bytes on every rank (plain tensors, no pickling)."""
-        if self.world == 1:
-            return data
-        import torch.distributed as dist
-
-        n = torch.tensor([len(data) if self.main else 0])
-        dist.broadcast(n, 0)
-        if self.main:
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        else:
-            buf = torch.empty(int(n), dtype=torch.uint8)
-        dist.broadcast(buf, 0)
-        return bytes(buf.tolist())
-
-    def close(self):
-        import torch.distributed as dist
-
-        if self.world > 1 and dist.is_initialized():
-            try:  # leave together: a rank tearing gloo down while rank 0 still saves the model aborts at exit
-                dist.barrier()
-            except RuntimeError:
-                pass  # another rank failed; its error is the one to report
-            dist.destroy_process_group()
 
 
 # --- progress reporting ---
@@ -155,98 +102,6 @@ def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig, devic
 
 
 # --- evaluation ---
-def _autocast(device: torch.device):
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def evaluate_loss(module: torch.nn.Module, seqs: Sequences, batch_size: int, device: torch.device
-                  ) -> tuple[float, float]:
-    """Mean loss per target token over (at most MAX_VAL_SEQUENCES of) `seqs`, and its perplexity."""
-    was_training = module.training
-    module.eval()
-    total, count = 0.0, 0
-    n = min(len(seqs), MAX_VAL_SEQUENCES)
-    for i in range(0, n, batch_size):
-        x, y = seqs.batch(list(range(i, min(n, i + batch_size))))
-        with _autocast(device):
-            logits = module(x.to(device))                                        # (B, T, V)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE,
-                                 reduction="sum").item()
-        count += int((y != IGNORE).sum())
-    module.train(was_training)
-    loss = total / max(1, count)
-    return loss, math.exp(min(loss, 50.0))
-
-
-@torch.no_grad()
-def evaluate_classify(module: torch.nn.Module, tokenizer: Tokenizer, records: list[tuple[str, str]],
-                      labels: list[str], seq_len: int, device: torch.device, batch_rows: int = 8) -> dict:
-    """Accuracy and macro-F1 on labelled rows: each row is given the label whose tokens (and the end-of-sequence
-    after them) have the highest total log-probability after its prompt.
-
-    Why a label word from the LM rather than a new classification head: the finetuned model stays a plain causal LM
-    that loads, chats and exports like any other (no extra head to save), the label is readable in its samples, and
-    ranking only the known labels means every prediction is a valid label, so accuracy is against a clear chance
-    level (the majority label's share, reported as `majority_baseline`)."""
-    was_training = module.training
-    module.eval()
-    longest = max(labels, key=lambda lab: len(tokenizer.encode(" " + lab, add_special_tokens=False)))
-    rows = Sequences()
-    for text, _ in records:
-        prompt, _ = classify_example(tokenizer, text, longest, seq_len)  # room for the longest label
-        for label in labels:
-            _, answer = classify_example(tokenizer, text, label, seq_len)
-            rows.add(prompt + answer, [False] * len(prompt) + [True] * len(answer))
-    scores = []
-    for i in range(0, len(rows), batch_rows):
-        x, y = rows.batch(list(range(i, min(len(rows), i + batch_rows))))
-        x, y = x.to(device), y.to(device)
-        with _autocast(device):
-            logits = module(x)                                                  # (B, T, V)
-        # log p(target) = logit[target] - logsumexp(logits), without a second (B, T, V) tensor
-        logits = logits.float()
-        tok = logits.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (B, T)
-        scores.append((tok * (y != IGNORE)).sum(-1).cpu())
-    module.train(was_training)
-    pred = torch.cat(scores).view(len(records), len(labels)).argmax(-1).tolist()
-    gold = [labels.index(label) for _, label in records]
-    accuracy = sum(p == g for p, g in zip(pred, gold)) / len(gold)
-    f1s = []
-    for k in sorted(set(gold) | set(pred)):
-        tp = sum(p == k and g == k for p, g in zip(pred, gold))
-        fp = sum(p == k and g != k for p, g in zip(pred, gold))
-        fn = sum(p != k and g == k for p, g in zip(pred, gold))
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    majority = max(gold.count(k) for k in set(gold)) / len(gold)
-    return dict(accuracy=accuracy, macro_f1=sum(f1s) / len(f1s), majority_baseline=majority, n=len(gold))
-
-
-def make_samples(model: Transformer, tokenizer: Tokenizer, prompts: list[str], task: str, step: int,
-                 max_new_tokens: int, seed: int) -> list[dict]:
-    """One seeded sample per prompt from the model as it is now (chat prompts are a user message)."""
-    from ..handle import ModelHandle
-
-    was_training = model.training
-    model.eval()
-    handle = ModelHandle(model, tokenizer, "training")
-    out = []
-    try:
-        for prompt in prompts:
-            inp = [{"role": "user", "content": prompt}] if task == "chat" else prompt
-            room = model.config.max_seq_len - len(handle.encode(inp)) - 1
-            text = handle.generate(inp, max_new_tokens=min(max_new_tokens, room), temperature=0.8, top_p=0.95,
-                                   seed=seed).text if room > 0 else "(the prompt fills the context)"
-            out.append({"step": step, "prompt": prompt, "text": text})
-    finally:
-        model.free_cache()
-        model.train(was_training)
-    return out
-
-
-# --- the run ---
 def _check_out(out: Path, cfg: TrainConfig) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run; refuses a folder that holds anything else."""
     if out.exists() and not out.is_dir():
@@ -460,7 +315,7 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         for m, (x, y) in enumerate(batches):
             sync = contextlib.nullcontext() if dist.world == 1 or m == len(batches) - 1 else wrapped.no_sync()
             with sync:
-                with _autocast(device):
+                with autocast(device):
                     logits = wrapped(x.to(device))                              # (B, T, V)
                 loss = F.cross_entropy(logits.float().view(-1, vocab), y.to(device).view(-1), ignore_index=IGNORE,
                                        reduction="sum")

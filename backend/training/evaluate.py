@@ -1,0 +1,108 @@
+"""What a run reports besides its training loss: validation loss and perplexity, classification accuracy and
+macro-F1, and samples from fixed prompts."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from .data import IGNORE, MAX_VAL_SEQUENCES, Sequences, classify_example
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; the CPU stays fp32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_loss(module: torch.nn.Module, seqs: Sequences, batch_size: int, device: torch.device
+                  ) -> tuple[float, float]:
+    """Mean loss per target token over (at most MAX_VAL_SEQUENCES of) `seqs`, and its perplexity."""
+    was_training = module.training
+    module.eval()
+    total, count = 0.0, 0
+    n = min(len(seqs), MAX_VAL_SEQUENCES)
+    for i in range(0, n, batch_size):
+        x, y = seqs.batch(list(range(i, min(n, i + batch_size))))
+        with autocast(device):
+            logits = module(x.to(device))                                        # (B, T, V)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE,
+                                 reduction="sum").item()
+        count += int((y != IGNORE).sum())
+    module.train(was_training)
+    loss = total / max(1, count)
+    return loss, math.exp(min(loss, 50.0))
+
+
+@torch.no_grad()
+def evaluate_classify(module: torch.nn.Module, tokenizer: Tokenizer, records: list[tuple[str, str]],
+                      labels: list[str], seq_len: int, device: torch.device, batch_rows: int = 8) -> dict:
+    """Accuracy and macro-F1 on labelled rows: each row is given the label whose tokens (and the end-of-sequence
+    after them) have the highest total log-probability after its prompt.
+
+    Why a label word from the LM rather than a new classification head: the finetuned model stays a plain causal LM
+    that loads, chats and exports like any other (no extra head to save), the label is readable in its samples, and
+    ranking only the known labels means every prediction is a valid label, so accuracy is against a clear chance
+    level (the majority label's share, reported as `majority_baseline`)."""
+    was_training = module.training
+    module.eval()
+    longest = max(labels, key=lambda lab: len(tokenizer.encode(" " + lab, add_special_tokens=False)))
+    rows = Sequences()
+    for text, _ in records:
+        prompt, _ = classify_example(tokenizer, text, longest, seq_len)  # room for the longest label
+        for label in labels:
+            _, answer = classify_example(tokenizer, text, label, seq_len)
+            rows.add(prompt + answer, [False] * len(prompt) + [True] * len(answer))
+    scores = []
+    for i in range(0, len(rows), batch_rows):
+        x, y = rows.batch(list(range(i, min(len(rows), i + batch_rows))))
+        x, y = x.to(device), y.to(device)
+        with autocast(device):
+            logits = module(x)                                                  # (B, T, V)
+        # log p(target) = logit[target] - logsumexp(logits), without a second (B, T, V) tensor
+        logits = logits.float()
+        tok = logits.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (B, T)
+        scores.append((tok * (y != IGNORE)).sum(-1).cpu())
+    module.train(was_training)
+    pred = torch.cat(scores).view(len(records), len(labels)).argmax(-1).tolist()
+    gold = [labels.index(label) for _, label in records]
+    accuracy = sum(p == g for p, g in zip(pred, gold)) / len(gold)
+    f1s = []
+    for k in sorted(set(gold) | set(pred)):
+        tp = sum(p == k and g == k for p, g in zip(pred, gold))
+        fp = sum(p == k and g != k for p, g in zip(pred, gold))
+        fn = sum(p != k and g == k for p, g in zip(pred, gold))
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    majority = max(gold.count(k) for k in set(gold)) / len(gold)
+    return dict(accuracy=accuracy, macro_f1=sum(f1s) / len(f1s), majority_baseline=majority, n=len(gold))
+
+
+def make_samples(model: Transformer, tokenizer: Tokenizer, prompts: list[str], task: str, step: int,
+                 max_new_tokens: int, seed: int) -> list[dict]:
+    """One seeded sample per prompt from the model as it is now (chat prompts are a user message)."""
+    from ..handle import ModelHandle
+
+    was_training = model.training
+    model.eval()
+    handle = ModelHandle(model, tokenizer, "training")
+    out = []
+    try:
+        for prompt in prompts:
+            inp = [{"role": "user", "content": prompt}] if task == "chat" else prompt
+            room = model.config.max_seq_len - len(handle.encode(inp)) - 1
+            text = handle.generate(inp, max_new_tokens=min(max_new_tokens, room), temperature=0.8, top_p=0.95,
+                                   seed=seed).text if room > 0 else "(the prompt fills the context)"
+            out.append({"step": step, "prompt": prompt, "text": text})
+    finally:
+        model.free_cache()
+        model.train(was_training)
+    return out
+
+
+# --- the run ---

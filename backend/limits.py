@@ -1,0 +1,84 @@
+"""Deployment mode and the caps a public Space enforces before anything is allocated, downloaded or copied.
+
+Public mode (`FORNAX_PUBLIC=1`; on by default when `SPACE_ID` is set) refuses server paths and applies every cap
+below; private mode (a local user, the default otherwise) keeps full freedom: the caps are then the generous
+"private" values. Each cap can be overridden by its environment variable, e.g. `FORNAX_MAX_UPLOAD_BYTES=1e9`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from .errors import FornaxError
+
+
+class LimitError(FornaxError):
+    """A request or a file is over a cap of this deployment."""
+
+
+def public_mode() -> bool:
+    """FORNAX_PUBLIC=1/0 decides; unset, a Hugging Face Space (SPACE_ID) is public and anything else private.
+    The playground also switches it on when it binds a non-loopback host (see playground.__main__)."""
+    flag = os.environ.get("FORNAX_PUBLIC")
+    if flag is not None and flag.strip() != "":
+        return flag.strip().lower() not in ("0", "false", "no", "off")
+    return bool(os.environ.get("SPACE_ID"))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """(public value, private value) per cap; `current()` picks one set and applies env overrides."""
+    max_upload_bytes: int = 200 * 1024**2
+    max_model_params: int = 2_000_000_000
+    max_model_bytes: int = 8 * 1024**3          # weight bytes as declared by the files, before download / load
+    max_context: int = 32768                    # the context a model may declare and we build tables for
+    max_new_tokens: int = 4096
+    max_num_samples: int = 16
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+    max_prompt_chars: int = 1_000_000           # prompt or whole chat history, before tokenizing
+    max_gguf_metadata_bytes: int = 64 * 1024**2
+    max_vocab: int = 1_000_000
+    max_token_bytes: int = 4096
+    max_merges: int = 2_000_000
+    max_template_output_chars: int = 4_000_000  # a rendered chat template
+    template_time_s: float = 10.0
+    max_finetune_steps: int = 1_000_000
+    max_batch_size: int = 1024
+    max_lora_r: int = 1024
+    max_export_params: int = 2_000_000_000
+    event_time_limit_s: float = 0.0             # 0 = none
+    cache_bytes: int = 50 * 1024**3             # GGUF conversions + exports + zips + kept uploads, LRU-evicted
+
+    @staticmethod
+    def public_defaults() -> "Limits":
+        return Limits(max_upload_bytes=300 * 1024**2, max_model_params=600_000_000, max_model_bytes=2 * 1024**3,
+                      max_context=8192, max_new_tokens=1024, max_num_samples=4, max_stop_strings=8,
+                      max_stop_chars=64, max_prompt_chars=60_000, max_gguf_metadata_bytes=16 * 1024**2,
+                      max_vocab=300_000, max_token_bytes=1024, max_merges=600_000,
+                      max_template_output_chars=200_000, template_time_s=2.0, max_finetune_steps=2000,
+                      max_batch_size=16, max_lora_r=64, max_export_params=600_000_000, event_time_limit_s=600.0,
+                      cache_bytes=20 * 1024**3)
+
+
+def current() -> Limits:
+    """The caps in force now: public or private defaults, each overridable by FORNAX_<NAME> (upper case)."""
+    base = Limits.public_defaults() if public_mode() else Limits()
+    overrides = {}
+    for f in fields(Limits):
+        raw = os.environ.get("FORNAX_" + f.name.upper())
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            value = float(raw)
+        except ValueError as e:
+            raise LimitError(f"FORNAX_{f.name.upper()}={raw!r} is not a number") from e
+        overrides[f.name] = value if f.type == "float" else int(value)
+    return base if not overrides else Limits(**{**base.__dict__, **overrides})
+
+
+def check(value: float, cap: float, what: str) -> None:
+    """Raise LimitError naming `what` when value > cap."""
+    if value > cap:
+        raise LimitError(f"{what} is {value:,} but this {'public' if public_mode() else 'local'} deployment allows "
+                         f"at most {cap:,}")

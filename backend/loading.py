@@ -61,7 +61,7 @@ def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None 
 
 def load_onnx(folder: Path, source: str, t0: float) -> ModelHandle:
     """A handle over an exported graph (python -m export): runs on ONNX Runtime, no PyTorch weights."""
-    from .onnx_runner import OnnxRunner, read_onnx_config
+    from .runners.onnx import OnnxRunner, read_onnx_config
 
     cfg = read_onnx_config(folder)
     tokenizer = Tokenizer.from_folder(folder)

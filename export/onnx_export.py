@@ -1,11 +1,5 @@
-"""Export any model `backend.load` accepts as one ONNX graph with KV cache, then optimise and quantise it.
-
-Graph interface (the one optimum's ORTModelForCausalLM reads):
-  inputs  input_ids (B, S) int64, attention_mask (B, P+S) int64, position_ids (B, S) int64,
-          past_key_values.{i}.key / .value (B, n_kv_heads, P, head_dim) float32
-  outputs logits (B, S, V) float32, present.{i}.key / .value (B, n_kv_heads, P+S, head_dim)
-One graph serves prefill (P = 0) and decode (S = 1).
-"""
+"""Export any model `backend.load` accepts as one ONNX graph with KV cache (interface: export/graph.py), then
+optimise and quantise it."""
 from __future__ import annotations
 
 import json
@@ -22,9 +16,11 @@ import torch
 from backend.config import ModelConfig
 from backend.errors import FornaxError
 from backend.loading import build_model, read_hf_folder, resolve
+from backend.runners.onnx import io_names
 from backend.tokenizer import Tokenizer
 
 from .gqa_graph import GqaGraph
+from .graph import GraphWrapper
 
 QUANTS = ("none", "int8", "int4")
 EXPORT_VERSION = 4  # bump when graphs change, so cached exports are made again
@@ -35,25 +31,6 @@ PROTOBUF_LIMIT = 2 * 1024**3  # weights beyond this go to external data files
 
 class ExportError(FornaxError):
     """The export could not be written or checked."""
-
-
-class GraphWrapper(torch.nn.Module):
-    """Flat tensors in and out, as an ONNX graph needs them."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
-        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
-        logits, present = self.model.forward_with_past(input_ids, position_ids, attention_mask, past)
-        return (logits, *[t for kv in present for t in kv])
-
-
-def io_names(n_layer: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
 def check_out_dir(out: Path) -> None:

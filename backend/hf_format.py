@@ -44,7 +44,8 @@ def weight_table(cfg: ModelConfig) -> list[Weight]:
             table += [Weight(b + "attn_norm.weight", (h + "input_layernorm.weight",)),
                       Weight(b + "mlp_norm.weight", (h + "post_attention_layernorm.weight",))]
             for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
-                table.append(Weight(b + f"attn.qkv.{kind}", tuple(h + f"self_attn.{p}_proj.{kind}" for p in "qkv"), qkv))
+                qkv_names = tuple(h + f"self_attn.{p}_proj.{kind}" for p in "qkv")
+                table.append(Weight(b + f"attn.qkv.{kind}", qkv_names, qkv))
             for kind in ("weight", "bias") if cfg.out_bias else ("weight",):
                 table.append(Weight(b + f"attn.proj.{kind}", (h + f"self_attn.o_proj.{kind}",)))
             for kind in ("weight", "bias") if cfg.mlp_bias else ("weight",):
@@ -83,7 +84,8 @@ def hf_to_fornax(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     for name in ignored_hf_names(cfg):
         state.pop(name, None)
     if state:
-        raise ModelLoadError(f"the weights have {len(state)} tensor(s) this config does not use, e.g. {list(state)[:3]}")
+        raise ModelLoadError(f"the weights have {len(state)} tensor(s) this config does not use, "
+                             f"e.g. {list(state)[:3]}")
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["tok_emb.weight"]
     return out

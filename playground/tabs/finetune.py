@@ -1,26 +1,28 @@
 """The Finetune tab: start a training job (backend.training.JobManager runs it in its own process), watch it live,
-cancel it, and load the result into Chat/Completion.
+cancel or resume it, and load the result into Chat/Completion.
 
-The page holds no training state: every second it reads the job's state.json through the JobManager, so a reload
-(or a second browser) shows the same job where it is, and a job outlives the page that started it.
+The page holds no training state: while a job is active it reads the job's state.json through the JobManager each
+second, so a reload (or a second browser) shows the same job where it is, and a job outlives the page that started
+it. What a job may do (upload copies, output names, sample cadence, which checkpoint to resume) is the
+JobManager's policy, shared with the command line; this module only turns the form into its arguments.
 """
 from __future__ import annotations
 
 import html
 import os
-import secrets
-import shutil
-import time
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 
 import backend
 from backend.config import PRESETS
 from backend.gguf_file import cache_root
 from backend.training import DEFAULT_LR, MODES, TASKS, JobManager, TrainConfig
 from backend.training.jobs import ACTIVE
+
+from .. import render
+from ..errors import refusal, user_errors
+from ..state import current
 
 POLL_S = 1.0
 _manager: JobManager | None = None
@@ -35,23 +37,10 @@ def manager() -> JobManager:
     return _manager
 
 
-def default_out(mode: str) -> str:
-    return str(cache_root() / "finetuned" / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
-
-
 def server_paths_allowed() -> bool:
     """Typing a path on the server is for your own machine. On a public deployment (a Hugging Face Space sets
     SPACE_ID) it would let a visitor train on, and read back through the samples, any file the server can read."""
     return not (os.environ.get("SPACE_ID") or os.environ.get("FORNAX_NO_SERVER_PATHS"))
-
-
-def keep_upload(path: str) -> str:
-    """Gradio deletes uploads after an hour; a job (and a later resume) needs its data longer: keep a copy."""
-    src = Path(path)
-    dest = cache_root() / "train-data" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}-{src.name}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
-    return str(dest)
 
 
 # --- handlers ---------------------------------------------------------------------------------------------------
@@ -59,46 +48,36 @@ def start_job(upload, data_path: str, mode: str, task: str, model: str, preset: 
               batch_size: int, seq_len: int, lora_r: int, eval_every: int, sample_prompts: str, out: str):
     """Check everything, start the job, and show it. Returns the same outputs as `poll`."""
     uploaded = upload if isinstance(upload, str) and upload else getattr(upload, "name", None)
-    data = keep_upload(uploaded) if uploaded else (data_path or "").strip()
-    if not data:
-        raise gr.Error("choose training data: upload a .txt, .jsonl or .csv file, or type its path",
-                       print_exception=False)
-    if not uploaded and not server_paths_allowed():
-        raise gr.Error("this deployment takes training data as an upload only", print_exception=False)
-    if (out or "").strip() and not server_paths_allowed():
-        raise gr.Error("this deployment chooses the output folder itself: leave it empty", print_exception=False)
+    if not uploaded and not (data_path or "").strip():
+        raise refusal("choose training data: upload a .txt, .jsonl or .csv file, or type its path")
     if not (model or "").strip() and mode != "pretrain":  # empty: the model loaded now, not the one at page build
-        from .state import current
-
         info = current.info()
         if info is None:
-            raise gr.Error("no model is loaded to finetune: load one in the Model tab or type its source",
-                           print_exception=False)
+            raise refusal("no model is loaded to finetune: load one in the Model tab or type its source")
         model = info["source"]
     prompts = [p.strip() for p in (sample_prompts or "").splitlines() if p.strip()]
-    cfg = TrainConfig(data=data, out=(out or "").strip() or default_out(mode), mode=mode, task=task,
+    cfg = TrainConfig(data=(data_path or "").strip(), out=(out or "").strip(), mode=mode, task=task,
                       model=(model or "").strip() or "default", preset=preset, steps=int(steps),
                       lr=float(lr) if lr else None, batch_size=int(batch_size),
                       seq_len=int(seq_len) if seq_len else None, lora_r=int(lora_r), eval_every=int(eval_every),
-                      sample_every=max(1, int(steps) // 4), save_every=max(1, int(steps) // 2),
                       sample_prompts=prompts)
-    job_id = manager().start(cfg)
+    job_id = manager().start(cfg, upload=uploaded or None, server_paths=server_paths_allowed(), paced=True)
     gr.Info(f"training job {job_id} started")
     return poll()
 
 
-def latest_job(verb: str) -> tuple[str, dict]:
-    """The job the tab shows (the latest) and its state, or a plain error that there is none to `verb`."""
+def latest_job(verb: str) -> str:
+    """The job the tab shows (the latest), or a plain error that there is none to `verb`."""
     job_id = manager().latest()
     if job_id is None:
-        raise gr.Error(f"no training job to {verb}", print_exception=False)
-    return job_id, manager().state(job_id)
+        raise refusal(f"no training job to {verb}")
+    return job_id
 
 
 def cancel_job():
-    job_id, state = latest_job("cancel")
-    if state["status"] not in ACTIVE:
-        raise gr.Error(f"job {job_id} has already ended ({state['status']})", print_exception=False)
+    job_id = latest_job("cancel")
+    if manager().state(job_id)["status"] not in ACTIVE:
+        raise refusal(f"job {job_id} has already ended ({manager().state(job_id)['status']})")
     manager().cancel(job_id)
     gr.Info(f"cancelling job {job_id}: it stops and saves a checkpoint at its next step")
     return poll()
@@ -106,15 +85,8 @@ def cancel_job():
 
 def resume_job():
     """Continue the latest job from its newest checkpoint (same settings, same data: the backend checks both)."""
-    job_id, state = latest_job("resume")
-    if state["status"] in ACTIVE:
-        raise gr.Error(f"job {job_id} is still {state['status']}", print_exception=False)
-    if state["status"] == "done":
-        raise gr.Error(f"job {job_id} has finished: there is nothing to resume", print_exception=False)
-    if not any(Path(state["out_dir"]).glob("checkpoint-*")):
-        raise gr.Error(f"job {job_id} saved no checkpoint before it ended: start it again instead",
-                       print_exception=False)
-    new_id = manager().start(TrainConfig.from_dict({**state["config"], "resume": True}))
+    job_id = latest_job("resume")
+    new_id = manager().resume(job_id)
     gr.Info(f"job {new_id} resumes job {job_id} from its newest checkpoint")
     return poll()
 
@@ -123,13 +95,14 @@ def poll():
     """The latest job as (status HTML, loss plot, samples HTML, result folder): what the page shows each second."""
     job_id = manager().latest()
     if job_id is None:
-        return (status_html(None), loss_frame(None), samples_html(None), "")
+        return (render.job_status_html(None), render.loss_frame(None), render.job_samples_html(None), "")
     try:
         state = manager().state(job_id)
     except backend.FornaxError as e:  # e.g. a state file a crash left unreadable: say so, keep polling
-        return (f"<div class='fx-job-error'>{html.escape(str(e))}</div>", None, samples_html(None), "")
+        return (f"<div class='fx-job-error'>{html.escape(str(e))}</div>", None, render.job_samples_html(None), "")
     done = state["status"] == "done" and Path(state["out_dir"]).is_dir()
-    return status_html(state), loss_frame(state), samples_html(state), state["out_dir"] if done else ""
+    return (render.job_status_html(state), render.loss_frame(state), render.job_samples_html(state),
+            state["out_dir"] if done else "")
 
 
 def watching() -> gr.Timer:
@@ -150,7 +123,7 @@ def poll_and_watch():
 def result_folder(folder: str):
     """'Load into Chat' puts the finished model's folder in the Model tab's box; loading follows."""
     if not folder:
-        raise gr.Error("no finished model yet: wait for the job to end with status 'done'", print_exception=False)
+        raise refusal("no finished model yet: wait for the job to end with status 'done'")
     return folder
 
 
@@ -160,92 +133,8 @@ def mode_changed(mode: str):
             gr.update(visible=mode == "lora"), gr.update(info=f"0 = {DEFAULT_LR[mode]:g} for {mode}"))
 
 
-# --- rendering --------------------------------------------------------------------------------------------------
-def loss_frame(state: dict | None) -> pd.DataFrame | None:
-    """Train and validation loss by step, or None before the first step: Gradio's plot takes its axis kinds and
-    series from the first data it sees, so an empty frame (object columns, no series) would leave it blank."""
-    rows = []
-    if state:
-        rows += [(s, loss, "train") for s, loss in state.get("train_loss", [])]
-        rows += [(v[0], v[1], "validation") for v in state.get("val_loss", [])]
-    if not rows:
-        return None
-    # ...and its series too: a series missing from that first data (no train step yet, no validation yet) would
-    # be drawn without a colour for good. A NaN point names it and draws nothing.
-    first = min(r[0] for r in rows)
-    rows += [(first, float("nan"), split) for split in ("train", "validation") if split not in {r[2] for r in rows}]
-    return pd.DataFrame(rows, columns=["step", "loss", "split"]).astype({"step": "int64", "loss": "float64"})
-
-
-def status_html(state: dict | None) -> str:
-    if state is None:
-        return "<div class='fx-empty'>No training job yet. Pick data and a mode, then Start.</div>"
-    cfg = state.get("config", {})
-    step, total = state.get("step", 0), max(1, state.get("total_steps", 1))
-    pct = 100 * step / total
-    status = state["status"]
-    facts = [f"step <b>{step}</b> / {total}", f"{state.get('tokens_per_s', 0):.0f} tokens/s"]
-    if state.get("val_loss"):
-        _, loss, ppl = state["val_loss"][-1]
-        facts.append(f"validation loss {loss:.3f} · perplexity {ppl:.1f}")
-    metrics = state.get("metrics") or {}
-    if "accuracy" in metrics:
-        facts.append(f"accuracy {100 * metrics['accuracy']:.1f} % · macro-F1 {metrics.get('macro_f1', 0):.3f}"
-                     + (f" (majority class {100 * metrics['majority_baseline']:.1f} %)"
-                        if "majority_baseline" in metrics else ""))
-    elapsed = (state.get("updated") or time.time()) - (state.get("started") or time.time())
-    facts.append(f"{elapsed:.0f} s")
-    error = (f"<pre class='fx-job-error'>{html.escape(state['error'])}</pre>" if state.get("error") else "")
-    message = html.escape(state.get("message") or "")
-    return (f"<div class='fx-job' data-job='{html.escape(state['id'])}' data-status='{status}'>"
-            f"<div class='fx-job-head'><b>job {html.escape(state['id'])}</b> · {cfg.get('mode', '?')} · "
-            f"{cfg.get('task', '?')} · <span class='fx-job-status fx-status-{status}'>{status}</span></div>"
-            f"<div class='fx-progress'><span style='width:{pct:.1f}%'></span></div>"
-            f"<div class='fx-job-facts'>{' · '.join(facts)}</div>"
-            f"<div class='fx-job-message'>{message}</div>"
-            f"<div class='fx-job-out'>output: <code>{html.escape(state.get('out_dir', ''))}</code></div>{error}</div>")
-
-
-def samples_html(state: dict | None) -> str:
-    """Each fixed prompt: what the model wrote before training and what it writes now."""
-    samples = (state or {}).get("samples") or []
-    if not samples:
-        return "<div class='fx-empty'>Samples from fixed prompts appear here: before training, then as it learns.</div>"
-    by_prompt: dict[str, list[dict]] = {}
-    for s in samples:
-        by_prompt.setdefault(s["prompt"], []).append(s)
-    rows = []
-    for prompt, runs in by_prompt.items():
-        runs.sort(key=lambda s: s["step"])
-        before, now = runs[0], runs[-1]
-        rows.append(f"<tr><td class='fx-sample-prompt'>{html.escape(prompt)}</td>"
-                    f"<td>{html.escape(before['text'])}<div class='fx-step'>step {before['step']}</div></td>"
-                    f"<td>{html.escape(now['text'])}<div class='fx-step'>step {now['step']}</div></td></tr>")
-    return ("<table class='fx-samples'><thead><tr><th>prompt</th><th>before</th><th>now</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
-
-
-CSS = """
-.fx-job { padding: 6px 2px; }
-.fx-job-head { margin-bottom: 6px; }
-.fx-job-status { padding: 1px 8px; border-radius: 8px; border: 1px solid var(--border-color-primary); }
-.fx-status-running, .fx-status-starting { color: var(--color-accent); }
-.fx-status-failed { color: #c0392b; }
-.fx-progress { height: 10px; border-radius: 5px; background: var(--border-color-primary); overflow: hidden; }
-.fx-progress > span { display: block; height: 100%; background: var(--color-accent); transition: width .4s; }
-.fx-job-facts, .fx-job-message, .fx-job-out { font-size: 0.88em; margin-top: 4px;
-                                              color: var(--body-text-color-subdued); }
-.fx-job-error { white-space: pre-wrap; color: #c0392b; font-size: 12px; max-height: 220px; overflow: auto; }
-.fx-samples { width: 100%; font-size: 13px; border-collapse: collapse; }
-.fx-samples td, .fx-samples th { border: 1px solid var(--border-color-primary); padding: 6px 8px;
-                                 vertical-align: top; white-space: pre-wrap; }
-.fx-sample-prompt { font-weight: 600; width: 22%; }
-.fx-step { font-size: 11px; color: var(--body-text-color-subdued); margin-top: 4px; }
-"""
-
-
 # --- layout -----------------------------------------------------------------------------------------------------
-def build_tab(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, model_events: dict):
+def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, model_events: dict):
     """The tab's components and events, inside the caller's `gr.Tab`. Loading the result reuses the Model tab's
     load (`load_fn` into `load_outputs`, with the folder put into its `source` box). Returns what the page should
     run when it loads (function, outputs): it shows the latest job and resumes polling if that job is active."""
@@ -283,11 +172,11 @@ def build_tab(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdow
         cancel = gr.Button("Cancel", variant="stop", elem_id="fx-train-cancel")
         resume = gr.Button("Resume the last job", elem_id="fx-train-resume")
         load_result = gr.Button("Load the result into Chat / Completion", elem_id="fx-train-load")
-    status = gr.HTML(status_html(None), elem_id="fx-train-status")
-    plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="split", title="Loss", height=280,
+    status = gr.HTML(render.job_status_html(None), elem_id="fx-train-status")
+    plot = gr.LinePlot(render.loss_frame(None), x="step", y="loss", color="split", title="Loss", height=280,
                        elem_id="fx-loss-plot", x_title="step", y_title="cross-entropy loss",
                        color_map={"train": "#6366f1", "validation": "#f59e0b"})
-    samples = gr.HTML(samples_html(None), elem_id="fx-train-samples")
+    samples = gr.HTML(render.job_samples_html(None), elem_id="fx-train-samples")
     result = gr.Textbox(visible=False)
 
     shown = [status, plot, samples, result]
@@ -307,10 +196,3 @@ def build_tab(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdow
         load_fn, [source, dtype], load_outputs, show_progress_on=status, **model_events)
     return poll_and_watch, [*shown, timer]
 
-
-def user_errors(fn):
-    from .ui import user_errors as wrap
-    return wrap(fn)
-
-
-__all__ = ["build_tab", "poll", "start_job", "cancel_job", "manager", "CSS"]

@@ -198,7 +198,11 @@ def loss_frame(state: dict | None) -> pd.DataFrame | None:
     return pd.DataFrame(rows, columns=["step", "loss", "split"]).astype({"step": "int64", "loss": "float64"})
 
 
-def job_status_html(state: dict | None) -> str:
+def job_status_html(state: dict | None, someone_else: bool = False) -> str:
+    """A job's progress and facts; with no job of one's own, whether another visitor's job is running."""
+    if state is None and someone_else:
+        return ("<div class='fx-job' data-status='running'>A training job is running (another visitor's); one job "
+                "runs at a time here. Yours can start when it ends.</div>")
     if state is None:
         return "<div class='fx-empty'>No training job yet. Pick data and a mode, then Start.</div>"
     cfg = state.get("config", {})

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from . import render
+from backend import limits
+
+from . import deployment, render
 from .state import MODEL_EVENTS, current
 from .streaming import stop
 from .tabs import chat, completion, export, finetune, model, params
@@ -18,6 +20,9 @@ TABS = [("chat", "Chat"), ("completion", "Completion"), ("model", "Model"), ("ex
 
 
 def build_app() -> gr.Blocks:
+    """The app for the deployment mode in force now (FORNAX_PUBLIC; see backend/limits.py and deployment.py)."""
+    if deployment.public():
+        deployment.refuse_server_token()
     info = current.info()
     # Uploaded .gguf files are converted into the backend's own cache on load; Gradio's copies go after an hour.
     with gr.Blocks(title="Fornax playground", delete_cache=(3600, 3600)) as demo:
@@ -53,9 +58,13 @@ def build_app() -> gr.Blocks:
 
 
 def launch_options() -> dict:
-    """What Gradio 6 takes at launch rather than in Blocks(): look and feel, and no outbound calls."""
-    return dict(css=render.CSS + render.JOB_CSS + LAYOUT_CSS, theme=gr.themes.Soft(primary_hue="indigo"),
-                share=False, footer_links=["api", "settings"])
+    """What Gradio 6 takes at launch rather than in Blocks(): look and feel, no outbound calls, and in public
+    mode the upload cap (Gradio refuses a bigger file before it is written anywhere)."""
+    options = dict(css=render.CSS + render.JOB_CSS + LAYOUT_CSS, theme=gr.themes.Soft(primary_hue="indigo"),
+                   share=False, footer_links=["api", "settings"])
+    if deployment.public():
+        options["max_file_size"] = limits.current().max_upload_bytes
+    return options
 
 
 LAYOUT_CSS = """

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from .. import deployment
 from ..errors import refusal, user_errors
 from ..state import MODEL_EVENTS, current
 from ..streaming import Generation, signal_stop, start_stream
@@ -31,6 +32,12 @@ def model_messages(history: list[dict], system_prompt: str) -> list[dict]:
                        for m in history if not is_extra_sample(m)]
 
 
+def conversation_chars(history: list[dict], system_prompt: str | None) -> int:
+    """The characters a chat sends to the model: what the prompt-length cap counts, before any tokenizing."""
+    return len(system_prompt or "") + sum(len(message_text(m.get("content") if isinstance(m, dict) else m))
+                                            for m in history)
+
+
 def text_message(role: str, text: str, title: str | None = None) -> dict:
     # Content as a typed text part: a bare string would go through inspect.cleandoc, which eats indentation.
     message = {"role": role, "content": [{"type": "text", "text": text}]}
@@ -55,6 +62,7 @@ def chat(message: str, history: list, system_prompt: str, backend_name: str, max
     history = list(history or []) + [text_message("user", message)]
     params = sampling_kwargs(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                              presence_penalty, frequency_penalty, stop, seed, num_samples)
+    deployment.check_sampling(params, conversation_chars(history, system_prompt))
     for view, stats in reply(history, system_prompt, backend_name, params, request):
         yield view, "", stats
 
@@ -72,6 +80,7 @@ def regenerate(history: list, system_prompt: str, backend_name: str, max_new_tok
         raise refusal("nothing to regenerate: send a message first")
     params = sampling_kwargs(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                              presence_penalty, frequency_penalty, stop, seed, num_samples)
+    deployment.check_sampling(params, conversation_chars(history, system_prompt))
     yield from reply(history, system_prompt, backend_name, params, request)
 
 
@@ -114,9 +123,11 @@ def build(panel: Panel) -> gr.Button:
     chat_stats = gr.Markdown(elem_classes="fx-stats", elem_id="fx-chat-stats")
 
     chat_event = gr.on([send.click, message.submit], chat, [message, chatbot, system_prompt, *panel.inputs],
-                       [chatbot, message, chat_stats], api_name="chat", show_progress="minimal", **MODEL_EVENTS)
+                       [chatbot, message, chat_stats], api_name="chat", show_progress="minimal", **MODEL_EVENTS,
+                       **deployment.event_options())
     regen_event = regen.click(regenerate, [chatbot, system_prompt, *panel.inputs], [chatbot, chat_stats],
-                              api_name="regenerate", show_progress="minimal", **MODEL_EVENTS)
+                              api_name="regenerate", show_progress="minimal", **MODEL_EVENTS,
+                              **deployment.event_options())
     # Clear also cancels a reply in flight, so no late update can put the old chat back.
     clear_chat.click(clear, None, [chatbot, chat_stats], api_name="clear", concurrency_limit=None,
                      cancels=[chat_event, regen_event])

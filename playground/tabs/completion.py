@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .. import render
+from .. import deployment, render
 from ..errors import refusal, user_errors
 from ..state import MODEL_EVENTS, current
 from ..streaming import Generation, start_stream
@@ -28,6 +28,7 @@ def complete(prompt: str, backend_name: str, max_new_tokens: int, temperature: f
         raise refusal("the prompt is empty: write something for the model to continue")
     params = sampling_kwargs(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                              presence_penalty, frequency_penalty, stop, seed, num_samples)
+    deployment.check_sampling(params, len(prompt))
     pending = "<div class='fx-empty'>token probabilities appear when the run finishes…</div>"
     with current.using() as handle:
         stream, name = start_stream(handle, prompt, backend_name, params, top_logprobs=TOP_ALTERNATIVES)
@@ -54,5 +55,6 @@ def build(panel: Panel) -> gr.Button:
     complete_stats = gr.Markdown(elem_classes="fx-stats", elem_id="fx-complete-stats")
     # The prompt box takes Enter as a newline (prompts are often multi-line): only the button runs it.
     run_complete.click(complete, [prompt, *panel.inputs], [continuation, token_html, complete_stats],
-                       api_name="complete", show_progress="minimal", **MODEL_EVENTS)
+                       api_name="complete", show_progress="minimal", **MODEL_EVENTS,
+                       **deployment.event_options())
     return stop_complete

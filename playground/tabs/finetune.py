@@ -9,7 +9,6 @@ JobManager's policy, shared with the command line; this module only turns the fo
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 
 import gradio as gr
@@ -20,7 +19,7 @@ from backend.gguf_file import cache_root
 from backend.training import DEFAULT_LR, MODES, TASKS, JobManager, TrainConfig
 from backend.training.jobs import ACTIVE
 
-from .. import render
+from .. import deployment, render
 from ..errors import refusal, user_errors
 from ..state import current
 
@@ -37,65 +36,92 @@ def manager() -> JobManager:
     return _manager
 
 
-def server_paths_allowed() -> bool:
-    """Typing a path on the server is for your own machine. On a public deployment (a Hugging Face Space sets
-    SPACE_ID) it would let a visitor train on, and read back through the samples, any file the server can read."""
-    return not (os.environ.get("SPACE_ID") or os.environ.get("FORNAX_NO_SERVER_PATHS"))
+def whole(value, name: str) -> int:
+    """A whole number from a form box (an API client may send None or text)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise refusal(f"{name} must be a whole number, got {value!r}") from None
 
 
 # --- handlers ---------------------------------------------------------------------------------------------------
 def start_job(upload, data_path: str, mode: str, task: str, model: str, preset: str, steps: int, lr: float,
-              batch_size: int, seq_len: int, lora_r: int, eval_every: int, sample_prompts: str, out: str):
+              batch_size: int, seq_len: int, lora_r: int, eval_every: int, sample_prompts: str, out: str,
+              request: gr.Request = None):
     """Check everything, start the job, and show it. Returns the same outputs as `poll`."""
     uploaded = upload if isinstance(upload, str) and upload else getattr(upload, "name", None)
     if not uploaded and not (data_path or "").strip():
         raise refusal("choose training data: upload a .txt, .jsonl or .csv file, or type its path")
+    steps, batch_size, lora_r = whole(steps, "steps"), whole(batch_size, "batch size"), whole(lora_r, "LoRA rank")
+    deployment.check_training(steps, batch_size, lora_r)
+    if uploaded:
+        deployment.check_upload(uploaded, "the training data")
     if not (model or "").strip() and mode != "pretrain":  # empty: the model loaded now, not the one at page build
         info = current.info()
         if info is None:
             raise refusal("no model is loaded to finetune: load one in the Model tab or type its source")
-        model = info["source"]
+        model = info["source"]  # (it passed the deployment's rules when it was loaded)
+    elif mode != "pretrain":
+        deployment.check_source(model.strip(), request)
     prompts = [p.strip() for p in (sample_prompts or "").splitlines() if p.strip()]
     cfg = TrainConfig(data=(data_path or "").strip(), out=(out or "").strip(), mode=mode, task=task,
-                      model=(model or "").strip() or "default", preset=preset, steps=int(steps),
-                      lr=float(lr) if lr else None, batch_size=int(batch_size),
-                      seq_len=int(seq_len) if seq_len else None, lora_r=int(lora_r), eval_every=int(eval_every),
-                      sample_prompts=prompts)
-    job_id = manager().start(cfg, upload=uploaded or None, server_paths=server_paths_allowed(), paced=True)
+                      model=(model or "").strip() or "default", preset=preset, steps=steps,
+                      lr=float(lr) if lr else None, batch_size=batch_size,
+                      seq_len=whole(seq_len, "sequence length") if seq_len else None, lora_r=lora_r,
+                      eval_every=whole(eval_every, "validate every"), sample_prompts=prompts)
+    job_id = manager().start(cfg, upload=uploaded or None, server_paths=not deployment.public(), paced=True,
+                             owner=deployment.job_owner(request))
     gr.Info(f"training job {job_id} started")
-    return poll()
+    return poll(request)
 
 
-def latest_job(verb: str) -> str:
-    """The job the tab shows (the latest), or a plain error that there is none to `verb`."""
-    job_id = manager().latest()
+def latest_job(verb: str, request: gr.Request | None) -> str:
+    """The job the tab shows (this visitor's latest), or a plain error that there is none to `verb`."""
+    job_id = manager().latest(deployment.job_owner(request))
     if job_id is None:
-        raise refusal(f"no training job to {verb}")
+        raise refusal(f"no training job of yours to {verb}" if deployment.public() else f"no training job to {verb}")
     return job_id
 
 
-def cancel_job():
-    job_id = latest_job("cancel")
-    if manager().state(job_id)["status"] not in ACTIVE:
-        raise refusal(f"job {job_id} has already ended ({manager().state(job_id)['status']})")
-    manager().cancel(job_id)
+def cancel_job(request: gr.Request = None):
+    job_id = latest_job("cancel", request)
+    status = manager().state(job_id)["status"]
+    if status not in ACTIVE:
+        raise refusal(f"job {job_id} has already ended ({status})")
+    manager().cancel(job_id, owner=deployment.job_owner(request))
     gr.Info(f"cancelling job {job_id}: it stops and saves a checkpoint at its next step")
-    return poll()
+    return poll(request)
 
 
-def resume_job():
+def resume_job(request: gr.Request = None):
     """Continue the latest job from its newest checkpoint (same settings, same data: the backend checks both)."""
-    job_id = latest_job("resume")
-    new_id = manager().resume(job_id)
+    job_id = latest_job("resume", request)
+    new_id = manager().resume(job_id, owner=deployment.job_owner(request))
     gr.Info(f"job {new_id} resumes job {job_id} from its newest checkpoint")
-    return poll()
+    return poll(request)
 
 
-def poll():
-    """The latest job as (status HTML, loss plot, samples HTML, result folder): what the page shows each second."""
-    job_id = manager().latest()
+def someone_elses_active_job(request: gr.Request | None) -> str | None:
+    """A job that is running for another visitor (public mode): shown as running, nothing more."""
+    owner = deployment.job_owner(request)
+    for job_id in reversed(manager().jobs()):
+        if not manager().may_control(job_id, owner):
+            try:
+                if manager().state(job_id)["status"] in ACTIVE:
+                    return job_id
+            except backend.FornaxError:
+                continue
+    return None
+
+
+def poll(request: gr.Request = None):
+    """This visitor's latest job as (status HTML, loss plot, samples HTML, result folder): what the page shows
+    each second. Another visitor's running job is only named as running."""
+    job_id = manager().latest(deployment.job_owner(request))
     if job_id is None:
-        return (render.job_status_html(None), render.loss_frame(None), render.job_samples_html(None), "")
+        other = someone_elses_active_job(request)
+        return (render.job_status_html(None, someone_else=other is not None), render.loss_frame(None),
+                render.job_samples_html(None), "")
     try:
         state = manager().state(job_id)
     except backend.FornaxError as e:  # e.g. a state file a crash left unreadable: say so, keep polling
@@ -105,25 +131,31 @@ def poll():
             state["out_dir"] if done else "")
 
 
-def watching() -> gr.Timer:
-    """The poll timer, on while the latest job is starting or running."""
-    job_id = manager().latest()
+def watching(request: gr.Request = None) -> gr.Timer:
+    """The poll timer, on while this visitor's latest job (or, in public mode, anyone's) is starting or running."""
+    job_id = manager().latest(deployment.job_owner(request))
     try:
         active = job_id is not None and manager().state(job_id)["status"] in ACTIVE
     except backend.FornaxError:
         active = False
-    return gr.Timer(active=active)
+    return gr.Timer(active=active or someone_elses_active_job(request) is not None)
 
 
-def poll_and_watch():
+def poll_and_watch(request: gr.Request = None):
     """A poll, and whether to keep polling (for the timer and for a page that has just been (re)loaded)."""
-    return (*poll(), watching())
+    return (*poll(request), watching(request))
 
 
-def result_folder(folder: str):
+def result_folder(folder: str, request: gr.Request = None):
     """'Load into Chat' puts the finished model's folder in the Model tab's box; loading follows."""
     if not folder:
         raise refusal("no finished model yet: wait for the job to end with status 'done'")
+    if deployment.public():  # only its own finished result, which it may then load although it is a path
+        job_id = manager().latest(deployment.job_owner(request))
+        state = manager().state(job_id) if job_id else {}
+        if state.get("out_dir") != folder or state.get("status") != "done":
+            raise refusal("no finished model yet: wait for the job to end with status 'done'")
+        deployment.grant(request, folder)
     return folder
 
 
@@ -147,7 +179,7 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
         with gr.Column(scale=2):
             upload = gr.File(label="Training data (.txt, .jsonl, .csv)", file_types=[".txt", ".jsonl", ".csv"],
                              type="filepath", height=110, elem_id="fx-train-upload")
-            data_path = gr.Textbox(label="…or a path on the server", elem_id="fx-train-path")
+            data_path = gr.Textbox(label="…or a path on the server", elem_id="fx-train-path", visible=not deployment.public())
             with gr.Row():
                 mode = gr.Radio(list(MODES), value="lora", label="Mode", elem_id="fx-train-mode")
                 task = gr.Dropdown(list(TASKS), value="auto", label="Task", info="auto: from the file")
@@ -166,7 +198,7 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
                 eval_every = gr.Number(value=20, precision=0, label="Validate every", info="steps; 0 = at the end")
             sample_prompts = gr.Textbox(label="Sample prompts (one per line)", lines=2,
                                         placeholder="empty: taken from the validation data")
-            out = gr.Textbox(label="Output folder", placeholder="empty: a new folder under the Fornax cache")
+            out = gr.Textbox(label="Output folder", placeholder="empty: a new folder under the Fornax cache", visible=not deployment.public())
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="fx-train-start")
         cancel = gr.Button("Cancel", variant="stop", elem_id="fx-train-cancel")

@@ -8,7 +8,7 @@ import gradio as gr
 
 from export.attach import ONNX_BACKENDS, attach_onnx
 
-from .. import render
+from .. import deployment, render
 from ..errors import refusal, user_errors
 from ..state import MODEL_EVENTS, current
 
@@ -16,11 +16,17 @@ DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
 @user_errors
-def load_model(source: str, dtype: str = "auto", progress=gr.Progress()):
+def load_model(source: str, dtype: str = "auto", progress=gr.Progress(), request: gr.Request = None):
     """Load `default`, an HF folder, a .gguf file or a Hub id; the old model is freed once the new one is ready."""
     source = (source or "").strip()
     if not source:
         raise refusal("type a model to load: default, a model folder, a .gguf path, or a Hub id like org/name")
+    deployment.check_source(source, request)
+    return load_source(source, dtype, progress)
+
+
+def load_source(source: str, dtype: str, progress):
+    """Load a source the deployment's rules have already allowed."""
     handle = current.load(source, dtype=None if dtype in (None, "", "auto") else dtype,
                           progress=lambda fraction, message: progress(fraction, desc=message))
     gr.Info(f"Loaded {handle.info()['name']} in {handle.load_seconds:.1f} s")
@@ -29,10 +35,12 @@ def load_model(source: str, dtype: str = "auto", progress=gr.Progress()):
 
 @user_errors
 def load_upload(file, dtype: str = "auto", progress=gr.Progress()):
-    """Load an uploaded .gguf file."""
+    """Load an uploaded .gguf file (checked against the upload cap before it is read)."""
     if file is None:
         raise refusal("no file was uploaded")
-    return load_model(file if isinstance(file, str) else file.name, dtype, progress)
+    path = file if isinstance(file, str) else file.name
+    deployment.check_upload(path)
+    return load_source(path, dtype, progress)
 
 
 def backend_dropdown(model_info: dict | None, value: str | None = None, **layout) -> gr.Dropdown:

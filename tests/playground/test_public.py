@@ -37,7 +37,7 @@ def url(tiny, tmp_path_factory):
     mp.setenv("FORNAX_MAX_UPLOAD_BYTES", str(UPLOAD_CAP))
     mp.setenv("HF_TOKEN", "hf_server_secret")
     mp.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
-    mp.delenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", raising=False)
+    mp.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "0")  # (so that undo() removes what public mode sets)
     current.load(str(tiny))  # the operator's choice at start-up: not a visitor's
     with serving(build_app()) as app_url:
         yield app_url
@@ -192,3 +192,10 @@ def test_visitors_never_send_the_servers_hub_token_and_uploads_are_capped_at_lau
 
     assert os.environ["HF_TOKEN"] == "hf_server_secret" and get_token_to_send(None) is None
     assert launch_options()["max_file_size"] == UPLOAD_CAP
+
+
+def test_every_generation_has_the_public_time_limit(url):
+    limits_by_event = {f.api_name: f.time_limit for f in build_app().fns.values()
+                       if f.api_name in ("chat", "regenerate", "complete")}
+    assert limits_by_event == dict.fromkeys(("chat", "regenerate", "complete"), limits.current().event_time_limit_s)
+    assert limits.current().event_time_limit_s > 0

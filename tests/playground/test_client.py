@@ -6,7 +6,7 @@ import time
 import pytest
 
 from playground import create_app, current
-from playground.ui import message_text
+from playground.tabs.chat import message_text
 from tests.playground.serve import PANEL, backend_kwargs, serving
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -208,7 +208,7 @@ def test_streaming_sends_small_diffs_at_a_throttled_rate(url):
 
     import httpx
 
-    from playground.ui import UI_UPDATE_INTERVAL_S
+    from playground.streaming import UI_UPDATE_INTERVAL_S
 
     config = httpx.get(url + "config").json()
     fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "chat")

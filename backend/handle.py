@@ -77,7 +77,7 @@ class ModelHandle:
                     d_model=cfg.d_model, vocab_size=cfg.vocab_size, context_length=cfg.max_seq_len,
                     dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
                     weight_bytes=self.runners[self.backend].weight_bytes, load_seconds=round(self.load_seconds, 2),
-                    chat_template="model" if self.chat_template else "fallback", backends=self.backends())
+                    chat_template="model" if self.chat_template else "fallback", backends=self.backends(), prepared=list(self.runners))
 
     # --- prompts ---
     def encode(self, prompt_or_messages: str | list[dict] | list[int]) -> list[int]:

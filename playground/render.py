@@ -76,14 +76,16 @@ def model_badge(info: dict | None) -> str:
 
 
 # --- execution paths ---
-BACKEND_LABELS = {"eager": "PyTorch eager", "onnx": "ONNX Runtime", "onnx-fp32": "ONNX Runtime fp32",
-                  "onnx-int8": "ONNX Runtime int8", "onnx-int4": "ONNX Runtime int4"}
+BACKEND_LABELS = {"eager": "PyTorch eager", "compiled": "PyTorch compiled", "triton": "PyTorch + Triton kernels",
+                  "onnx": "ONNX Runtime", "onnx-fp32": "ONNX Runtime fp32", "onnx-int8": "ONNX Runtime int8",
+                  "onnx-int4": "ONNX Runtime int4"}
 
 
 def backend_choices(ready: list[str], on_demand: list[str]) -> list[tuple[str, str]]:
     """(label, runner name) pairs for the Backend dropdown: the paths the model has, then those made on first use."""
     label = lambda name: BACKEND_LABELS.get(name, name)  # noqa: E731
-    return [(label(n), n) for n in ready] + [(f"{label(n)} · exports on first use", n) for n in on_demand]
+    how = lambda name: "exports" if name.startswith("onnx") else "compiles"  # noqa: E731
+    return [(label(n), n) for n in ready] + [(f"{label(n)} · {how(n)} on first use", n) for n in on_demand]
 
 
 def export_report(summary: dict, precision: str, folder: str, backend_label: str) -> str:
@@ -117,13 +119,14 @@ def stats_line(result: backend.GenerationResult, backend_name: str) -> str:
     """TTFT, decode speed and the weight bandwidth it implies, for one finished generation."""
     t = result.timings
     finish = ", ".join(sorted({c.finish_reason for c in result.completions}))
-    return (f"**{t.new_tokens}** tokens · TTFT **{t.ttft_s * 1000:.0f} ms** · **{t.decode_tok_s:.1f} tok/s** · "
+    stopped = "**stopped** · " if any(c.finish_reason == "cancelled" for c in result.completions) else ""
+    return (f"{stopped}**{t.new_tokens}** tokens · TTFT **{t.ttft_s * 1000:.0f} ms** · **{t.decode_tok_s:.1f} tok/s** · "
             f"**{t.bandwidth_gb_s:.1f} GB/s** · prefill {t.prefill_tok_s:.0f} tok/s · finish: {finish} · "
             f"seed {result.seed} · {backend_name}")
 
 
 def stopped_line(ttft_s: float | None, elapsed_s: float) -> str:
-    """After Stop there is no GenerationResult, so only what the UI measured itself."""
+    """A run abandoned without a GenerationResult (cleared, or its page closed): what the UI measured itself."""
     ttft = f"TTFT {ttft_s * 1000:.0f} ms · " if ttft_s is not None else ""
     return f"**stopped** after {elapsed_s:.1f} s · {ttft}(speed figures need a run that finishes)"
 

@@ -45,7 +45,7 @@ class Generation:
         self.stopped = False
         self.started = time.perf_counter()
         self.ttft_s: float | None = None
-        self.flag = _stop_flags[self.key] = StopFlag()
+        self.flag = _stop_flags.setdefault(self.key, StopFlag())  # made by start_stream, which the engine asks
 
     def updates(self):
         """Yields the sample texts so far, at most every UI_UPDATE_INTERVAL_S, and once more at the end."""
@@ -55,10 +55,11 @@ class Generation:
                 self.texts[delta.index] += delta.text
                 if self.ttft_s is None:
                     self.ttft_s = time.perf_counter() - self.started
-                if self.flag.is_set():
+                if self.flag.is_set():  # Stop: the engine ends at its next token and flushes; Clear: show nothing
                     self.stopped = True
-                    self.stream.close()  # frees the model for the next request right away
-                    break
+                    if self.flag.discard:
+                        self.stream.close()
+                        break
                 now = time.perf_counter()
                 if now - last >= UI_UPDATE_INTERVAL_S:
                     last = now
@@ -70,18 +71,22 @@ class Generation:
         yield self.texts
 
     def stats(self, backend_name: str) -> str:
-        if self.stopped or self.stream.result is None:
+        if self.stream.result is None:
             return render.stopped_line(self.ttft_s, time.perf_counter() - self.started)
         return render.stats_line(self.stream.result, backend_name)
 
 
 def start_stream(handle: backend.ModelHandle, prompt_or_messages, backend_name: str | None, params: dict,
-                 **extra) -> tuple[backend.Stream, str]:
-    """Validates everything (raising before the first UI update) and returns the stream and the backend used."""
+                 request: gr.Request | None = None, **extra) -> tuple[backend.Stream, str]:
+    """Validates everything (raising before the first UI update) and returns the stream and the backend used.
+    The engine asks this session's Stop flag before every token, so Stop ends the run with its timings."""
     name = backend_name or handle.backend  # an unknown name is the backend's to reject, naming the ones it has
     if name in ONNX_BACKENDS and name not in handle.runners:
         attach_onnx(handle, ONNX_BACKENDS[name])  # an API caller picked it without the dropdown: export now
-    return handle.stream(prompt_or_messages, backend=name, **params, **extra), name
+    flag = StopFlag()
+    stream = handle.stream(prompt_or_messages, backend=name, should_stop=flag.is_set, **params, **extra)
+    _stop_flags[session_key(request)] = flag
+    return stream, name
 
 
 def stop(request: gr.Request = None):

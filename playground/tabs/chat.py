@@ -86,7 +86,7 @@ def regenerate(history: list, system_prompt: str, backend_name: str, max_new_tok
 
 def reply(history: list[dict], system_prompt: str, backend_name: str, params: dict, request):
     with current.using() as handle:
-        stream, name = start_stream(handle, model_messages(history, system_prompt), backend_name, params)
+        stream, name = start_stream(handle, model_messages(history, system_prompt), backend_name, params, request)
         run = Generation(stream, params["num_samples"], request)
         yield history + reply_messages(run.texts), "*generating…*"
         for texts in run.updates():

@@ -31,12 +31,12 @@ def complete(prompt: str, backend_name: str, max_new_tokens: int, temperature: f
     deployment.check_sampling(params, len(prompt))
     pending = "<div class='fx-empty'>token probabilities appear when the run finishes…</div>"
     with current.using() as handle:
-        stream, name = start_stream(handle, prompt, backend_name, params, top_logprobs=TOP_ALTERNATIVES)
+        stream, name = start_stream(handle, prompt, backend_name, params, request, top_logprobs=TOP_ALTERNATIVES)
         run = Generation(stream, params["num_samples"], request)
         yield "", pending, "*generating…*"
         for texts in run.updates():
             yield joined_samples(texts), pending, "*generating…*"
-        if stream.result is None:  # stopped: no per-token data to colour
+        if stream.result is None:  # abandoned: no per-token data to colour (Stop keeps the result and its timings)
             yield joined_samples(run.texts), "<div class='fx-empty'>stopped before the end</div>", run.stats(name)
         else:
             yield joined_samples(run.texts), render.token_view(prompt, stream.result), run.stats(name)

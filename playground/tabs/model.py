@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from backend.runners import PREPARABLE
 from export.attach import ONNX_BACKENDS, attach_onnx
 
 from .. import deployment, render
@@ -46,8 +47,9 @@ def load_upload(file, dtype: str = "auto", progress=gr.Progress()):
 def backend_dropdown(model_info: dict | None, value: str | None = None, **layout) -> gr.Dropdown:
     """The loaded model's execution paths, plus the ONNX Runtime ones an export would add (a model that has
     PyTorch weights can be exported; one loaded from an ONNX folder already runs on ONNX Runtime only)."""
-    ready = model_info["backends"] if model_info else []
-    on_demand = [n for n in ONNX_BACKENDS if n not in ready] if "eager" in ready else []
+    ready = model_info["prepared"] if model_info else []
+    offered = [n for n in model_info["backends"] if n not in ready] if model_info else []
+    on_demand = offered + ([n for n in ONNX_BACKENDS if n not in ready] if "eager" in ready else [])
     value = value if value in ready else (ready[0] if ready else None)
     return gr.Dropdown(choices=render.backend_choices(ready, on_demand), value=value, **layout)
 
@@ -60,8 +62,17 @@ def model_outputs():
 
 @user_errors
 def choose_backend(name: str, progress=gr.Progress()):
-    """Picking an ONNX Runtime path in the dropdown exports the model for it (once; cached on disk)."""
-    if name in ONNX_BACKENDS:
+    """Picking an ONNX Runtime path in the dropdown exports the model for it (once; cached on disk); picking the
+    compiled path compiles the model (once per process; inductor's disk cache makes a restart quicker)."""
+    if name in PREPARABLE:
+        with current.using() as handle:
+            if name not in handle.runners:
+                say = lambda f, m: progress(f, desc=m)  # noqa: E731
+                say(0.05, f"preparing {render.BACKEND_LABELS.get(name, name)} (compiling takes a minute or more)")
+                handle.runner(name, progress=say)
+                handle.generate("Hello", backend=name, max_new_tokens=2, temperature=0, ignore_eos=True)
+                gr.Info(f"{render.BACKEND_LABELS.get(name, name)} is ready")
+    elif name in ONNX_BACKENDS:
         with current.using() as handle:
             if name not in handle.runners:
                 attach_onnx(handle, ONNX_BACKENDS[name], progress=lambda f, m: progress(f, desc=m))

@@ -217,3 +217,20 @@ def test_fill_mask_refuses_a_causal_model(tmp_path):
     h = backend.load(str(tmp_path))
     with pytest.raises(FornaxError, match="encoder"):
         h.fill_mask("The [MASK] is", top_k=3)
+
+
+def test_fill_mask_command_line(mlm, capsys):
+    from backend.__main__ import main
+
+    folder, _, _ = mlm
+    h = backend.load(str(folder))
+    expected = h.fill_mask("The [MASK] of France is [MASK].", top_k=3)
+    assert main(["fill-mask", "--model", str(folder), "--text", "The [MASK] of France is [MASK].", "--top-k", "3"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[MASK]")]
+    assert len(lines) == 2
+    for line, row in zip(lines, expected):
+        assert line.split(": ", 1)[1].split()[::2] == [c["token"] for c in row]
+    assert main(["fill-mask", "--model", str(folder), "--text", "no mask here"]) == 2
+    assert "no [MASK]" in capsys.readouterr().err
+    assert main(["fill-mask", "--model", str(folder), "--text", SENTENCES[0], "--pll"]) == 0
+    assert "pseudo-perplexity" in capsys.readouterr().out

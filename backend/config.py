@@ -215,7 +215,7 @@ PRESETS: dict[str, dict] = {
                  tie_embeddings=True),
     "tiny-bert": dict(family="bert", vocab_size=512, n_layer=2, n_head=4, d_model=64, d_ff=256, max_seq_len=128,
                       norm_eps=1e-12, tie_embeddings=True),
-    "tiny-lstm": dict(family="lstm", vocab_size=512, n_layer=2, d_model=128, max_seq_len=1024),
+    "tiny-lstm": dict(family="lstm", vocab_size=512, n_layer=1, d_model=256, max_seq_len=1024),
     "smollm2-135m": dict(family="llama", vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576,
                          d_ff=1536, max_seq_len=8192, norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True),
 }

@@ -35,9 +35,11 @@ class LSTMLM(nn.Module):
         return self.lm_head(y), state
 
     def init_weights(self, std: float = 0.02):
-        """Embedding and head normal(0, std); LSTM weights uniform(+-1/sqrt(D)) as PyTorch does, forget-gate bias 1
-        (Jozefowicz et al. 2015: the state is kept by default early in training)."""
-        nn.init.normal_(self.tok_emb.weight, std=std)
+        """Embedding normal(0, 1) (PyTorch's default): with the Transformer's std 0.02 the gates' pre-activations are
+        ~0.03, the state carries almost nothing of the input, and the LSTM sat at the unigram loss for hundreds of
+        steps. Head normal(0, std); LSTM weights uniform(+-1/sqrt(D)) as PyTorch does; forget-gate bias 1
+        (Jozefowicz et al. 2015: keep the state by default early in training)."""
+        nn.init.normal_(self.tok_emb.weight, std=1.0)
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
         self.lstm.reset_parameters()

@@ -184,6 +184,9 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         raise TrainError(f"seq_len {seq_len} is beyond the model's context of {context} tokens")
     reporter.update(force=True, message="tokenizing the data")
     data = build_data(records, tokenizer, seq_len, cfg.val_fraction, cfg.seed)
+    if core.config.family == "lstm" and (data.task == "chat" or cfg.mode == "lora"):
+        raise TrainError("an LSTM has no chat template and no attention projections for LoRA: train it on text "
+                         "(--task lm) with --mode pretrain or full")
     prompts = cfg.sample_prompts or data.prompts
 
     core.train()
@@ -400,9 +403,18 @@ def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path |
         mcfg.eos_token_ids = [tokenizer.token_to_id(tokenizer.eos_token)]
         mcfg.bos_token_id, mcfg.name = None, f"fornax-{cfg.preset}"
     torch.manual_seed(cfg.seed)
-    core = Transformer(mcfg).to(device)
+    core = new_model(mcfg).to(device)
     core.init_weights()
     return core, tokenizer
+
+
+def new_model(cfg: ModelConfig) -> torch.nn.Module:
+    """A freshly built model of the preset's family (random weights come from its init_weights)."""
+    if cfg.family == "lstm":
+        from ..lstm import LSTMLM
+
+        return LSTMLM(cfg)
+    return Transformer(cfg)
 
 
 def _shared_tokenizer(corpus: str, vocab_size: int, dist: Dist) -> Tokenizer:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import FornaxError, ModelLoadError, UnsupportedModelError
+from .gguf_check import check_gguf, check_hf_shapes
 from .tokenizer import Tokenizer
 
 CONVERTER_VERSION = 1  # bump when the conversion changes, so stale caches are not reused
@@ -56,6 +57,7 @@ def read_gguf(path: Path):
         magic = f.read(4)
     if magic != b"GGUF":
         raise ModelLoadError(f"{path.name} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
+    check_gguf(path)  # every declared count bounded before gguf's reader trusts them
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
@@ -127,10 +129,19 @@ def convert_gguf(path: str | Path, progress: Callable | None = None) -> Path:
     meta, reader = read_gguf(path)
     arch = meta.get("general.architecture")
     names = {t.name for t in reader.tensors}
-    cfg = ModelConfig.from_gguf_metadata(meta, tied="output.weight" not in names)
-    tokenizer = Tokenizer.from_gguf_metadata(meta)
+    try:
+        cfg = ModelConfig.from_gguf_metadata(meta, tied="output.weight" not in names)
+        tokenizer = Tokenizer.from_gguf_metadata(meta)
+    except FornaxError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a missing or mistyped key
+        raise ModelLoadError(f"{path.name}: GGUF metadata is missing or has a bad value: {type(e).__name__}: {e}") from e
     cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | tokenizer.end_of_turn_ids())
-    state = gguf_to_hf_state_dict(reader, cfg, arch, progress)
+    try:
+        state = gguf_to_hf_state_dict(reader, cfg, arch, progress)
+    except (ValueError, TypeError) as e:  # a tensor whose shape cannot be the one the metadata describes
+        raise ModelLoadError(f"{path.name}: a tensor does not fit the model its metadata describes: {e}") from e
+    check_hf_shapes(state, cfg)  # before the fp32 copy is written
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
@@ -138,7 +149,7 @@ def convert_gguf(path: str | Path, progress: Callable | None = None) -> Path:
 
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf = cfg.to_hf_config()
-        hf["_name_or_path"] = meta.get("general.name", path.stem)
+        hf["_name_or_path"] = str(meta.get("general.name", path.stem))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids}, indent=2))

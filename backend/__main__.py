@@ -13,7 +13,7 @@ def _load(args):
 
     handle = load(args.model, dtype=args.dtype)
     print(f"[fornax] loaded {handle.config.name or args.model} ({handle.config.family}, "
-          f"{sum(p.numel() for p in handle.model.parameters()) / 1e6:.0f}M params, {handle.dtype}) "
+          f"{handle.info()['parameters'] / 1e6:.0f}M params, {handle.dtype}, {handle.backend}) "
           f"in {handle.load_seconds:.1f} s", file=sys.stderr)
     return handle
 

@@ -1,4 +1,4 @@
-"""CLI: python -m backend info|generate|chat|bench|finetune|bench-train (each verb is one plain function)."""
+"""CLI: python -m backend info|generate|chat|bench|finetune|bench-train|cache (each verb is one plain function)."""
 from __future__ import annotations
 
 import argparse
@@ -153,6 +153,16 @@ def cmd_bench_train(args):
                     batch_size=args.batch_size, csv_path=args.csv, repeats=args.repeats)
 
 
+def cmd_cache(args):
+    from . import cache_dir
+
+    found = cache_dir.entries()
+    print(cache_dir.describe(found))
+    if args.clear:
+        removed = cache_dir.clear()
+        print(f"cleared {len(removed)} entries, {sum(e.bytes for e in removed) / 1e6:.1f} MB")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m backend", description="Fornax backend")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -216,6 +226,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="alternated runs per engine; the best is kept")
     p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file")
     p.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser("cache", help="list the on-disk caches (GGUF conversions, exports, zips, kept uploads)")
+    p.add_argument("--clear", action="store_true", help="delete every cache entry")
+    p.set_defaults(func=cmd_cache)
 
     args = parser.parse_args(argv)
     try:

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import cache_dir
 from .config import ModelConfig
 from .errors import FornaxError, ModelLoadError, UnsupportedModelError
 from .gguf_check import check_gguf, check_hf_shapes
@@ -125,6 +126,7 @@ def convert_gguf(path: str | Path, progress: Callable | None = None) -> Path:
     digest = file_sha256(path)
     target = cache_root() / "gguf" / f"{digest[:24]}-v{CONVERTER_VERSION}"
     if (target / "config.json").exists():
+        cache_dir.touch(target)
         return target
     meta, reader = read_gguf(path)
     arch = meta.get("general.architecture")
@@ -164,4 +166,5 @@ def convert_gguf(path: str | Path, progress: Callable | None = None) -> Path:
         raise ModelLoadError(f"could not write the converted model to {target.parent}: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    cache_dir.evict(keep=(target,))
     return target

@@ -268,14 +268,20 @@ def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[
         raise ModelLoadError(f"the SentencePiece vocabulary's pieces are too long to derive merges from "
                              f"(sum of squared lengths {work:,} > {caps.max_merge_work:,}; the longest piece has "
                              f"{len(longest):,} characters)")
+    n_merges = held = 0  # counted first, nothing kept: the list itself would hold `held` characters
+    for piece in scores:
+        for i in range(1, len(piece)):
+            if piece[:i] in vocab and piece[i:] in vocab:
+                n_merges, held = n_merges + 1, held + len(piece)
+        if n_merges > caps.max_merges or held > caps.max_merge_work:
+            raise ModelLoadError(f"the SentencePiece vocabulary implies more than {caps.max_merges:,} merges or "
+                                 f"{caps.max_merge_work:,} characters of them (a vocabulary built to explode, e.g. "
+                                 f"'a', 'aa', 'aaa', ...)")
     merges = []
     for piece, score in scores.items():
         local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
                  if piece[:i] in vocab and piece[i:] in vocab]
         merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
-        if len(merges) > caps.max_merges:
-            raise ModelLoadError(f"the SentencePiece vocabulary implies more than {caps.max_merges:,} merges "
-                                 f"(a vocabulary built to explode, e.g. 'a', 'aa', 'aaa', ...)")
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(a, b) for a, b, _ in merges]
 

@@ -230,8 +230,12 @@ class Tokenizer:
             return chat_template.render(template, messages=messages, add_generation_prompt=add_generation_prompt,
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                                    tools=None, documents=None, **self.extra_special)
+        except GenerationError:
+            raise
         except jinja2.TemplateError as e:
             raise GenerationError(f"the chat template refused these messages: {e}") from e
+        except Exception as e:  # the template is code from the model file: any failure of it is the file's
+            raise GenerationError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from e
 
     def _control_tokens(self):
         return [t.content for t in self.tk.get_added_tokens_decoder().values()]

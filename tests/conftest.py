@@ -4,3 +4,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fuzz: long fuzzing runs, deselected unless asked for with `-m fuzz`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The long fuzz runs are for a person who asks (`pytest -m fuzz`); CI runs their short twins."""
+    if "fuzz" in (config.getoption("-m") or ""):
+        return
+    kept = [i for i in items if i.get_closest_marker("fuzz") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("fuzz") is not None])
+        items[:] = kept

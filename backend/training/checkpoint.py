@@ -101,9 +101,10 @@ META_TYPES = {"config": dict, "step": int, "global_batch": int, "data_sha256": s
 HISTORY_TYPES = {"train_loss": list, "val_loss": list, "samples": list, "metrics": dict}
 
 
-def check_meta(meta, path: Path) -> None:
-    """A checkpoint's meta.json holds exactly the keys save_checkpoint writes, each of its type: resume copies its
-    history into the job's live state, so a crafted one must not set anything else (status, out_dir, ...)."""
+def check_meta(meta, path: Path, complete: bool = False) -> None:
+    """A checkpoint's meta.json holds only the keys save_checkpoint writes (all of them when `complete`), each of
+    its type: resume copies its history into the job's live state, so a crafted one must not set anything else
+    (status, out_dir, ...)."""
     where = f"checkpoint {path}: meta.json"
     if not isinstance(meta, dict):
         raise TrainError(f"{where} is not a JSON object")
@@ -113,11 +114,13 @@ def check_meta(meta, path: Path) -> None:
         if unknown:
             raise TrainError(f"{where} has unknown key(s) {', '.join(what + k for k in unknown)}")
     for name, kind in META_TYPES.items():
+        if name not in meta and not complete:
+            continue
         v = meta.get(name)
         if not isinstance(v, kind) or isinstance(v, bool):
             raise TrainError(f"{where} lacks {name!r} or it is not a {kind.__name__}")
     for name, kind in HISTORY_TYPES.items():
-        if name in meta["history"] and not isinstance(meta["history"][name], kind):
+        if name in meta.get("history", {}) and not isinstance(meta["history"][name], kind):
             raise TrainError(f"{where}: history.{name} is not a {kind.__name__}")
 
 

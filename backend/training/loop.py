@@ -124,6 +124,7 @@ def _fingerprint(path: str) -> str:
 
 
 def _check_resume(meta: dict, cfg: TrainConfig, fingerprint: str, world: int, path: Path):
+    ckpt.check_meta(meta, path, complete=True)
     saved = TrainConfig.from_dict(meta["config"])
     diff = [f"{k}={getattr(saved, k)!r} (now {getattr(cfg, k)!r})" for k in saved.to_dict()
             if k not in RESUME_FREE and saved.to_dict()[k] != cfg.to_dict()[k]]

@@ -210,6 +210,10 @@ class Tokenizer:
     def _render(self, messages, add_generation_prompt, mark: bool) -> str:
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise GenerationError("a chat must be a list of {'role': ..., 'content': ...} messages")
+        chars = sum(len(str(m.get("content") or "")) for m in messages)
+        cap = limits.current().max_prompt_chars
+        if chars > cap:  # before the template or the tokenizer spends anything on it
+            raise GenerationError(f"the chat is {chars:,} characters long; at most {cap:,} are allowed")
         if mark:
             control = sorted((t for t in self._control_tokens() if t), key=len, reverse=True)
             pattern = re.compile("|".join(map(re.escape, control))) if control else None

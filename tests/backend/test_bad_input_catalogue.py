@@ -248,6 +248,17 @@ def template_format_width(tmp, mp):
     return template("{{ '{:>10000000000}'.format('x') }}")
 
 
+def chat_too_long(tmp, mp):  # item 7 (backend side): bounded before the template and the tokenizer run
+    mp.setenv("FORNAX_PUBLIC", "1")
+    from backend.tokenizer import Tokenizer
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    tk = Tokenizer(HFTokenizer(models.BPE()))
+    history = [{"role": "user", "content": "x" * 50_000}, {"role": "assistant", "content": "y" * 50_000}]
+    return lambda: tk.encode_chat(history)
+
+
 def sampling(**kw):
     from backend.sampling import SamplingParams
 
@@ -358,6 +369,7 @@ CATALOGUE = [
     ("template-concat-doubling", template_concat_doubling, "concatenation", True),
     ("template-filter-width", template_filter_width, "width", True),
     ("template-format-width", template_format_width, "formatted field", True),
+    ("chat-history-100k-chars", chat_too_long, "the chat is 100,000 characters long", False),
     ("temperature-1e-45", tiny_temperature, "temperature must be 0 (greedy) or at least", False),
     ("repetition-penalty-1e-300", tiny_repetition_penalty, "repetition_penalty must be in", False),
     ("seed-nan", nan_seed, "seed must be a whole number", False),

@@ -24,9 +24,10 @@ STALE_TEMP_S = 3600.0
 
 
 def cache_root() -> Path:
-    from .gguf_file import cache_root as root  # one definition ($FORNAX_CACHE, else ~/.cache/fornax)
-
-    return root()
+    """Where Fornax caches live: $FORNAX_CACHE, else $XDG_CACHE_HOME/fornax or ~/.cache/fornax."""
+    base = os.environ.get("FORNAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fornax")
+    return Path(base)
 
 
 def areas() -> dict[str, Path]:

@@ -211,7 +211,7 @@ def check_hf_shapes(state: dict, cfg) -> None:
     the converted fp32 copy is written."""
     import torch
 
-    from .loading import hf_to_fornax
+    from .hf_format import hf_to_fornax
     from .model import Transformer
 
     meta = {k: torch.empty(tuple(v.shape), device="meta") for k, v in state.items()}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from . import cache_dir
+from .cache_dir import cache_root  # noqa: F401 -- imported from here by export, playground, bench
 from .atomic import atomic_folder
 from .config import ModelConfig
 from .errors import FornaxError, ModelLoadError, UnsupportedModelError
@@ -34,12 +34,6 @@ _GPT2_BLOCK = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "a
                "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
 _GPT2_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
              "output": "lm_head"}
-
-
-def cache_root() -> Path:
-    base = os.environ.get("FORNAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fornax")
-    return Path(base)
 
 
 def file_sha256(path: Path) -> str:

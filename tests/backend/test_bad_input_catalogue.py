@@ -430,22 +430,3 @@ def test_integer_general_name_loads_with_a_text_name(tmp_path):
     """Item 9: an integer general.name broke every page load's model card."""
     h = backend.load(bf.tiny_gguf(tmp_path / "n.gguf", name=7))
     assert h.info()["name"] == "7"
-
-
-def test_cli_info_on_an_onnx_handle_does_not_touch_model(monkeypatch, capsys):
-    """Item 9: `python -m backend info` on an export folder read handle.model (None there)."""
-    import backend.__main__ as cli
-    import backend.loading
-
-    cfg = backend.ModelConfig(vocab_size=10, n_layer=1, n_head=1, d_model=4, d_ff=4, max_seq_len=8, name="x")
-
-    class OnnxLike:
-        model, dtype, load_seconds, backend = None, torch.float32, 0.1, "onnx"
-        config = cfg
-
-        def info(self):
-            return {"parameters": cfg.n_params, "name": "x"}
-
-    monkeypatch.setattr(backend.loading, "load", lambda *a, **k: OnnxLike())
-    assert cli.main(["info", "--model", "some-export"]) == 0
-    assert '"parameters"' in capsys.readouterr().out

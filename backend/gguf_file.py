@@ -131,7 +131,8 @@ def convert_gguf(path: str | Path, progress: Callable | None = None) -> Path:
     except FornaxError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a missing or mistyped key
-        raise ModelLoadError(f"{path.name}: GGUF metadata is missing or has a bad value: {type(e).__name__}: {e}") from e
+        raise ModelLoadError(f"{path.name}: GGUF metadata is missing or has a bad value: "
+                             f"{type(e).__name__}: {e}") from e
     cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | tokenizer.end_of_turn_ids())
     try:
         state = gguf_to_hf_state_dict(reader, cfg, arch, progress)

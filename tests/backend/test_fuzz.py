@@ -54,18 +54,15 @@ def tiny_gguf_bytes() -> bytes:
         return bf.tiny_gguf(Path(d) / "t.gguf").read_bytes()
 
 
-def _metadata_end() -> int:
+@lru_cache(maxsize=1)
+def metadata_end() -> int:
+    """Where the tiny file's tensor data starts: mutations aim before it."""
     from backend.gguf_check import check_gguf
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "t.gguf"
         p.write_bytes(tiny_gguf_bytes())
         return check_gguf(p).metadata_bytes
-
-
-@lru_cache(maxsize=1)
-def metadata_end() -> int:
-    return _metadata_end()
 
 
 gguf_mutation = st.tuples(
@@ -112,7 +109,8 @@ def check_gguf_random(tail):
 # --- config.json ---
 json_value = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.sampled_from(EXTREMES),
                        st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
-                       st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+                       st.lists(st.integers(-3, 3), max_size=3),
+                       st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
 config_keys = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
                "rope_scaling", "tie_word_embeddings", "eos_token_id", "n_layer", "n_head", "n_embd", "n_positions",
@@ -157,7 +155,8 @@ data_bytes = st.one_of(
     st.binary(max_size=200),
     st.text(max_size=200).map(str.encode),
     st.lists(st.one_of(st.just('{"text": "a", "label": "b"}'), st.just('{"messages": []}'), st.just("text,label"),
-                       st.just('{"text": 1}'), st.text(max_size=20)), max_size=6).map(lambda ls: "\n".join(ls).encode()),
+                       st.just('{"text": 1}'), st.text(max_size=20)), max_size=6
+             ).map(lambda lines: "\n".join(lines).encode()),
 )
 
 

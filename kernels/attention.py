@@ -170,7 +170,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     Hk, T_K = k.shape[1], k.shape[2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)                        # (B, H, T_Q, D)
     lse = torch.empty(B, H, T_Q, dtype=torch.float32, device=q.device)             # base-2 log-sum-exp
-    cfg = attention_config(D)
+    cfg = attention_config(D, q.element_size())
     grid = (triton.cdiv(T_Q, cfg["BLOCK_M"]), B * H)
     launch(_attn_fwd_kernel)[grid](
         q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -193,7 +193,7 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    cfg = attention_config(D)
+    cfg = attention_config(D, q.element_size(), backward=True)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
     launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(T_K, cfg["BLOCK_N"]), B * Hk)](

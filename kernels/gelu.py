@@ -22,7 +22,7 @@ def _gelu_tanh_kernel(X, DY, OUT, stride_x, stride_dy, n_cols, BACKWARD: tl.cons
     cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    k: tl.constexpr = 0.7978845608028654
+    k = 0.7978845608028654
     t = _tanh(k * (x + 0.044715 * x * x * x))
     if BACKWARD:
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)

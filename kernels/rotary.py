@@ -24,17 +24,25 @@ def _rotary_kernel(Q, K, COS, SIN, QO, KO, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, s
     c2 = tl.load(c_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     s1 = tl.load(s_row + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     s2 = tl.load(s_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    if BACKWARD:
-        s1, s2 = -s2, -s1
+    if BACKWARD:  # the transpose of the rotation: swap the sine halves and their signs
+        s_first = -s2
+        s2 = -s1
+        s1 = s_first
+    _rotate_heads(Q, QO, b, t, sq_b, sq_h, sq_t, n_q_heads, T, HALF, c1, c2, s1, s2, d, dmask, BLOCK_H)
+    _rotate_heads(K, KO, b, t, sk_b, sk_h, sk_t, n_k_heads, T, HALF, c1, c2, s1, s2, d, dmask, BLOCK_H)
+
+
+@triton.jit
+def _rotate_heads(X, O, b, t, s_b, s_h, s_t, n_heads, T, HALF, c1, c2, s1, s2, d, dmask, BLOCK_H: tl.constexpr):
+    """o1 = x1 c1 - x2 s1, o2 = x2 c2 + x1 s2 for every head of X at (b, t), into contiguous O (B, heads, T, D)."""
     h = tl.arange(0, BLOCK_H)
-    for X, O, s_b, s_h, s_t, n_heads in ((Q, QO, sq_b, sq_h, sq_t, n_q_heads), (K, KO, sk_b, sk_h, sk_t, n_k_heads)):
-        mask = (h[:, None] < n_heads) & dmask[None, :]
-        x_ptr = X + b * s_b + t * s_t + h[:, None] * s_h + d[None, :]                     # (BLOCK_H, BLOCK_HALF)
-        x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        o_ptr = O + ((b * n_heads + h[:, None]) * T + t) * (2 * HALF) + d[None, :]          # contiguous out
-        tl.store(o_ptr, (x1 * c1 - x2 * s1).to(O.dtype.element_ty), mask=mask)
-        tl.store(o_ptr + HALF, (x2 * c2 + x1 * s2).to(O.dtype.element_ty), mask=mask)
+    mask = (h[:, None] < n_heads) & dmask[None, :]
+    x_ptr = X + b * s_b + t * s_t + h[:, None] * s_h + d[None, :]                     # (BLOCK_H, BLOCK_HALF)
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    o_ptr = O + ((b * n_heads + h[:, None]) * T + t) * (2 * HALF) + d[None, :]
+    tl.store(o_ptr, (x1 * c1 - x2 * s1).to(O.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + HALF, (x2 * c2 + x1 * s2).to(O.dtype.element_ty), mask=mask)
 
 
 def _fake(q, k, cos, sin, backward):

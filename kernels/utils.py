@@ -61,15 +61,20 @@ def elementwise_config(n_cols: int) -> tuple[int, int]:
     return block, (4 if block <= 512 else 8)
 
 
-def attention_config(head_dim: int) -> dict:
-    """Tile sizes for flash attention: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)."""
+def attention_config(head_dim: int, element_size: int = 2, backward: bool = False) -> dict:
+    """Tiles for flash attention: BLOCK_M query rows x BLOCK_N keys, the head dim padded to BLOCK_D; smaller tiles
+    and fewer pipeline stages when a row of the head is wide (D = 128 in fp32, D = 256 in bf16) so shared memory
+    holds them, and for the backward, which keeps four (BLOCK, BLOCK_D) tiles live."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if INTERPRET:  # fewer, larger tiles: the interpreter's cost is per tile, not per element
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    if block_d <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32 if block_d > 128 else 64, BLOCK_D=block_d, num_warps=4 if block_d <= 128
-                else 8, num_stages=2)
+    wide = block_d * element_size > 256
+    warps = 8 if block_d >= 128 else 4
+    if backward:
+        return dict(BLOCK_M=32 if wide else 64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, num_warps=warps,
+                    num_stages=1 if wide else 2)
+    return dict(BLOCK_M=64 if wide else 128, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, num_warps=warps,
+                num_stages=2 if wide else 3)
 
 
 def num_programs(n_rows: int) -> int:
@@ -109,7 +114,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     product is exact in fp32, which is what the GPU's fp32 accumulation computes too."""
     if dtype == torch.float32:
         return "ieee"
-    return "upcast" if INTERPRET else "tf32"
+    return "upcast" if INTERPRET else "default"
 
 
 @triton.jit
@@ -117,6 +122,8 @@ def dot(a, b, PRECISION: tl.constexpr):
     """tl.dot with fp32 accumulation; PRECISION from `dot_precision`."""
     if PRECISION == "upcast":
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif PRECISION == "default":
+        c = tl.dot(a, b)
     else:
         c = tl.dot(a, b, input_precision=PRECISION)
     return c

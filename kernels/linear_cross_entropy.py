@@ -78,6 +78,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and "
                          f"targets {tuple(targets.shape)} must be (..., d), (V, d) and (...)")
+    if weight.dtype != hidden.dtype:  # e.g. bf16 activations under autocast, fp32 master weights
+        weight = weight.to(hidden.dtype)
     hidden2 = hidden.reshape(-1, hidden.shape[-1])                                 # (N, d)
     chunk = default_chunk(hidden2.shape[0], weight.shape[1], weight.shape[0]) if chunk is None else int(chunk)
     if chunk < 1:

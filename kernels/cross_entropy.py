@@ -4,64 +4,70 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_device, chunk_config, launch, register
+from .utils import check_device, chunk_config, launch, register, rows_per_program
 
 
 @triton.jit
-def _ce_fwd_kernel(X, TARGET, LOSS, LSE, stride_x, n_cols, ignore_index, BLOCK_SIZE: tl.constexpr):
+def _ce_fwd_kernel(X, TARGET, LOSS, LSE, stride_x, n_rows, n_cols, ignore_index, BLOCK_ROWS: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr):
     """lse = log(sum_j exp(x_j)) by an online max/sum over column blocks;  loss = lse - x[target]
-    (0 where target == ignore_index)."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_x
-    target = tl.load(TARGET + row)
-    m = float("-inf")
-    l = 0.0
+    (0 where target == ignore_index). BLOCK_ROWS rows per program."""
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    row_mask = rows < n_rows
+    x_row = X + tl.minimum(rows, n_rows - 1) * stride_x               # (R,) rows past the end re-read the last one
+    x_rows = x_row[:, None]
+    target = tl.load(TARGET + rows, mask=row_mask, other=ignore_index)
+    m = tl.full([BLOCK_ROWS], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
-        x = tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        x = tl.load(x_rows + cols[None, :], mask=cols[None, :] < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))                                                   # (R,)
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         m = m_new
     lse = m + tl.log(l)
     ignored = target == ignore_index
     x_target = tl.load(x_row + tl.where(ignored, 0, target)).to(tl.float32)
-    tl.store(LOSS + row, tl.where(ignored, 0.0, lse - x_target))
-    tl.store(LSE + row, lse)
+    tl.store(LOSS + rows, tl.where(ignored, 0.0, lse - x_target), mask=row_mask)
+    tl.store(LSE + rows, lse, mask=row_mask)
 
 
 @triton.jit
-def _ce_grad_kernel(X, TARGET, LSE, GRAD, SCALE, stride_x, stride_g, n_cols, ignore_index,
-                    BLOCK_SIZE: tl.constexpr):
+def _ce_grad_kernel(X, TARGET, LSE, GRAD, SCALE, stride_x, stride_g, n_rows, n_cols, ignore_index,
+                    BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """dloss/dx_j = (softmax(x)_j - [j == target]) * scale, 0 on ignored rows; scale = dloss_mean / n_valid is read
     from memory (no host sync). GRAD may be X itself (the fused linear CE overwrites its logits chunk)."""
-    row = tl.program_id(0).to(tl.int64)
-    target = tl.load(TARGET + row)
-    lse = tl.load(LSE + row)
-    scale = tl.where(target == ignore_index, 0.0, tl.load(SCALE))
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    row_mask = rows < n_rows
+    target = tl.load(TARGET + rows, mask=row_mask, other=ignore_index)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    scale = tl.where(target == ignore_index, 0.0, tl.load(SCALE))                                  # (R,)
     for start in range(0, n_cols, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
-        mask = cols < n_cols
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        g = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
-        tl.store(GRAD + row * stride_g + cols, g.to(GRAD.dtype.element_ty), mask=mask)
+        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # (R, C)
+        g = (tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * scale[:, None]
+        tl.store(GRAD + rows[:, None] * stride_g + cols[None, :], g.to(GRAD.dtype.element_ty), mask=mask)
 
 
 def ce_rows_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                     loss: torch.Tensor, lse: torch.Tensor) -> None:
     """Per-row loss and log-sum-exp of (N, V) logits into the (N,) fp32 `loss` and `lse`."""
     block, warps = chunk_config(logits.shape[1])
-    launch(_ce_fwd_kernel)[(logits.shape[0],)](
-        logits, targets, loss, lse, logits.stride(0), logits.shape[1], ignore_index, BLOCK_SIZE=block,
-        num_warps=warps)
+    rows = rows_per_program(block)
+    launch(_ce_fwd_kernel)[(triton.cdiv(logits.shape[0], rows),)](
+        logits, targets, loss, lse, logits.stride(0), logits.shape[0], logits.shape[1], ignore_index,
+        BLOCK_ROWS=rows, BLOCK_SIZE=block, num_warps=warps)
 
 
 def ce_rows_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
                  ignore_index: int, grad: torch.Tensor) -> None:
     """grad = (softmax(logits) - onehot(targets)) * scale into `grad` (which may be `logits`)."""
     block, warps = chunk_config(logits.shape[1])
-    launch(_ce_grad_kernel)[(logits.shape[0],)](
-        logits, targets, lse, grad, scale, logits.stride(0), grad.stride(0), logits.shape[1], ignore_index,
-        BLOCK_SIZE=block, num_warps=warps)
+    rows = rows_per_program(block)
+    launch(_ce_grad_kernel)[(triton.cdiv(logits.shape[0], rows),)](
+        logits, targets, lse, grad, scale, logits.stride(0), grad.stride(0), logits.shape[0], logits.shape[1],
+        ignore_index, BLOCK_ROWS=rows, BLOCK_SIZE=block, num_warps=warps)
 
 
 def _fwd_fake(logits, targets, ignore_index):

@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import as_rows, check_device, elementwise_config, launch, register
+from .utils import as_rows, check_device, elementwise_config, launch, register, rows_per_program
 
 
 @triton.jit
@@ -14,22 +14,23 @@ def _tanh(z):
 
 
 @triton.jit
-def _gelu_tanh_kernel(X, DY, OUT, stride_x, stride_dy, n_cols, BACKWARD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _gelu_tanh_kernel(X, DY, OUT, stride_x, stride_dy, n_rows, n_cols, BACKWARD: tl.constexpr,
+                      BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """k = sqrt(2/pi), z = k (x + 0.044715 x^3), t = tanh(z):
     forward   y  = 0.5 x (1 + t)
     backward  dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2))"""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)[:, None]
+    cols = (tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE))[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)                 # (R, C)
     k = 0.7978845608028654
     t = _tanh(k * (x + 0.044715 * x * x * x))
     if BACKWARD:
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         out = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * x * x))
     else:
         out = 0.5 * x * (1.0 + t)
-    tl.store(OUT + row * n_cols + cols, out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + rows * n_cols + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _fake(x, dy):
@@ -44,8 +45,10 @@ def _gelu_tanh(x: torch.Tensor, dy: torch.Tensor | None) -> torch.Tensor:
     dy2 = as_rows(dy) if dy is not None else x2
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block, warps = elementwise_config(n)
-    launch(_gelu_tanh_kernel)[(x2.shape[0], triton.cdiv(n, block))](
-        x2, dy2, out, x2.stride(0), dy2.stride(0), n, BACKWARD=dy is not None, BLOCK_SIZE=block, num_warps=warps)
+    rows = rows_per_program(block)
+    launch(_gelu_tanh_kernel)[(triton.cdiv(x2.shape[0], rows), triton.cdiv(n, block))](
+        x2, dy2, out, x2.stride(0), dy2.stride(0), x2.shape[0], n, BACKWARD=dy is not None, BLOCK_ROWS=rows,
+        BLOCK_SIZE=block, num_warps=warps)
     return out
 
 

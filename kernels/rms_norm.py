@@ -3,52 +3,57 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import as_rows, check_device, launch, num_programs, register, row_config
+from .utils import as_rows, check_device, launch, num_programs, register, row_config, rows_per_program
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(X, R, S, Y, W, RSTD, stride_x, stride_r, stride_s, stride_y, n_cols, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """s = x (+ r);  rstd = 1 / sqrt(mean(s^2) + eps);  y = s * rstd * w   (one program per row, fp32 math)."""
-    row = tl.program_id(0).to(tl.int64)
+def _rms_norm_fwd_kernel(X, R, S, Y, W, RSTD, stride_x, stride_r, stride_s, stride_y, n_rows, n_cols, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """s = x (+ r);  rstd = 1 / sqrt(mean(s^2) + eps);  y = s * rstd * w   (BLOCK_ROWS rows per program, fp32 math)."""
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    s = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # (R, C)
     if HAS_RESIDUAL:
-        s += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(S + row * stride_s + cols, s.to(S.dtype.element_ty), mask=mask)
-    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / n_cols + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (s * rstd * w).to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
+        s += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(S + rows[:, None] * stride_s + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / n_cols + eps)                                      # (R,)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    y = s * rstd[:, None] * w[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(DY, DS, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_ds, stride_x, stride_dx, n_rows,
-                         n_cols, HAS_DS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                         n_cols, HAS_DS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """x_hat = x * rstd,  g = dy * w:   dx = rstd * (g - x_hat * mean(g * x_hat)) (+ ds),   dw = sum_rows dy * x_hat.
 
-    Each program walks rows pid, pid + P, ... and writes its own partial dw row; the caller sums the P partials.
+    Each program walks row blocks pid, pid + P, ... and writes its own partial dw row; the caller sums the P rows.
     """
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    col_mask = cols < n_cols
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    for i in range(0, tl.cdiv(n_rows - pid, n_progs)):  # rows pid, pid + P, ...
-        row64 = (pid + i * n_progs).to(tl.int64)
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row64)
-        x_hat = x * rstd
-        g = dy * w
-        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+    n_blocks = tl.cdiv(n_rows, BLOCK_ROWS)
+    for i in range(0, tl.cdiv(n_blocks - pid, n_progs)):  # row blocks pid, pid + P, ...
+        rows = ((pid + i * n_progs) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # (R, C)
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        x_hat = x * rstd[:, None]
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - x_hat * (tl.sum(g * x_hat, axis=1) / n_cols)[:, None])
         if HAS_DS:
-            dx += tl.load(DS + row64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        dw += dy * x_hat
-    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
+            dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * x_hat, axis=0)
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
 
 
 def _fwd_fake(x, residual, weight, eps):
@@ -69,9 +74,10 @@ def _rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
     y2, s2 = y.view(-1, n), (s.view(-1, n) if residual is not None else y.view(-1, n))
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     block, warps = row_config(n, x.element_size())
-    launch(_rms_norm_fwd_kernel)[(x2.shape[0],)](
-        x2, r2, s2, y2, weight, rstd, x2.stride(0), r2.stride(0), s2.stride(0), y2.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_SIZE=block, num_warps=warps)
+    rows = rows_per_program(block)
+    launch(_rms_norm_fwd_kernel)[(triton.cdiv(x2.shape[0], rows),)](
+        x2, r2, s2, y2, weight, rstd, x2.stride(0), r2.stride(0), s2.stride(0), y2.stride(0), x2.shape[0], n, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_ROWS=rows, BLOCK_SIZE=block, num_warps=warps)
     return y, s, rstd
 
 
@@ -87,12 +93,13 @@ def _rms_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, we
     ds2 = as_rows(ds) if ds is not None else dy2
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dx2 = dx.view(-1, n)
-    progs = num_programs(x2.shape[0])
-    dw_partial = torch.empty(progs, n, dtype=torch.float32, device=x.device)  # (P, n)
     block, warps = row_config(n, 4)
+    rows = rows_per_program(block)
+    progs = num_programs(triton.cdiv(x2.shape[0], rows))
+    dw_partial = torch.empty(progs, n, dtype=torch.float32, device=x.device)  # (P, n)
     launch(_rms_norm_bwd_kernel)[(progs,)](
         dy2, ds2, x2, weight, rstd, dx2, dw_partial, dy2.stride(0), ds2.stride(0), x2.stride(0), dx2.stride(0),
-        x2.shape[0], n, HAS_DS=ds is not None, BLOCK_SIZE=block, num_warps=warps)
+        x2.shape[0], n, HAS_DS=ds is not None, BLOCK_ROWS=rows, BLOCK_SIZE=block, num_warps=warps)
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 

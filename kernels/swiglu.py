@@ -3,32 +3,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import as_rows, check_device, elementwise_config, launch, register
+from .utils import as_rows, check_device, elementwise_config, launch, register, rows_per_program
 
 
 @triton.jit
-def _swiglu_fwd_kernel(G, U, Y, stride_g, stride_u, n_cols, BLOCK_SIZE: tl.constexpr):
-    """y = silu(g) * u = g * sigmoid(g) * u   (fp32 math; grid over (rows, column blocks))."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * n_cols + cols, (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
+def _swiglu_fwd_kernel(G, U, Y, stride_g, stride_u, n_rows, n_cols, BLOCK_ROWS: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr):
+    """y = silu(g) * u = g * sigmoid(g) * u   (fp32 math; grid over (row blocks, column blocks))."""
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)[:, None]
+    cols = (tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE))[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)                 # (R, C)
+    u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + rows * n_cols + cols, (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, n_cols, BLOCK_SIZE: tl.constexpr):
+def _swiglu_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, n_rows, n_cols, BLOCK_ROWS: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr):
     """sig = sigmoid(g):  dg = dy * u * sig * (1 + g * (1 - sig)),  du = dy * g * sig."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)[:, None]
+    cols = (tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE))[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)              # (R, C)
+    g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
-    tl.store(DG + row * n_cols + cols, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
-    tl.store(DU + row * n_cols + cols, (dy * g * sig).to(DU.dtype.element_ty), mask=mask)
+    tl.store(DG + rows * n_cols + cols, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + rows * n_cols + cols, (dy * g * sig).to(DU.dtype.element_ty), mask=mask)
 
 
 @register("swiglu_fwd", lambda gate, up: torch.empty_like(gate, memory_format=torch.contiguous_format))
@@ -37,8 +39,9 @@ def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g2, u2 = as_rows(gate), as_rows(up)                               # (rows, n), e.g. halves of one gate_up matmul
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block, warps = elementwise_config(n)
-    launch(_swiglu_fwd_kernel)[(g2.shape[0], triton.cdiv(n, block))](
-        g2, u2, y, g2.stride(0), u2.stride(0), n, BLOCK_SIZE=block, num_warps=warps)
+    rows = rows_per_program(block)
+    launch(_swiglu_fwd_kernel)[(triton.cdiv(g2.shape[0], rows), triton.cdiv(n, block))](
+        g2, u2, y, g2.stride(0), u2.stride(0), g2.shape[0], n, BLOCK_ROWS=rows, BLOCK_SIZE=block, num_warps=warps)
     return y
 
 
@@ -54,8 +57,10 @@ def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple
     dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     block, warps = elementwise_config(n)
-    launch(_swiglu_bwd_kernel)[(g2.shape[0], triton.cdiv(n, block))](
-        dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), n, BLOCK_SIZE=block, num_warps=warps)
+    rows = rows_per_program(block)
+    launch(_swiglu_bwd_kernel)[(triton.cdiv(g2.shape[0], rows), triton.cdiv(n, block))](
+        dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), g2.shape[0], n, BLOCK_ROWS=rows,
+        BLOCK_SIZE=block, num_warps=warps)
     return dg, du
 
 

@@ -142,3 +142,9 @@ def decode_config(cache_len: int, n_kv_programs: int) -> tuple[int, int, int]:
         target = max(1, min(64, triton.cdiv(2 * sms, n_kv_programs)))
     split_len = triton.cdiv(triton.cdiv(cache_len, target), block_n) * block_n
     return block_n, split_len, triton.cdiv(cache_len, split_len)
+
+
+def rows_per_program(block_size: int) -> int:
+    """Rows one program of a row-wise kernel handles (a power of two). One on the GPU, where each row is already
+    a full program's work; many in the interpreter, whose cost is per program and per op, not per element."""
+    return max(1, min(64, 8192 // block_size)) if INTERPRET else 1

@@ -36,17 +36,21 @@ def attn(cfg):
 
 
 def cases(quick: bool):
-    yield case("rms_norm", "_rms_norm_fwd_kernel", [P] * 5 + [F] + [I] * 5 + ["fp32"],
-               dict(HAS_RESIDUAL=True, BLOCK_SIZE=4096), num_warps=8)
-    yield case("rms_norm", "_rms_norm_bwd_kernel", [P, P, P, P, F, P, F] + [I] * 6, dict(HAS_DS=True, BLOCK_SIZE=1024))
-    yield case("layer_norm", "_layer_norm_fwd_kernel", [P] * 4 + [F, F] + [I] * 3 + ["fp32"],
-               dict(HAS_BIAS=True, BLOCK_SIZE=1024))
-    yield case("layer_norm", "_layer_norm_bwd_kernel", [P, P, P, F, F, P, F, F] + [I] * 5, dict(BLOCK_SIZE=1024))
+    one = dict(BLOCK_ROWS=1)  # rows per program on the GPU (rows_per_program)
+    yield case("rms_norm", "_rms_norm_fwd_kernel", [P] * 5 + [F] + [I] * 6 + ["fp32"],
+               dict(HAS_RESIDUAL=True, BLOCK_SIZE=4096, **one), num_warps=8)
+    yield case("rms_norm", "_rms_norm_bwd_kernel", [P, P, P, P, F, P, F] + [I] * 6,
+               dict(HAS_DS=True, BLOCK_SIZE=1024, **one))
+    yield case("layer_norm", "_layer_norm_fwd_kernel", [P] * 4 + [F, F] + [I] * 4 + ["fp32"],
+               dict(HAS_BIAS=True, BLOCK_SIZE=1024, **one))
+    yield case("layer_norm", "_layer_norm_bwd_kernel", [P, P, P, F, F, P, F, F] + [I] * 5,
+               dict(BLOCK_SIZE=1024, **one))
     yield case("rotary", "_rotary_kernel", [P, P, F, F, P, P] + [I] * 12,
-               dict(BACKWARD=True, BLOCK_H=32, BLOCK_HALF=64))
-    yield case("swiglu", "_swiglu_fwd_kernel", [P, P, P, I, I, I], dict(BLOCK_SIZE=1024), num_warps=8)
-    yield case("swiglu", "_swiglu_bwd_kernel", [P] * 5 + [I] * 4, dict(BLOCK_SIZE=1024), num_warps=8)
-    yield case("gelu", "_gelu_tanh_kernel", [P, P, P, I, I, I], dict(BACKWARD=True, BLOCK_SIZE=1024), num_warps=8)
+               dict(BACKWARD=True, BLOCK_T=1, BLOCK_H=32, BLOCK_HALF=64))
+    yield case("swiglu", "_swiglu_fwd_kernel", [P, P, P] + [I] * 4, dict(BLOCK_SIZE=1024, **one), num_warps=8)
+    yield case("swiglu", "_swiglu_bwd_kernel", [P] * 5 + [I] * 5, dict(BLOCK_SIZE=1024, **one), num_warps=8)
+    yield case("gelu", "_gelu_tanh_kernel", [P, P, P] + [I] * 4, dict(BACKWARD=True, BLOCK_SIZE=1024, **one),
+               num_warps=8)
     strides = [I] * 9
     for dtype, D in (("bf16", 128),) if quick else (("bf16", 128), ("bf16", 64), ("fp32", 64)):
         ptr = f"*{dtype}"
@@ -62,8 +66,9 @@ def cases(quick: bool):
     yield case("decode_attention", "_decode_partial_kernel", [P, P, P, "*i32", F, F] + [I] * 8 + [I, I, I, "fp32", I, I],
                dict(DOT_PRECISION="default", BLOCK_G=16, BLOCK_N=64, BLOCK_D=128))
     yield case("decode_attention", "_decode_combine_kernel", [F, F, P, I, I], dict(BLOCK_S=64, BLOCK_D=128))
-    yield case("cross_entropy", "_ce_fwd_kernel", [P, "*i64", F, F, I, I, I], dict(BLOCK_SIZE=4096), num_warps=8)
-    yield case("cross_entropy", "_ce_grad_kernel", [P, "*i64", F, P, F, I, I, I, I], dict(BLOCK_SIZE=4096),
+    yield case("cross_entropy", "_ce_fwd_kernel", [P, "*i64", F, F] + [I] * 4, dict(BLOCK_SIZE=4096, **one),
+               num_warps=8)
+    yield case("cross_entropy", "_ce_grad_kernel", [P, "*i64", F, P, F] + [I] * 5, dict(BLOCK_SIZE=4096, **one),
                num_warps=8)
 
 

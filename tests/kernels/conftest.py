@@ -1,8 +1,9 @@
 """Kernel tests run on a CUDA GPU when there is one, else in Triton's interpreter on CPU tensors.
 
-TRITON_INTERPRET must be set before `kernels` (which decorates the kernels) is first imported; this conftest is
-imported before any test module of this folder, and nothing outside `tests/kernels` imports `kernels` at
-collection time (the Triton runner imports it lazily).
+TRITON_INTERPRET must be set when `kernels` (which decorates the kernels) is first imported: this conftest sets it,
+imports `kernels`, and puts the variable back, so other test folders never see it (with it set, the backend would
+offer the Triton runner everywhere); the tests of this folder get it again from an autouse fixture (the Triton
+runner and `--kernels triton` read it). Nothing outside tests/kernels imports `kernels` at collection time.
 """
 import os
 import sys
@@ -11,12 +12,18 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     if "kernels" in sys.modules and not sys.modules["kernels"].INTERPRET:
         raise pytest.UsageError("`kernels` was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1;"
                                 " import it lazily elsewhere, or set TRITON_INTERPRET=1 for the whole run")
-
-import kernels  # noqa: E402
+    _previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    import kernels
+    if _previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous
+else:
+    import kernels
 
 DEVICE = "cpu" if kernels.INTERPRET else "cuda"
 
@@ -28,6 +35,12 @@ def pytest_configure(config):
 def pytest_runtest_setup(item):
     if "gpu" in item.keywords and (kernels.INTERPRET or not torch.cuda.is_available()):
         pytest.skip("needs a CUDA GPU without TRITON_INTERPRET")
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(monkeypatch):
+    if kernels.INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

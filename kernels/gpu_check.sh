@@ -2,8 +2,9 @@
 # One-shot GPU check of the kernels room: the kernel tests on CUDA (compiled Triton, not the interpreter), then the
 # benchmark, everything written into $OUT (default ./gpu_check_out). Run from the repository root on a CUDA machine:
 #     OUT=/some/dir bash kernels/gpu_check.sh
-# About 5.5 minutes at most: tests <= 150 s, benchmark <= 120 s, end-to-end decode <= 60 s (it stops sweeping when its budget is spent and
-# keeps every row measured so far). Plots only where matplotlib is installed; the CSV always.
+# About 5.5 minutes at most: tests <= 150 s, benchmark <= 120 s (it stops sweeping when its budget is spent and
+# keeps every row measured so far), end-to-end decode <= 60 s. Plots only where matplotlib is installed; the CSV
+# always.
 set -u
 OUT="${OUT:-gpu_check_out}"
 mkdir -p "$OUT"
@@ -15,11 +16,13 @@ LOG="$OUT/gpu_check.log"
 {
   echo "== environment $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
+             'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$LOG"
 
 echo "== kernel tests on CUDA" | tee -a "$LOG"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels --durations=10 --junitxml="$OUT/kernel_tests.xml" 2>&1 | tee -a "$LOG"
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels --durations=10 \
+  --junitxml="$OUT/kernel_tests.xml" 2>&1 | tee -a "$LOG"
 TESTS_RC=${PIPESTATUS[0]}
 echo "tests exit code: $TESTS_RC" | tee -a "$LOG"
 

@@ -48,7 +48,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     resume: bool = False             # continue from the newest checkpoint in `out` (if there is one)
     device: str | None = None        # None = cuda if available else cpu
-    kernels: str = "eager"           # eager | triton: our Triton ops and the fused linear cross-entropy (training/fused.py)
+    kernels: str = "eager"           # eager | triton: our Triton ops + fused linear cross-entropy (training/fused.py)
 
     # --- serialisation ---
     def to_dict(self) -> dict:

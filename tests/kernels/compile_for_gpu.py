@@ -63,7 +63,7 @@ def cases(quick: bool):
                    ["fp32", "fp32"], dict(CAUSAL=True, DOT_PRECISION=prec, **consts), **opts)
         yield case("attention", "_attn_bwd_dq_kernel", [ptr] * 4 + [F, F, ptr] + strides + [I] * 5 +
                    ["fp32", "fp32"], dict(CAUSAL=True, DOT_PRECISION=prec, **consts), **opts)
-    yield case("decode_attention", "_decode_partial_kernel", [P, P, P, "*i32", F, F] + [I] * 8 + [I, I, I, "fp32", I, I],
+    yield case("decode_attention", "_decode_partial_kernel", [P, P, P, "*i32", F, F] + [I] * 11 + ["fp32", I, I],
                dict(DOT_PRECISION="default", BLOCK_G=16, BLOCK_N=64, BLOCK_D=128))
     yield case("decode_attention", "_decode_combine_kernel", [F, F, P, I, I], dict(BLOCK_S=64, BLOCK_D=128))
     yield case("cross_entropy", "_ce_fwd_kernel", [P, "*i64", F, F] + [I] * 4, dict(BLOCK_SIZE=4096, **one),

@@ -41,6 +41,6 @@ def test_layer_norm_forward_and_grads(shape, with_bias, dtype, atol, rtol, devic
 @pytest.mark.gpu
 def test_layer_norm_large_bf16(device):
     x = torch.randn(8, 1024, 4096, device=device, dtype=torch.bfloat16)
-    w, b = torch.randn(4096, device=device, dtype=torch.bfloat16), torch.randn(4096, device=device, dtype=torch.bfloat16)
+    w, b = (torch.randn(4096, device=device, dtype=torch.bfloat16) for _ in range(2))
     torch.testing.assert_close(kernels.layer_norm(x, w, b, 1e-5).float(), reference(x, w, b, 1e-5), atol=5e-2,
                                rtol=2e-2)

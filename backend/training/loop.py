@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import IGNORE, Records, build_data, read_records
 from .distributed import Dist
-from .evaluate import autocast, evaluate_classify, evaluate_loss, make_samples
+from ..scoring.validation import autocast, evaluate_classify, evaluate_loss, make_samples
 
 STATE_FILE, CANCEL_FILE = "state.json", "cancel"
 # Settings that change the computation: a run resumes only with the same ones.

@@ -173,3 +173,5 @@ def test_perplexity_history_compares_a_model_before_and_after_a_change(tiny, tmp
     assert rows[0].model_fingerprint != rows[1].model_fingerprint
     assert rows[0].data_fingerprint == rows[1].data_fingerprint
     assert not math.isclose(rows[0].value, rows[1].value)
+    backend.save_pretrained(handle.model, handle.tokenizer, tmp_path / "copy")  # same weights, another folder
+    assert model_fingerprint(backend.load(tmp_path / "copy")) == rows[1].model_fingerprint

@@ -3,7 +3,6 @@ table and chart; bad input is a plain gr.Error and records nothing."""
 import gradio as gr
 import pytest
 
-import backend
 from backend.scoring.perplexity import perplexity
 from playground import state
 from playground.tabs.evaluate import SAMPLES_DIR, build_tab, history_frames, run_evaluation

@@ -80,7 +80,7 @@ def rouge_per_example(predictions: Sequence[str], references: Sequence[str | Seq
     rows = []
     for pred, ref in zip(predictions, references):
         scores = scorer.score(ref, pred) if isinstance(ref, str) else scorer.score_multi(list(ref), pred)
-        rows.append({t: scores[t].fmeasure for t in rouge_types})
+        rows.append({t: float(scores[t].fmeasure) for t in rouge_types})
     return rows
 
 

@@ -1,4 +1,5 @@
-"""Fornax backend: load a causal LM (default / HF folder / GGUF / hub id) and generate with it."""
+"""Fornax backend, the runtime: owns the model, its config and the HF/GGUF formats, loading, tokenizer, sampling,
+generation, runners, training and `python -m backend`. Imports neither gradio nor `export`."""
 from .config import PRESETS, ModelConfig
 from .errors import FornaxError, GenerationError, ModelLoadError, TrainError, UnsupportedModelError
 from .generate import Completion, Delta, GenerationResult, Stream, Timings, TokenInfo

@@ -70,8 +70,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """The inverse of `to_dict`; a key that is not a ModelConfig field is refused, not silently dropped."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UnsupportedModelError(f"unknown model config key(s): {', '.join(map(str, unknown))}")
+        return cls(**d)
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":

@@ -1,29 +1,20 @@
 """The generation engine: prefill, decode step by step, sample, and stream text deltas.
 
-It runs on any `Runner` (eager PyTorch today; ONNX Runtime and Triton paths plug in the same way), so every
-execution path shares one sampling and streaming implementation.
+Free functions over any `Runner` (backend/runners/): every execution path shares this one loop, one sampling
+function and one streaming implementation. Logits and the sampling RNG stay on the runner's device; the only host
+sync per step is the chosen token ids (and their log-probabilities), which the streamer needs.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Callable, Iterator
 
 import torch
 
+from .runners import Runner
 from .sampling import SamplingParams, sample
 from .tokenizer import Tokenizer
-
-
-class Runner(Protocol):
-    """An execution path: a KV-cached forward pass that returns the last position's logits."""
-    weight_bytes: int
-
-    def start(self, batch: int, max_len: int) -> None:
-        """Prepare caches for `batch` sequences of up to `max_len` tokens; forgets earlier sequences."""
-
-    def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        """ids (B, T) at positions pos..pos+T-1 -> fp32 logits of the last position (B, V)."""
 
 
 @dataclass
@@ -45,16 +36,16 @@ class Completion:
     text: str
     token_ids: list[int]
     tokens: list[TokenInfo]
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" (a stop string) | "length" | "cancelled" (should_stop said so)
 
 
 @dataclass
 class Timings:
     prompt_tokens: int = 0
     new_tokens: int = 0       # summed over samples
-    ttft_s: float = 0.0       # call -> first token chosen (tokenize + prefill + sample)
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
+    ttft_s: float = 0.0       # engine start (model lock held) -> first token chosen: prefill + first sample
+    prefill_s: float = 0.0    # first forward -> first token chosen
+    decode_s: float = 0.0     # the decode steps' own time: never the consumer's time between yields
     decode_steps: int = 0
     batch: int = 1
     weight_bytes: int = 0
@@ -162,42 +153,76 @@ class Stream:
         return self.result.text
 
 
+def prefill(runner: Runner, prompt_ids: list[int], batch: int) -> torch.Tensor:
+    """Fill the cache with the prompt (the same for every sample) -> last position's logits (B, V)."""
+    ids = torch.tensor([prompt_ids] * batch, device=runner.device)
+    return runner.forward(ids, 0)
+
+
+def decode_step(runner: Runner, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+    """tokens (B,) at position pos -> next logits (B, V)."""
+    return runner.forward(tokens[:, None], pos)
+
+
+class _Clock:
+    """Engine time only: the loop stops it before every yield and starts it again after."""
+
+    def __init__(self):
+        self.total, self.since = 0.0, None
+
+    def start(self):
+        self.since = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.since is not None:
+            self.total += time.perf_counter() - self.since
+            self.since = None
+        return self.total
+
+
 @torch.inference_mode()
 def run_generation(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-                   eos_ids: set[int], vocab_size: int, t_start: float | None = None):
-    """Generator of Delta; returns the GenerationResult. Stops at EOS, a stop string, or max_new_tokens."""
-    t0 = t_start if t_start is not None else time.perf_counter()
-    B, P = params.num_samples, len(prompt_ids)
+                   eos_ids: set[int], vocab_size: int, should_stop: Callable[[], bool] | None = None):
+    """Generator of Delta; returns the GenerationResult. Stops at EOS, a stop string, max_new_tokens, or when
+    should_stop() turns true (checked before every step: Stop ends a run at the next token, timings intact)."""
+    B, P, device = params.num_samples, len(prompt_ids), runner.device
     seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     seen = counts = None
     if params.repetition_penalty != 1.0:
-        seen = torch.zeros(B, vocab_size, dtype=torch.bool)
-        seen[:, torch.tensor(prompt_ids)] = True
+        seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+        seen[:, torch.tensor(prompt_ids, device=device)] = True
     if params.presence_penalty or params.frequency_penalty:
-        counts = torch.zeros(B, vocab_size)
+        counts = torch.zeros(B, vocab_size, device=device)
+    rows = torch.arange(B, device=device)
 
+    t0 = time.perf_counter()
     runner.start(B, P + params.max_new_tokens)
-    ids = torch.tensor([prompt_ids] * B)
-    logits = runner.forward(ids, 0)                                  # (B, V)
-    t_prefill = time.perf_counter()
-    timings = Timings(prompt_tokens=P, batch=B, prefill_s=t_prefill - t0, weight_bytes=runner.weight_bytes)
-
+    t_forward = time.perf_counter()
+    logits = prefill(runner, prompt_ids, B)                          # (B, V)
+    timings = Timings(prompt_tokens=P, batch=B, weight_bytes=runner.weight_bytes)
+    clock = _Clock()
     texts = [TextAssembler(tokenizer, params.stop) for _ in range(B)]
     tokens: list[list[TokenInfo]] = [[] for _ in range(B)]
     finish: list[str | None] = [None] * B
     steps = 0
     for step in range(params.max_new_tokens):
+        if step:
+            clock.start()
+            logits = decode_step(runner, chosen, P + step - 1)
+            steps += 1
         logits = logits[:, :vocab_size]
         chosen = sample(logits, params, seen, counts, generator)     # (B,)
         logprobs = logits.float().log_softmax(dim=-1)                # raw model distribution
+        picked = torch.stack([chosen.double(), logprobs.gather(-1, chosen[:, None]).squeeze(-1).double()])
+        top = torch.topk(logprobs, params.top_logprobs, dim=-1) if params.top_logprobs else None
+        chosen_list, chosen_lp = picked.tolist()                     # the step's one host sync
         if step == 0:
             t_first = time.perf_counter()
-            timings.ttft_s = t_first - t0
-        chosen_lp = logprobs.gather(-1, chosen[:, None]).squeeze(-1).tolist()
-        top = torch.topk(logprobs, params.top_logprobs, dim=-1) if params.top_logprobs else None
-        chosen_list = chosen.tolist()
-        for b, tok in enumerate(chosen_list):
+            timings.prefill_s, timings.ttft_s = t_first - t_forward, t_first - t0
+        else:
+            clock.stop()
+        for b, tok in enumerate(map(int, chosen_list)):
             if finish[b]:
                 continue
             if tok in eos_ids and not params.ignore_eos:
@@ -213,14 +238,14 @@ def run_generation(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], 
                 finish[b] = "stop"
         if all(finish) or step == params.max_new_tokens - 1:
             break
+        if should_stop is not None and should_stop():
+            finish = [f or "cancelled" for f in finish]
+            break
         if seen is not None:
-            seen[torch.arange(B), chosen] = True
+            seen[rows, chosen] = True
         if counts is not None:
-            counts[torch.arange(B), chosen] += 1
-        logits = runner.forward(chosen[:, None], P + step)
-        steps += 1
-    timings.decode_s = time.perf_counter() - t_first
-    timings.decode_steps = steps
+            counts[rows, chosen] += 1
+    timings.decode_s, timings.decode_steps = clock.stop(), steps
     completions = []
     for b in range(B):
         rest = texts[b].flush()

@@ -8,16 +8,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .atomic import atomic_folder
 from .config import ModelConfig
 from .errors import ModelLoadError, UnsupportedModelError
+from .hf_format import write_hf_folder
 from .tokenizer import Tokenizer
 
 CONVERTER_VERSION = 1  # bump when the conversion changes, so stale caches are not reused
@@ -74,7 +74,7 @@ def read_gguf(path: Path):
     return meta, reader
 
 
-def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation (interleaved rotary pairs -> HF's rotate-half layout)."""
     half = w.shape[0] // n_head // 2
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -105,9 +105,9 @@ def gguf_to_hf_state_dict(reader, cfg: ModelConfig, arch: str, progress: Callabl
             raise UnsupportedModelError(f"GGUF tensor type {t.tensor_type.name} ({t.name}) cannot be dequantized") from e
         w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)] if w.ndim != 1 else -1)
         if arch == "llama" and parts[-1] == "attn_q":
-            w = _unpermute_rope(w, cfg.n_head)
+            w = unpermute_rope(w, cfg.n_head)
         elif arch == "llama" and parts[-1] == "attn_k":
-            w = _unpermute_rope(w, cfg.n_kv_head)
+            w = unpermute_rope(w, cfg.n_kv_head)
         if cfg.family == "gpt2" and kind == "weight" and parts[-1] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
             w = w.T  # HF GPT-2 stores Conv1D weights as (in, out)
         w = np.ascontiguousarray(w)
@@ -131,26 +131,13 @@ def convert_gguf(path: str | Path, progress: Callable | None = None) -> Path:
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | tokenizer.end_of_turn_ids())
     state = gguf_to_hf_state_dict(reader, cfg, arch, progress)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        from safetensors.torch import save_file
-
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf = cfg.to_hf_config()
-        hf["_name_or_path"] = meta.get("general.name", path.stem)
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids}, indent=2))
-        tokenizer.save(tmp)
-        (tmp / "source.json").write_text(json.dumps({"gguf": str(path), "sha256": digest}, indent=2))
-        try:
-            os.replace(tmp, target)  # atomic: a half-written cache is never seen as valid
-        except OSError:
-            if not (target / "config.json").exists():  # not a concurrent writer that won the race
-                raise
+        with atomic_folder(target) as tmp:  # a half-written cache is never seen as valid
+            write_hf_folder(tmp, cfg, tokenizer, state, {"_name_or_path": meta.get("general.name", path.stem)})
+            (tmp / "source.json").write_text(json.dumps({"gguf": str(path), "sha256": digest}, indent=2))
+    except FileExistsError:
+        if not (target / "config.json").exists():  # not a concurrent writer that won the race
+            raise ModelLoadError(f"{target} exists but holds no converted model (no config.json); delete it and retry")
     except OSError as e:
         raise ModelLoadError(f"could not write the converted model to {target.parent}: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -2,36 +2,18 @@
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import ModelConfig
 from .errors import GenerationError
-from .generate import GenerationResult, Runner, Stream, run_generation
+from .generate import GenerationResult, Stream, run_generation
 from .model import Transformer
+from .runners import PREPARABLE, Runner
+from .runners.eager import EagerRunner
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
-
-CACHE_ROUND = 256  # KV cache lengths are rounded up so consecutive requests reuse one allocation
-
-
-class EagerRunner:
-    """PyTorch eager execution of our Transformer with its static KV cache."""
-    name = "eager"
-
-    def __init__(self, model: Transformer):
-        self.model = model
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-
-    def start(self, batch: int, max_len: int) -> None:
-        cap = self.model.config.max_seq_len
-        self.model.setup_cache(batch, min(cap, -(-max_len // CACHE_ROUND) * CACHE_ROUND))
-
-    def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        device = self.model.tok_emb.weight.device
-        return self.model(ids.to(device), pos, use_cache=True, last_only=True)[:, -1].float().cpu()
 
 
 @dataclass
@@ -57,6 +39,22 @@ class ModelHandle:
         """Offer another execution path (e.g. an ONNX Runtime session of this model's export)."""
         with self._lock:
             self.runners[name] = runner
+
+    def backends(self) -> list[str]:
+        """Execution paths offered: the prepared ones, then those prepared on first use (compiled, triton)."""
+        more = [n for n in PREPARABLE if n not in self.runners] if self.model is not None else []
+        return list(self.runners) + more
+
+    def runner(self, name: str | None = None, progress=None) -> Runner:
+        """The runner called `name` (default: the handle's backend), prepared now if it is one of PREPARABLE."""
+        name = name or self.backend
+        if name not in self.runners:
+            if name not in PREPARABLE or self.model is None:
+                raise GenerationError(f"no backend {name!r}; available: {', '.join(self.backends())}")
+            with self._lock:
+                if name not in self.runners:
+                    self.runners[name] = PREPARABLE[name](self.model, progress)
+        return self.runners[name]
 
     @property
     def chat_template(self) -> str | None:
@@ -104,12 +102,13 @@ class ModelHandle:
         if self.model is None:
             with self._lock:
                 return self.runners[self.backend].full_logits(input_ids).to(dtype)
-        return self.model(input_ids.to(self.device)).to(dtype)
+        return self.model(input_ids.to(self.device)).to(dtype)  # no cache: needs no lock
 
     # --- generation ---
-    def stream(self, prompt_or_messages: str | list[dict] | list[int], backend: str | None = None, **params) -> Stream:
-        """Stream text deltas (`Delta(index, text)`); `.result` holds the GenerationResult once exhausted."""
-        t0 = time.perf_counter()
+    def stream(self, prompt_or_messages: str | list[dict] | list[int], backend: str | None = None,
+               should_stop=None, **params) -> Stream:
+        """Stream text deltas (`Delta(index, text)`); `.result` holds the GenerationResult once exhausted.
+        `should_stop()` is asked before each new token: when true the run ends there, with its timings."""
         p = SamplingParams.from_kwargs(**params)
         prompt_ids = self.encode(prompt_or_messages)
         ctx = self.config.max_seq_len
@@ -118,15 +117,12 @@ class ModelHandle:
         if len(prompt_ids) + p.max_new_tokens > ctx:
             raise GenerationError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds "
                                   f"the context of {ctx}; ask for at most {ctx - len(prompt_ids)} new tokens")
-        name = backend or self.backend
-        if name not in self.runners:
-            raise GenerationError(f"no backend {name!r}; available: {', '.join(self.runners)}")
-        runner = self.runners[name]
+        runner = self.runner(backend)
 
         def locked():
             with self._lock:
                 return (yield from run_generation(runner, self.tokenizer, prompt_ids, p, self.eos_ids,
-                                                  self.config.vocab_size, t0))
+                                                  self.config.vocab_size, should_stop))
         return Stream(locked())
 
     def generate(self, prompt_or_messages: str | list[dict] | list[int], **params) -> GenerationResult:
@@ -136,8 +132,5 @@ class ModelHandle:
         return stream.result
 
     def free(self):
-        if self.model is not None:
-            self.model.free_cache()
         for runner in self.runners.values():
-            if hasattr(runner, "past"):
-                runner.past = None
+            runner.free()

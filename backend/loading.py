@@ -13,8 +13,10 @@ import torch
 
 from .config import ModelConfig
 from .errors import FornaxError, ModelLoadError
+from .atomic import atomic_folder
 from .gguf_file import convert_gguf
 from .handle import ModelHandle
+from .hf_format import fornax_to_hf, hf_to_fornax, write_hf_folder
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -61,7 +63,7 @@ def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None 
 
 def load_onnx(folder: Path, source: str, t0: float) -> ModelHandle:
     """A handle over an exported graph (python -m export): runs on ONNX Runtime, no PyTorch weights."""
-    from .onnx_runner import OnnxRunner, read_onnx_config
+    from .runners.onnx import OnnxRunner, read_onnx_config
 
     cfg = read_onnx_config(folder)
     tokenizer = Tokenizer.from_folder(folder)
@@ -181,63 +183,6 @@ def _weight_files(folder: Path, name: str) -> list[Path]:
     return []
 
 
-def hf_to_fornax(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename HF tensors to ours: join Q/K/V and gate/up, transpose GPT-2's Conv1D weights."""
-    state = {k.removeprefix("transformer."): v for k, v in state.items()}
-    missing = []
-
-    def take(name):
-        if name not in state:
-            missing.append(name)
-            return torch.empty(0)
-        return state.pop(name)
-
-    out = {}
-    if cfg.family == "gpt2":
-        conv = lambda name: take(name).t().contiguous()  # noqa: E731 -- Conv1D (in, out) -> Linear (out, in)
-        out["tok_emb.weight"], out["pos_emb.weight"] = take("wte.weight"), take("wpe.weight")
-        for i in range(cfg.n_layer):
-            h, b = f"h.{i}.", f"blocks.{i}."
-            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-                out[b + ours + ".weight"], out[b + ours + ".bias"] = take(h + theirs + ".weight"), take(
-                    h + theirs + ".bias")
-            for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
-                                 ("mlp.down", "mlp.c_proj")):
-                out[b + ours + ".weight"], out[b + ours + ".bias"] = conv(h + theirs + ".weight"), take(
-                    h + theirs + ".bias")
-            state.pop(h + "attn.bias", None), state.pop(h + "attn.masked_bias", None)  # old causal-mask buffers
-        out["norm.weight"], out["norm.bias"] = take("ln_f.weight"), take("ln_f.bias")
-    else:
-        out["tok_emb.weight"] = take("model.embed_tokens.weight")
-        for i in range(cfg.n_layer):
-            h, b = f"model.layers.{i}.", f"blocks.{i}."
-            out[b + "attn_norm.weight"] = take(h + "input_layernorm.weight")
-            out[b + "mlp_norm.weight"] = take(h + "post_attention_layernorm.weight")
-            out[b + "attn.qkv.weight"] = torch.cat([take(h + f"self_attn.{p}_proj.weight") for p in "qkv"])
-            if cfg.qkv_bias:
-                out[b + "attn.qkv.bias"] = torch.cat([take(h + f"self_attn.{p}_proj.bias") for p in "qkv"])
-            out[b + "attn.proj.weight"] = take(h + "self_attn.o_proj.weight")
-            if cfg.out_bias:
-                out[b + "attn.proj.bias"] = take(h + "self_attn.o_proj.bias")
-            out[b + "mlp.gate_up.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
-            out[b + "mlp.down.weight"] = take(h + "mlp.down_proj.weight")
-            if cfg.mlp_bias:
-                out[b + "mlp.gate_up.bias"] = torch.cat([take(h + "mlp.gate_proj.bias"), take(h + "mlp.up_proj.bias")])
-                out[b + "mlp.down.bias"] = take(h + "mlp.down_proj.bias")
-            state.pop(h + "self_attn.rotary_emb.inv_freq", None)
-        out["norm.weight"] = take("model.norm.weight")
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-        out["lm_head.weight"] = out["tok_emb.weight"]
-    else:
-        out["lm_head.weight"] = take("lm_head.weight")
-    if missing:
-        raise ModelLoadError(f"the weights lack {len(missing)} tensor(s) this config needs, e.g. {missing[:3]}")
-    if state:
-        raise ModelLoadError(f"the weights have {len(state)} tensor(s) this config does not use, e.g. {list(state)[:3]}")
-    return out
-
-
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32,
                 device: torch.device = torch.device("cpu"), cpu_decode_layout: bool = True) -> Transformer:
     """Our Transformer holding the given HF-named weights (no random init, no extra copies)."""
@@ -261,71 +206,16 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.fl
     return model.eval()
 
 
-def fornax_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The inverse of hf_to_fornax: our tensor names -> the names (and layouts) transformers uses."""
-    nh, nkv, hd, ff = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff
-    out = {}
-    if cfg.family == "gpt2":
-        out["transformer.wte.weight"], out["transformer.wpe.weight"] = state["tok_emb.weight"], state["pos_emb.weight"]
-        for i in range(cfg.n_layer):
-            h, b = f"transformer.h.{i}.", f"blocks.{i}."
-            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-                out[h + theirs + ".weight"], out[h + theirs + ".bias"] = state[b + ours + ".weight"], state[
-                    b + ours + ".bias"]
-            for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
-                                 ("mlp.down", "mlp.c_proj")):
-                out[h + theirs + ".weight"] = state[b + ours + ".weight"].t()
-                out[h + theirs + ".bias"] = state[b + ours + ".bias"]
-        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = state["norm.weight"], state["norm.bias"]
-    else:
-        out["model.embed_tokens.weight"] = state["tok_emb.weight"]
-        for i in range(cfg.n_layer):
-            h, b = f"model.layers.{i}.", f"blocks.{i}."
-            out[h + "input_layernorm.weight"] = state[b + "attn_norm.weight"]
-            out[h + "post_attention_layernorm.weight"] = state[b + "mlp_norm.weight"]
-            for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
-                q, k, v = state[b + f"attn.qkv.{kind}"].split([nh * hd, nkv * hd, nkv * hd])
-                out[h + f"self_attn.q_proj.{kind}"], out[h + f"self_attn.k_proj.{kind}"] = q, k
-                out[h + f"self_attn.v_proj.{kind}"] = v
-            out[h + "self_attn.o_proj.weight"] = state[b + "attn.proj.weight"]
-            if cfg.out_bias:
-                out[h + "self_attn.o_proj.bias"] = state[b + "attn.proj.bias"]
-            for kind in ("weight", "bias") if cfg.mlp_bias else ("weight",):
-                gate, up = state[b + f"mlp.gate_up.{kind}"].split([ff, ff])
-                out[h + f"mlp.gate_proj.{kind}"], out[h + f"mlp.up_proj.{kind}"] = gate, up
-                out[h + f"mlp.down_proj.{kind}"] = state[b + f"mlp.down.{kind}"]
-        out["model.norm.weight"] = state["norm.weight"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["lm_head.weight"]
-    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
-
-
 def save_pretrained(model: Transformer, tokenizer: Tokenizer, folder: str | os.PathLike) -> Path:
     """Write an HF-style folder (config.json, model.safetensors, tokenizer files) that `load` and transformers read.
 
-    Written into a temporary sibling folder and renamed into place, so a crash never leaves a half-written model."""
-    import shutil
-    import tempfile
-
-    from safetensors.torch import save_file
-
+    Written into a temporary sibling folder and renamed into place (replacing what `folder` held only once the new
+    one is complete), so a crash never leaves a half-written model nor loses the previous one."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        save_file(fornax_to_hf(model.state_dict(), cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf = cfg.to_hf_config()
-        hf["_name_or_path"] = cfg.name
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids}, indent=2))
-        tokenizer.save(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        with atomic_folder(folder, replace=True) as tmp:
+            write_hf_folder(tmp, cfg, tokenizer, fornax_to_hf(model.state_dict(), cfg), {"_name_or_path": cfg.name})
     except OSError as e:
         raise ModelLoadError(f"could not save the model to {folder}: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

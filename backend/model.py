@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ops
 from .config import ModelConfig
+from .ops import TorchOps
 
 
 class Linear(nn.Linear):
@@ -36,7 +38,7 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 like HF Llama so low-precision runs match it."""
+    ops = TorchOps
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -44,11 +46,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and not torch.onnx.is_in_onnx_export():  # one fused op; same formula
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    ops = TorchOps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -72,14 +77,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate halves (HF layout): x (B, nh, T, hd), cos/sin (T, hd)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class KVCache(nn.Module):
-    """Static cache allocated once for (batch, max_len); `update` writes at `pos` and returns the filled prefix."""
+    """Static cache allocated once for (batch, max_len), written at tensor positions: every decode step has the same
+    shapes (what torch.compile and CUDA graphs need), and attention reads the whole cache under a mask."""
 
     def __init__(self, batch: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
         super().__init__()
@@ -87,54 +87,45 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
-        T = k.shape[2]
-        self.k[:, :, pos:pos + T] = k
-        self.v[:, :, pos:pos + T] = v
-        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]  # (B, nkv, pos+T, hd)
-
-
-class PastKV:
-    """Cache for graph export: past (B, nkv, P, hd) in, present (B, nkv, P + T, hd) out by concatenation."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
-
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """input_pos (T,), k/v (B, nkv, T, hd) -> the whole cache (B, nkv, S, hd) with them written in."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
 
 
 class Attention(nn.Module):
+    ops = TorchOps
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)  # given explicitly so exported graphs hold a constant
         self.qkv = Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
         self.proj = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
 
-    def forward(self, x, rope, pos: int, cache: KVCache | None, mask):
+    def forward(self, x, rope, input_pos, cache, mask):
+        """Without a cache: causal attention over x itself. With one: keys/values written at input_pos, then one
+        query (decode: `ops.decode_attention` over the filled prefix) or several (`mask` (T, S) or (B, 1, T, S))."""
         B, T, _ = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x).view(B, T, nh + 2 * nkv, hd).transpose(1, 2)  # (B, nh + 2*nkv, T, hd)
-        qk, v = qkv[:, :nh + nkv], qkv[:, nh + nkv:]
+        q, k, v = qkv.split([nh, nkv, nkv], dim=1)                      # (B, nh, T, hd), (B, nkv, T, hd) x2
         if rope is not None:
-            qk = apply_rope(qk, *rope)              # one rotation for the query and key heads together
-        q, k = qk[:, :nh], qk[:, nh:]              # (B, nh, T, hd), (B, nkv, T, hd)
-        if cache is not None:
-            k, v = cache.update(pos, k, v)         # (B, nkv, S, hd), S = pos + T
-        if mask is not None and nkv != nh:         # explicit K/V repeat: exports to ONNX as plain ops
-            k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
-        if T == 1 and nkv != nh and mask is None:
-            # One query per head: fold each KV group's queries into rows so no K/V copy is needed.
-            y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hd), k, v, scale=self.scale)  # (B, nkv, g, hd)
+            q, k = self.ops.rotary(q, k, *rope)
+        if cache is None:
+            y = self.ops.attention(q, k, v, causal=True)               # (B, nh, T, hd)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               scale=self.scale, enable_gqa=mask is None and nkv != nh)  # (B, nh, T, hd)
-        return self.proj(y.reshape(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd))
+            k, v = cache.update(input_pos, k, v)                       # (B, nkv, S, hd)
+            if mask is None:                                           # decode: positions [0, input_pos] valid
+                y = self.ops.decode_attention(q, k, v, input_pos + 1)
+            else:
+                y = ops.masked_attention(q, k, v, mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
 
 class MLP(nn.Module):
+    ops = TorchOps
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gated = cfg.family == "llama"
@@ -147,20 +138,20 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.gated:
             gate, up = self.gate_up(x).chunk(2, dim=-1)
-            return self.down(F.silu(gate) * up)
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+            return self.down(self.ops.swiglu(gate, up))
+        return self.down(self.ops.gelu_tanh(self.up(x)))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         norm = (lambda: RMSNorm(cfg.d_model, cfg.norm_eps)) if cfg.family == "llama" else (
-            lambda: nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps))
+            lambda: LayerNorm(cfg.d_model, eps=cfg.norm_eps))
         self.attn_norm, self.attn = norm(), Attention(cfg)
         self.mlp_norm, self.mlp = norm(), MLP(cfg)
 
-    def forward(self, x, rope, pos, cache, mask):
-        x = x + self.attn(self.attn_norm(x), rope, pos, cache, mask)
+    def forward(self, x, rope, input_pos, cache, mask):
+        x = x + self.attn(self.attn_norm(x), rope, input_pos, cache, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -171,7 +162,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.family == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.family == "llama" else nn.LayerNorm(
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.family == "llama" else LayerNorm(
             cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -179,15 +170,25 @@ class Transformer(nn.Module):
         self.kv_caches: list[KVCache] | None = None
         self.reset_buffers()
 
-    def reset_buffers(self, device=None):
-        """(Re)compute the rotary tables (after building on the meta device and assigning weights)."""
+    def reset_buffers(self, device=None, length: int = 0):
+        """(Re)compute the rotary tables for positions < length (at least 256; they grow on demand up to the
+        context, so a model that declares a huge context costs nothing until a sequence uses it)."""
         cfg = self.config
-        positions = torch.arange(cfg.max_seq_len, dtype=torch.float32)
+        length = min(cfg.max_seq_len, max(length, 256))
+        positions = torch.arange(length, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inv_freq(cfg))   # (S, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)               # (S, hd)
         device = device or self.tok_emb.weight.device
         self.register_buffer("rope_cos", emb.cos().to(device), persistent=False)
         self.register_buffer("rope_sin", emb.sin().to(device), persistent=False)
+
+    def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (S >= length, hd), rebuilt larger first if needed (outside any compiled region)."""
+        if length > self.rope_cos.shape[0]:
+            if length > self.config.max_seq_len:
+                raise ValueError(f"sequence of {length} tokens exceeds the context of {self.config.max_seq_len}")
+            self.reset_buffers(self.rope_cos.device, 1 << (length - 1).bit_length())
+        return self.rope_cos, self.rope_sin
 
     def contiguous_layout(self):
         """Row-major weights again (for training and graph export)."""
@@ -221,8 +222,11 @@ class Transformer(nn.Module):
 
     # --- KV cache ---
     def setup_cache(self, batch: int, max_len: int):
-        """Allocate the static KV cache once; reused while it is large enough."""
+        """Allocate the static KV cache once; reused while it is large enough (same shapes: no recompilation)."""
         cfg, w = self.config, self.tok_emb.weight
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"a cache of {max_len} tokens exceeds the context of {cfg.max_seq_len}")
+        self.rope_tables(max_len)
         if self.kv_caches is not None:
             k = self.kv_caches[0].k
             if k.shape[0] == batch and k.shape[2] >= max_len and k.dtype == w.dtype and k.device == w.device:
@@ -238,56 +242,35 @@ class Transformer(nn.Module):
         return 0 if self.kv_caches is None else self.kv_caches[0].k.shape[2]
 
     # --- forward ---
-    def rope(self, pos: int, T: int, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.pos_emb is not None:
-            return None
-        return self.rope_cos[pos:pos + T].to(dtype), self.rope_sin[pos:pos + T].to(dtype)  # (T, hd) each
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
+                last_index: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, V).
 
-    def forward(self, idx: torch.Tensor, pos: int = 0, use_cache: bool = False,
-                last_only: bool = False) -> torch.Tensor:
-        """idx (B, T) token ids starting at position `pos` -> logits (B, T, V), or (B, 1, V) if last_only.
-
-        With use_cache the keys/values are written to the static cache (see setup_cache) at pos..pos+T.
+        input_pos None: a whole sequence from position 0, no cache (training, scoring). input_pos (T,) int64: the
+        positions of idx; keys/values go to the static cache (see setup_cache), attention reads the whole cache
+        under a mask. last_index (1,): only that position's logits (B, 1, V) — prefill needs no more.
         """
         B, T = idx.shape
-        if pos + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds the context of {self.config.max_seq_len}")
-        if use_cache and (self.kv_caches is None or pos + T > self.cache_len):
-            raise RuntimeError("KV cache too small: call setup_cache(batch, max_len) first")
-        x = self.tok_emb(idx)                                          # (B, T, d)
+        if input_pos is None:
+            cos, sin = self.rope_tables(T)
+            positions, caches, mask = None, [None] * len(self.blocks), None
+            rope = (cos[:T], sin[:T])                                   # (T, hd) each
+        else:
+            if self.kv_caches is None:
+                raise RuntimeError("no KV cache: call setup_cache(batch, max_len) first")
+            positions, caches = input_pos, self.kv_caches
+            rope = (self.rope_cos[input_pos], self.rope_sin[input_pos])  # (T, hd) each
+            mask = None
+            if T > 1:  # each query sees the cache up to its own position
+                mask = torch.arange(self.cache_len, device=idx.device)[None, :] <= input_pos[:, None]  # (T, S)
+        x = self.tok_emb(idx)                                           # (B, T, d)
         if self.pos_emb is not None:
-            x = x + self.pos_emb.weight[pos:pos + T]
-        rope = self.rope(pos, T, x.dtype)
-        mask = None
-        if use_cache and pos > 0 and T > 1:  # a chunk after cached tokens: causal within the chunk, all before it
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=idx.device).tril(diagonal=pos)
-        caches = self.kv_caches if use_cache else [None] * len(self.blocks)
+            x = x + (self.pos_emb.weight[:T] if positions is None else self.pos_emb(positions))
+            rope = None
+        else:
+            rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
         for block, cache in zip(self.blocks, caches):
-            x = block(x, rope, pos, cache, mask)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))                              # (B, T, V)
-
-    def forward_with_past(self, idx: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          past: list[tuple[torch.Tensor, torch.Tensor]]):
-        """The exported graph's forward: explicit positions, a padding mask, and past keys/values in -> logits and
-        present keys/values out. idx, position_ids (B, T); attention_mask (B, P + T) with 1 for real tokens."""
-        B, T = idx.shape
-        P = past[0][0].shape[2]
-        x = self.tok_emb(idx)                                                  # (B, T, d)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(position_ids)
-        rope = None
-        if self.pos_emb is None:
-            rope = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)  # (B, 1, T, hd)
-        keys = torch.arange(P + T, device=idx.device)
-        queries = torch.arange(T, device=idx.device) + P
-        causal = keys[None, :] <= queries[:, None]                             # (T, P + T)
-        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, P + T)
-        allowed = allowed | (keys[None, :] == queries[:, None])[None, None]    # a padded query still sees itself
-        # additive float mask, built once for all layers (a boolean one is converted again in every layer's graph)
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
-        caches = [PastKV(k, v) for k, v in past]
-        for block, cache in zip(self.blocks, caches):
-            x = block(x, rope, 0, cache, mask)
-        return self.lm_head(self.norm(x)), [(c.k, c.v) for c in caches]
+            x = block(x, rope, positions, cache, mask)
+        if last_index is not None:
+            x = x.index_select(1, last_index)                           # (B, 1, d)
+        return self.lm_head(self.norm(x))                               # (B, T, V)

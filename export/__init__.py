@@ -1,5 +1,7 @@
-"""Fornax export: ONNX graphs with KV cache, onnxruntime quantisation, parity checks (python -m export)."""
+"""Fornax export: owns turning a backend model into something to ship — ONNX graphs with KV cache, onnxruntime
+and GGUF-block quantisation, parity checks, the export cache and zip packaging (`python -m export`)."""
 from .onnx_export import QUANTS, ExportError, export
+from .package import zip_export
 from .verify import format_report, verify_export
 
-__all__ = ["export", "verify_export", "format_report", "ExportError", "QUANTS"]
+__all__ = ["export", "verify_export", "format_report", "zip_export", "ExportError", "QUANTS"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from backend.handle import ModelHandle
-from backend.onnx_runner import OnnxRunner, read_onnx_config
+from backend.runners.onnx import OnnxRunner, read_onnx_config
 
 from .cache import cached_export
 from .onnx_export import MODEL_FILE, ExportError
@@ -37,7 +37,7 @@ def attach_onnx(handle: ModelHandle, quant: str, progress: Callable[[float, str]
     name = runner_name(quant)
     if name not in handle.runners:
         folder = export_for(handle, quant, progress)
-        handle.add_runner(name, OnnxRunner(folder / MODEL_FILE, read_onnx_config(folder)))
+        handle.add_runner(name, OnnxRunner(folder / MODEL_FILE, read_onnx_config(folder), name=name))
     return name
 
 

@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from backend.config import ModelConfig
-from backend.gguf_file import _unpermute_rope
+from backend.gguf_file import unpermute_rope
 
 BLOCK = 32
 
@@ -70,7 +70,7 @@ def stack(parts: list[QuantizedLinear]) -> QuantizedLinear | None:
 
 def unpermute(ql: QuantizedLinear, n_head: int) -> QuantizedLinear:
     """llama.cpp stores Q/K rows permuted for its rotary layout; reorder rows as the converter does."""
-    f = lambda a: None if a is None else np.ascontiguousarray(_unpermute_rope(a, n_head))  # noqa: E731
+    f = lambda a: None if a is None else np.ascontiguousarray(unpermute_rope(a, n_head))  # noqa: E731
     return QuantizedLinear(f(ql.q), f(ql.scales), ql.zero_point, ql.bits, f(ql.offsets))
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backend.model import Transformer, apply_rope
+from backend.model import Transformer
+from backend.ops import rotate_half
 
 
 class GroupQueryAttention(torch.autograd.Function):
@@ -25,7 +26,7 @@ class GroupQueryAttention(torch.autograd.Function):
         k = k.view(B, T, n_kv_head, hd).transpose(1, 2)              # (B, nkv, T, hd)
         v = v.view(B, T, n_kv_head, hd).transpose(1, 2)
         rope = torch.cat([cos, cos], -1)[P:P + T], torch.cat([sin, sin], -1)[P:P + T]  # (T, hd)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = rotate_half(q, *rope), rotate_half(k, *rope)
         k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)  # (B, nkv, P + T, hd)
         mask = torch.ones(T, P + T, dtype=torch.bool).tril(diagonal=P)
         reps = n_head // n_kv_head
@@ -47,8 +48,9 @@ class GqaGraph(torch.nn.Module):
         super().__init__()
         self.model = model
         half = model.config.head_dim // 2
-        self.register_buffer("cos_cache", model.rope_cos[:, :half].clone(), persistent=False)  # (S, hd/2)
-        self.register_buffer("sin_cache", model.rope_sin[:, :half].clone(), persistent=False)
+        cos, sin = model.rope_tables(model.config.max_seq_len)  # the graph serves any position of the context
+        self.register_buffer("cos_cache", cos[:, :half].clone(), persistent=False)  # (S, hd/2)
+        self.register_buffer("sin_cache", sin[:, :half].clone(), persistent=False)
 
     def forward(self, input_ids, attention_mask, position_ids, *past_flat):
         m, cfg = self.model, self.model.config

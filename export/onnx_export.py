@@ -1,17 +1,9 @@
-"""Export any model `backend.load` accepts as one ONNX graph with KV cache, then optimise and quantise it.
-
-Graph interface (the one optimum's ORTModelForCausalLM reads):
-  inputs  input_ids (B, S) int64, attention_mask (B, P+S) int64, position_ids (B, S) int64,
-          past_key_values.{i}.key / .value (B, n_kv_heads, P, head_dim) float32
-  outputs logits (B, S, V) float32, present.{i}.key / .value (B, n_kv_heads, P+S, head_dim)
-One graph serves prefill (P = 0) and decode (S = 1).
-"""
+"""Export any model `backend.load` accepts as one ONNX graph with KV cache (interface: export/graph.py), then
+optimise and quantise it."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,12 +11,16 @@ from typing import Callable
 
 import torch
 
+from backend.atomic import atomic_folder
 from backend.config import ModelConfig
 from backend.errors import FornaxError
+from backend.hf_format import write_hf_folder
 from backend.loading import build_model, read_hf_folder, resolve
+from backend.runners.onnx import io_names
 from backend.tokenizer import Tokenizer
 
 from .gqa_graph import GqaGraph
+from .graph import GraphWrapper
 
 QUANTS = ("none", "int8", "int4")
 EXPORT_VERSION = 4  # bump when graphs change, so cached exports are made again
@@ -35,25 +31,6 @@ PROTOBUF_LIMIT = 2 * 1024**3  # weights beyond this go to external data files
 
 class ExportError(FornaxError):
     """The export could not be written or checked."""
-
-
-class GraphWrapper(torch.nn.Module):
-    """Flat tensors in and out, as an ONNX graph needs them."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
-        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
-        logits, present = self.model.forward_with_past(input_ids, position_ids, attention_mask, past)
-        return (logits, *[t for kv in present for t in kv])
-
-
-def io_names(n_layer: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
 def check_out_dir(out: Path) -> None:
@@ -146,12 +123,7 @@ def quantize_model(source: str, folder: Path, model, src: Path, dst: Path, quant
 
 def write_side_files(folder: Path, cfg: ModelConfig, tokenizer: Tokenizer, info: dict) -> None:
     """What a user needs to run the graph elsewhere: HF config, generation config, tokenizer, our own config."""
-    hf = cfg.to_hf_config()
-    hf["use_cache"] = True
-    (folder / "config.json").write_text(json.dumps(hf, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids}, indent=2))
-    tokenizer.save(folder)
+    write_hf_folder(folder, cfg, tokenizer, None, {"use_cache": True})
     (folder / "fornax.json").write_text(json.dumps({"config": cfg.to_dict(), **info}, indent=2))
 
 
@@ -169,39 +141,33 @@ def export(source: str, out: str | os.PathLike, quant: str = "none", verify: boo
     cfg, state = read_hf_folder(folder)
     tokenizer = Tokenizer.from_folder(folder)
     model = build_model(cfg, state, torch.float32, torch.device("cpu"), cpu_decode_layout=False)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)
     try:
-        say(0.2, "exporting the graph")
-        fp32 = tmp / (MODEL_FILE if quant == "none" else "model_fp32.onnx")
-        export_fp32(model, fp32)
-        check_graph(fp32)
-        sizes = {"fp32": _size(fp32)}
-        method = None
-        if quant != "none":
-            say(0.5, f"quantising to {quant}")
-            method = quantize_model(source, folder, model, fp32, tmp / MODEL_FILE, quant)
-            check_graph(tmp / MODEL_FILE)
-            sizes[quant] = _size(tmp / MODEL_FILE)
-            for f in tmp.glob("model_fp32.onnx*"):
-                f.unlink()
-        info = {"source": source, "quant": quant, "quant_method": method, "opset": OPSET, "sizes_bytes": sizes,
-                "export_seconds": round(time.perf_counter() - t0, 1)}
-        write_side_files(tmp, cfg, tokenizer, info)
-        if verify:
-            from .verify import save_report, verify_export
+        with atomic_folder(out, mode=0o755) as tmp:  # the folder appears whole or not at all
+            say(0.2, "exporting the graph")
+            fp32 = tmp / (MODEL_FILE if quant == "none" else "model_fp32.onnx")
+            export_fp32(model, fp32)
+            check_graph(fp32)
+            sizes = {"fp32": _size(fp32)}
+            method = None
+            if quant != "none":
+                say(0.5, f"quantising to {quant}")
+                method = quantize_model(source, folder, model, fp32, tmp / MODEL_FILE, quant)
+                check_graph(tmp / MODEL_FILE)
+                sizes[quant] = _size(tmp / MODEL_FILE)
+                for f in tmp.glob("model_fp32.onnx*"):
+                    f.unlink()
+            info = {"source": source, "quant": quant, "quant_method": method, "opset": OPSET, "sizes_bytes": sizes,
+                    "export_seconds": round(time.perf_counter() - t0, 1)}
+            write_side_files(tmp, cfg, tokenizer, info)
+            if verify:
+                from .verify import save_report, verify_export
 
-            say(0.8, "checking parity against the eager model")
-            info["report"] = verify_export(tmp, model=model, tokenizer=tokenizer)
-            save_report(tmp, info["report"])
-            (tmp / "fornax.json").write_text(json.dumps({"config": cfg.to_dict(), **info}, indent=2))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)  # the folder appears whole or not at all
+                say(0.8, "checking parity against the eager model")
+                info["report"] = verify_export(tmp, model=model, tokenizer=tokenizer)
+                save_report(tmp, info["report"])
+                (tmp / "fornax.json").write_text(json.dumps({"config": cfg.to_dict(), **info}, indent=2))
     except OSError as e:
         raise ExportError(f"could not write the export to {out}: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     say(1.0, "done")
     return info
 

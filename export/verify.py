@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from backend.handle import ModelHandle
-from backend.onnx_runner import OnnxRunner, read_onnx_config
+from backend.runners.onnx import OnnxRunner, read_onnx_config
 from backend.scoring.agreement import logits_agreement
 
 GREEDY_TOKENS = 64

@@ -1,4 +1,5 @@
-"""Fornax playground: the Gradio app over `backend` (UI glue only; no model logic lives here).
+"""Fornax playground: owns the Gradio app over `backend` and `export` — tabs, handlers, rendering, the shared
+model slot. UI glue only: no model, export or training logic lives here.
 
 Names are imported on first use, so `python -m playground --help` answers without loading torch and gradio.
 """

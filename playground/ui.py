@@ -11,13 +11,13 @@ import logging
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import gradio as gr
 
 import backend
 from export.attach import ONNX_BACKENDS, PRECISIONS, attach_onnx, export_for, export_summary
+from export.package import zip_export
 
 from . import finetune, render
 from .state import current
@@ -245,24 +245,11 @@ def export_model(precision: str, progress=gr.Progress()):
         folder = export_for(handle, quant, progress=lambda f, m: progress(0.9 * f, desc=m))
         name = attach_onnx(handle, quant)
     progress(0.92, desc="packing the download")
-    archive = zipped(folder, f"{current.info()['name']}-onnx-{precision}")
+    archive = zip_export(folder, Path(tempfile.gettempdir()) / "fornax-exports" / folder.name,
+                         f"{current.info()['name']}-onnx-{precision}")
     report = render.export_report(export_summary(folder), precision, str(folder), render.BACKEND_LABELS[name])
     info = current.info()
     return report, str(archive), backend_dropdown(info, name), render.model_card(info)
-
-
-def zipped(folder: Path, stem: str) -> Path:
-    """The export folder as one .zip in the temp dir (where Gradio may serve files from), made once per folder.
-    Stored, not deflated: ONNX weights barely compress and deflating hundreds of MB takes long."""
-    out = Path(tempfile.gettempdir()) / "fornax-exports" / folder.name / f"{stem.replace('/', '_')}.zip"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_suffix(".zip.part")
-        with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as z:
-            for f in sorted(folder.iterdir()):
-                z.write(f, f"{stem}/{f.name}")
-        partial.replace(out)
-    return out
 
 
 @user_errors

@@ -17,25 +17,24 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import ScoringError
+from ..errors import FornaxError, ScoringError
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids (B, T) int64 -> logits (B, T, V)
 DEFAULT_MAX_LENGTH = 1024  # windows of the model's context would make (T, V) fp32 logits of GBs for an 8k context
 
 
 def handle_logits_fn(handle, backend: str | None = None) -> LogitsFn:
-    """A loaded model's full forward on the chosen execution path (None: the handle's own `logits`)."""
+    """A loaded model's full forward on the chosen execution path (None: the handle's own `logits`). A backend
+    prepared on first use (compiled, triton) is prepared here, as generation would."""
     if backend is None:
         return handle.logits
-    runners = getattr(handle, "runners", {})
-    if backend not in runners:
-        raise ScoringError(f"no backend {backend!r}; available: {', '.join(runners) or 'none'}")
-    runner = runners[backend]
-    if hasattr(runner, "full_logits"):
-        return lambda ids: runner.full_logits(ids).float()
-    if backend == getattr(handle, "backend", None) or backend == "eager":
-        return handle.logits
-    raise ScoringError(f"backend {backend!r} cannot run a whole sequence at once (no full_logits)")
+    try:
+        runner = handle.runner(backend)
+    except FornaxError as e:
+        raise ScoringError(str(e)) from e
+    if not hasattr(runner, "full_logits"):
+        raise ScoringError(f"backend {backend!r} cannot run a whole sequence at once (no full_logits)")
+    return lambda ids: runner.full_logits(ids).float()
 
 
 def check_window(max_length: int, stride: int | None, context: int | None = None) -> tuple[int, int]:

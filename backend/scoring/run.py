@@ -86,7 +86,7 @@ def evaluate_model(handle, metrics: Sequence[str], data, *, source: str | None =
                 other = against or ("eager" if backend_name != "eager" else None)
                 if other is None or other == backend_name:
                     raise ScoringError(f"agreement compares two backends: give --against NAME (available: "
-                                       f"{', '.join(handle.runners)})")
+                                       f"{', '.join(handle.backends())})")
                 result = backend_agreement(ppl.handle_logits_fn(handle, backend_name),
                                            ppl.handle_logits_fn(handle, other), token_ids, max_length, stride,
                                            context, on_window=lambda: bar.update(1))

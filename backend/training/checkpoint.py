@@ -16,12 +16,12 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..atomic import atomic_folder
 from ..errors import TrainError
 
 PREFIX = "checkpoint-"
@@ -64,20 +64,12 @@ def save_checkpoint(out: Path, step: int, weights: dict[str, torch.Tensor], trai
         return final
     for stale in out.glob(f".{PREFIX}*.tmp-*"):  # left by a write that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step:06d}.tmp-", dir=out))
-    try:
+    with atomic_folder(final) as tmp:  # on disk (fsync) before the rename makes the checkpoint visible
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
         torch.save(trainer, tmp / "trainer.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
         if extra is not None:
             extra(tmp)
-        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for _, old in list_checkpoints(out)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -31,7 +31,7 @@ from ..errors import TrainError
 from .checkpoint import write_json_atomic
 from .config import TrainConfig
 from .data import read_records
-from .loop import CANCEL_FILE, STATE_FILE, _check_out
+from .loop import CANCEL_FILE, STATE_FILE, check_out_folder
 
 ACTIVE = ("starting", "running")
 REPO = Path(__file__).resolve().parents[2]  # the folder that holds the `backend` package
@@ -75,7 +75,7 @@ class JobManager:
                 if st["status"] in ACTIVE:
                     raise TrainError(f"job {job} is still {st['status']} (training into {st['out_dir']}); one "
                                      f"training job runs at a time: wait for it or cancel it")
-            _check_out(Path(cfg.out), cfg)
+            check_out_folder(Path(cfg.out), cfg)
             return self._spawn(cfg)
 
     def _spawn(self, cfg: TrainConfig) -> str:

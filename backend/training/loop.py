@@ -101,8 +101,8 @@ def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig, devic
     return optimizer, scheduler
 
 
-# --- evaluation ---
-def _check_out(out: Path, cfg: TrainConfig) -> Path | None:
+# --- the output folder and resuming ---
+def check_out_folder(out: Path, cfg: TrainConfig) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run; refuses a folder that holds anything else."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"the output {out} is a file; give a folder")
@@ -170,7 +170,7 @@ def train(cfg: TrainConfig, job_dir: str | Path | None = None, should_stop: Call
 def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter, stop, progress: bool) -> dict:
     out = Path(cfg.out).expanduser()
     records = read_records(cfg.data, cfg.task)
-    resume_from = _check_out(out, cfg)
+    resume_from = check_out_folder(out, cfg)
     fingerprint = _fingerprint(cfg.data)
     weights = trainer = meta = None
     if resume_from is not None:

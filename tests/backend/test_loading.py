@@ -274,3 +274,13 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
         assert ours.encode(sample) == theirs(sample)["input_ids"], sample[:40]
         assert ours.decode(ours.encode(sample), skip_special_tokens=True) == theirs.decode(
             theirs(sample)["input_ids"], skip_special_tokens=True)
+
+
+def test_model_config_from_dict_round_trips_and_refuses_unknown_keys():
+    from backend.config import PRESETS, ModelConfig
+
+    for name in PRESETS:
+        cfg = ModelConfig.from_name(name)
+        assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(UnsupportedModelError, match="unknown model config key.*n_layers"):
+        ModelConfig.from_dict({**ModelConfig.from_name("tiny-llama").to_dict(), "n_layers": 3})

@@ -170,7 +170,7 @@ def test_int4_of_a_q4_1_gguf_reuses_its_blocks_exactly(tmp_path, monkeypatch):
 
     import export.gguf_blocks as gb
     import export.onnx_export as ox
-    from backend.onnx_runner import OnnxRunner, read_onnx_config
+    from backend.runners.onnx import OnnxRunner, read_onnx_config
     from tests.backend.test_loading import write_gguf
 
     monkeypatch.setenv("FORNAX_CACHE", str(tmp_path / "cache"))

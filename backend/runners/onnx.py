@@ -1,4 +1,6 @@
-"""ONNX Runtime execution path: the exported graph (see export/) behind the same Runner interface as eager.
+"""ONNX Runtime execution path: an exported graph behind the same Runner interface as eager.
+
+This module owns the graph's input/output contract (`io_names`); export/ writes graphs to it.
 
 Keys and values stay in ONNX Runtime's own memory between steps: each step's `present` outputs are bound
 straight back as the next step's `past` inputs (IO binding), so the cache never round-trips through numpy.
@@ -12,10 +14,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .errors import ModelLoadError
+from ..config import ModelConfig
+from ..errors import ModelLoadError
 
 MODEL_FILE = "model.onnx"
+
+
+def io_names(n_layer: int) -> tuple[list[str], list[str]]:
+    """The graph's inputs and outputs, in order (optimum's names): input_ids (B, S), attention_mask (B, P+S),
+    position_ids (B, S), past_key_values.{i}.key/value (B, nkv, P, hd) -> logits (B, S, V), present.{i}.key/value
+    (B, nkv, P+S, hd). Graphs with fused GroupQueryAttention have no position_ids (positions come from the mask)."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
 def providers() -> list[str]:
@@ -37,13 +48,11 @@ def read_onnx_config(folder: Path) -> ModelConfig:
 
 
 class OnnxRunner:
-    name = "onnx"
-
-    def __init__(self, path: str | Path, config: ModelConfig, threads: int | None = None):
+    def __init__(self, path: str | Path, config: ModelConfig, threads: int | None = None, name: str = "onnx"):
         import onnxruntime as ort
 
         path = Path(path)
-        self.path, self.config = path, config
+        self.path, self.config, self.name = path, config, name
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
@@ -53,10 +62,12 @@ class OnnxRunner:
             self.session = ort.InferenceSession(str(path), opts, providers=providers())
         except Exception as e:
             raise ModelLoadError(f"{path} is not a loadable ONNX model: {str(e).strip()[:300]}") from e
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        # where ORT keeps keys/values; logits always come back to the CPU, where sampling then runs
+        self.ort_device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.device = torch.device("cpu")
         names = {i.name for i in self.session.get_inputs()}
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(config.n_layer) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(config.n_layer) for kv in ("key", "value")]
+        inputs, outputs = io_names(config.n_layer)
+        self.past_names, self.present_names = inputs[3:], outputs[1:]
         # Graphs with fused GroupQueryAttention read positions from the mask and can update one preallocated
         # K/V buffer in place (past and present bound to the same memory); the generic graph concatenates.
         self.takes_positions = "position_ids" in names
@@ -69,7 +80,7 @@ class OnnxRunner:
         # gathers one row only
         file_bytes = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
         self.weight_bytes = max(file_bytes - config.vocab_size * config.d_model * 4, file_bytes // 2)
-        self.batch, self.past = 1, None
+        self.batch, self.past, self.kv = 1, None, None
 
     def start(self, batch: int, max_len: int) -> None:
         import onnxruntime as ort
@@ -78,7 +89,7 @@ class OnnxRunner:
         if self.shared_kv:  # allocated once per generation, written in place by every step
             cfg = self.config
             shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
-            self.kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device)
+            self.kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.ort_device)
                        for _ in self.past_names]
 
     def _run(self, ids: np.ndarray, pos: int, past) -> tuple[np.ndarray, list]:
@@ -93,12 +104,12 @@ class OnnxRunner:
             io.bind_cpu_input("position_ids", np.broadcast_to(np.arange(pos, pos + T, dtype=np.int64), (B, T)).copy())
         if past is None:
             empty = np.zeros((B, cfg.n_kv_head, 0, cfg.head_dim), dtype=np.float32)
-            past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device)] * len(self.past_names)
+            past = [ort.OrtValue.ortvalue_from_numpy(empty, self.ort_device)] * len(self.past_names)
         for name, value in zip(self.past_names, past):
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits", "cpu")
         for name in self.present_names:
-            io.bind_output(name, self.device)
+            io.bind_output(name, self.ort_device)
         self.session.run_with_iobinding(io)
         out = io.get_outputs()
         return out[0].numpy(), out[1:]
@@ -126,3 +137,6 @@ class OnnxRunner:
         """A full forward without cache: (B, T) -> (B, T, V)."""
         logits, _ = self._run(ids.numpy(), 0, None)
         return torch.from_numpy(logits)
+
+    def free(self) -> None:
+        self.past = self.kv = None

@@ -1,0 +1,65 @@
+"""The exported graph's forward: our Transformer's blocks with explicit positions, a padding mask and past keys/values
+in, logits and present keys/values out (optimum's interface). Export-only; the model itself knows none of it.
+
+Graph interface (the one optimum's ORTModelForCausalLM reads):
+  inputs  input_ids (B, S) int64, attention_mask (B, P+S) int64, position_ids (B, S) int64,
+          past_key_values.{i}.key / .value (B, n_kv_heads, P, head_dim) float32
+  outputs logits (B, S, V) float32, present.{i}.key / .value (B, n_kv_heads, P+S, head_dim)
+One graph serves prefill (P = 0) and decode (S = 1). The runner's side of this contract is
+`backend.runners.onnx.GraphIO`.
+"""
+from __future__ import annotations
+
+import torch
+
+from backend.model import Transformer
+
+
+class PastKV:
+    """Cache for graph export: past (B, nkv, P, hd) in, present (B, nkv, P + T, hd) out by concatenation."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def update(self, input_pos, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+def forward_with_past(model: Transformer, idx: torch.Tensor, position_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]]):
+    """idx, position_ids (B, T); attention_mask (B, P + T) with 1 for real tokens; past [(k, v)] per layer
+    -> logits (B, T, V), present [(k, v)] per layer."""
+    B, T = idx.shape
+    P = past[0][0].shape[2]
+    x = model.tok_emb(idx)                                                 # (B, T, d)
+    rope = None
+    if model.pos_emb is not None:
+        x = x + model.pos_emb(position_ids)
+    else:
+        cos, sin = model.rope_tables(model.config.max_seq_len)
+        rope = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)  # (B, 1, T, hd)
+    keys = torch.arange(P + T, device=idx.device)
+    queries = torch.arange(T, device=idx.device) + P
+    causal = keys[None, :] <= queries[:, None]                             # (T, P + T)
+    allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, P + T)
+    allowed = allowed | (keys[None, :] == queries[:, None])[None, None]    # a padded query still sees itself
+    # additive float mask, built once for all layers (a boolean one is converted again in every layer's graph)
+    mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
+    caches = [PastKV(k, v) for k, v in past]
+    for block, cache in zip(model.blocks, caches):
+        x = block(x, rope, None, cache, mask)
+    return model.lm_head(model.norm(x)), [(c.k, c.v) for c in caches]
+
+
+class GraphWrapper(torch.nn.Module):
+    """Flat tensors in and out, as an ONNX graph needs them."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
+        logits, present = forward_with_past(self.model, input_ids, position_ids, attention_mask, past)
+        return (logits, *[t for kv in present for t in kv])

@@ -29,9 +29,11 @@ def label_scores(logits_fn: LogitsFn, tokenizer, texts: Sequence[str], labels: S
         for label in labels:
             _, answer = classify_example(tokenizer, text, label, seq_len)
             rows.add(prompt + answer, [False] * len(prompt) + [True] * len(answer))
-    scores = []
-    for i in range(0, len(rows), batch_rows):
-        x, y = rows.batch(list(range(i, min(len(rows), i + batch_rows))))     # (B, T) each
+    scores, i = [], 0
+    while i < len(rows):
+        index = _batch_within(rows, i, batch_rows, LOGITS_BUDGET // (4 * max(1, vocab_size(tokenizer))))
+        i += len(index)
+        x, y = rows.batch(index)                                               # (B, T) each
         logits = logits_fn(x).float()                                          # (B, T, V)
         y = y.to(logits.device)
         # log p(target) = logit[target] - logsumexp(logits), without a second (B, T, V) tensor
@@ -40,6 +42,24 @@ def label_scores(logits_fn: LogitsFn, tokenizer, texts: Sequence[str], labels: S
         if on_batch is not None:
             on_batch(len(x))
     return torch.cat(scores).view(len(texts), len(labels))
+
+
+LOGITS_BUDGET = 512 * 1024**2  # bytes of fp32 logits one batch may make: long rows go in smaller batches
+
+
+def vocab_size(tokenizer) -> int:
+    return getattr(tokenizer, "vocab_size", 0) or 0
+
+
+def _batch_within(rows: Sequences, start: int, most: int, max_tokens: int) -> list[int]:
+    """Rows start.. for one batch: at most `most`, and (padded to the longest) at most max_tokens positions."""
+    index, longest = [start], len(rows.ids[start])
+    for j in range(start + 1, min(len(rows), start + most)):
+        longest = max(longest, len(rows.ids[j]))
+        if longest * (len(index) + 1) > max_tokens:
+            break
+        index.append(j)
+    return index
 
 
 def classification_report(predictions: Sequence[str], references: Sequence[str], labels: Sequence[str]) -> dict:

@@ -21,6 +21,7 @@ from ..errors import FornaxError, ScoringError
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids (B, T) int64 -> logits (B, T, V)
 DEFAULT_MAX_LENGTH = 1024  # windows of the model's context would make (T, V) fp32 logits of GBs for an 8k context
+MAX_WINDOW_LOGITS_BYTES = 1024**3  # one window's fp32 logits (max_length x vocabulary x 4 bytes) at most
 
 
 def handle_logits_fn(handle, backend: str | None = None) -> LogitsFn:
@@ -37,12 +38,18 @@ def handle_logits_fn(handle, backend: str | None = None) -> LogitsFn:
     return lambda ids: runner.full_logits(ids).float()
 
 
-def check_window(max_length: int, stride: int | None, context: int | None = None) -> tuple[int, int]:
-    """(max_length, stride) checked; stride None = max_length // 2, as the recipe's 1024 / 512."""
+def check_window(max_length: int, stride: int | None, context: int | None = None, vocab: int | None = None
+                 ) -> tuple[int, int]:
+    """(max_length, stride) checked; stride None = max_length // 2, as the recipe's 1024 / 512. With the
+    vocabulary size, a window whose logits would pass MAX_WINDOW_LOGITS_BYTES is refused before it is allocated."""
     if not isinstance(max_length, int) or max_length < 2:
         raise ScoringError(f"max_length must be an integer >= 2 (a window needs a token of context), not {max_length}")
     if context is not None and max_length > context:
         raise ScoringError(f"max_length {max_length} exceeds the model's context of {context} tokens")
+    if vocab and max_length * vocab * 4 > MAX_WINDOW_LOGITS_BYTES:
+        raise ScoringError(f"a window of {max_length} tokens makes {max_length * vocab * 4 / 1024**3:.1f} GiB of "
+                           f"logits ({vocab} per token); use a max_length of at most "
+                           f"{MAX_WINDOW_LOGITS_BYTES // (4 * vocab)}")
     stride = max(1, max_length // 2) if stride is None else stride
     if not isinstance(stride, int) or stride < 1:
         raise ScoringError(f"stride must be a positive integer, not {stride}")
@@ -91,9 +98,9 @@ def token_nll(logits_fn: LogitsFn, ids: Sequence[int], max_length: int, stride: 
 
 def perplexity(logits_fn: LogitsFn, token_ids: Sequence[Sequence[int]], max_length: int = DEFAULT_MAX_LENGTH,
                stride: int | None = None, context: int | None = None, names: Sequence[str] | None = None,
-               on_window: Callable[[], None] | None = None) -> dict:
+               on_window: Callable[[], None] | None = None, vocab: int | None = None) -> dict:
     """Corpus perplexity over the sequences (their tokens pooled), each sequence's own, and the token count."""
-    max_length, stride = check_window(max_length, stride, context)
+    max_length, stride = check_window(max_length, stride, context, vocab)
     check_sequences(token_ids, names)
     nll = [token_nll(logits_fn, ids, max_length, stride, on_window) for ids in token_ids]
     total = sum(float(x.double().sum()) for x in nll)

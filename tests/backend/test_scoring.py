@@ -13,7 +13,7 @@ from backend.errors import ScoringError
 from backend.loading import default_gguf_path
 from backend.scoring.agreement import backend_agreement, logits_agreement
 from backend.scoring.modules import METRICS, compute_metric, load_metric, metric_path
-from backend.scoring.perplexity import perplexity, windows
+from backend.scoring.perplexity import check_window, perplexity, windows
 from backend.scoring.scores import confusion, precision_recall_f1
 from tests.backend.tiny import corpus_text, make_tiny
 
@@ -76,6 +76,30 @@ def test_perplexity_pools_tokens_over_texts(tiny):
     pooled = math.exp(sum(math.log(p) * (len(x) - 1) for p, x in zip(each, ids)) / sum(len(x) - 1 for x in ids))
     assert got["perplexities"] == pytest.approx(each, rel=1e-5)
     assert got["perplexity"] == pytest.approx(pooled, rel=1e-5)
+
+
+def test_window_checks():
+    assert check_window(1024, None) == (1024, 512)
+    with pytest.raises(ScoringError, match="GiB of logits"):  # refused before anything is allocated
+        check_window(8192, 128, context=8192, vocab=49152)
+    with pytest.raises(ScoringError, match="context"):
+        check_window(256, 128, context=128)
+    with pytest.raises(ScoringError, match=">= 2"):
+        check_window(1, 1)
+
+
+def test_label_scores_do_not_depend_on_how_rows_are_batched(tiny, monkeypatch):
+    from backend.scoring import classify
+
+    ours, _, _ = tiny
+    texts = ["short", "a much longer text " * 6, "medium sized text here", "x"]
+    whole = classify.label_scores(ours.logits, ours.tokenizer, texts, ["yes", "no", "maybe"], 100)
+    monkeypatch.setattr(classify, "LOGITS_BUDGET", 4 * ours.config.vocab_size * 60)  # at most 60 positions a batch
+    seen = []
+    split = classify.label_scores(ours.logits, ours.tokenizer, texts, ["yes", "no", "maybe"], 100,
+                                  on_batch=seen.append)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-4)
+    assert sum(seen) == 12 and len(seen) > 2
 
 
 def test_windows_score_every_token_once():

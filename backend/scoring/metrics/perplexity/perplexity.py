@@ -53,15 +53,15 @@ class Perplexity(evaluate.Metric):
                  stride=None, on_window=None):
         if (model is None) == (logits_fn is None):
             raise ScoringError("give either model (a loaded Fornax model) or logits_fn (with tokenizer)")
-        context = None
+        context = vocab = None
         if model is not None:
             logits_fn = ppl.handle_logits_fn(model, backend)
             tokenizer = tokenizer or model.tokenizer
-            context = model.config.max_seq_len
+            context, vocab = model.config.max_seq_len, model.config.vocab_size
         if tokenizer is None:
             raise ScoringError("logits_fn needs a tokenizer to turn the texts into token ids")
         if max_length is None:
             max_length = min(ppl.DEFAULT_MAX_LENGTH, context or ppl.DEFAULT_MAX_LENGTH)
         token_ids = [tokenizer.encode(text) for text in predictions]
         return ppl.perplexity(logits_fn, token_ids, max_length=max_length, stride=stride, context=context,
-                              on_window=on_window)
+                              on_window=on_window, vocab=vocab)

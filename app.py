@@ -4,8 +4,10 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from playground import create_app, launch_options  # noqa: E402
+from playground import choose_mode, create_app, launch_options  # noqa: E402
 
+# Public on a Space (SPACE_ID) or when served beyond loopback (e.g. Docker on 0.0.0.0), unless FORNAX_PUBLIC says.
+choose_mode(None, os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
 demo = create_app("default")
 
 if __name__ == "__main__":

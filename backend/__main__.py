@@ -12,9 +12,13 @@ def _load(args):
     from .loading import load
 
     handle = load(args.model, dtype=args.dtype)
+    info = handle.info()
     print(f"[fornax] loaded {handle.config.name or args.model} ({handle.config.family}, "
-          f"{sum(p.numel() for p in handle.model.parameters()) / 1e6:.0f}M params, {handle.dtype}) "
+          f"{info['parameters'] / 1e6:.0f}M params, {handle.dtype}, runs on {', '.join(handle.backends())}) "
           f"in {handle.load_seconds:.1f} s", file=sys.stderr)
+    backend = getattr(args, "backend", None)
+    if backend is not None:
+        handle.runner(backend, progress=lambda f, message: print(f"[fornax] {message}", file=sys.stderr))
     return handle
 
 
@@ -76,7 +80,8 @@ def cmd_bench(args):
     from .bench import run_bench
 
     run_bench(model=args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
-              csv_path=args.csv, skip_transformers=args.skip_transformers)
+              csv_path=args.csv, skip_transformers=args.skip_transformers,
+              backends=[b for b in args.backends.replace(",", " ").split() if b], onnx=args.onnx)
 
 
 # finetune flags -> TrainConfig fields (None = not given: the --config file's value or the default)
@@ -168,7 +173,9 @@ def main(argv=None):
         p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
     def sampling_args(p):
-        p.add_argument("--backend", default=None, help="execution path (eager)")
+        p.add_argument("--backend", default=None,
+                       help="execution path: eager (default), compiled (torch.compile; compiles on first use), triton "
+                            "(CUDA), onnx (an export folder)")
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
         p.add_argument("--top-k", type=int, default=0)
@@ -194,13 +201,15 @@ def main(argv=None):
     sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
-    p = sub.add_parser("bench", help="time our eager generation against transformers' on the same model")
+    p = sub.add_parser("bench", help="time our execution paths against transformers' on the same model")
     p.add_argument("--model", default="default")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--backends", default="eager,compiled,onnx", help="our paths to time (comma-separated)")
+    p.add_argument("--onnx", default=None, help="an fp32 export folder (default: the export cache's, if any)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("finetune", help="train: LoRA or full finetuning of a model, or pretraining from scratch",
                        description="Data: .txt (plain text), .jsonl ({'text'} / {'messages'} / {'text','label'} per "

@@ -12,9 +12,6 @@ the engines run alternately `repeats` times and the best run of each is kept.
 from __future__ import annotations
 
 import datetime
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import bench_text, peak_rss_mb
+from .bench_common import append_csv, bench_text, peak_rss_mb, run_child
 
 LR, WARMUP = 1e-3, 3
 
@@ -107,15 +104,9 @@ def run_bench_train(steps: int = 30, threads: int = 2, preset: str = "small-llam
               f"threads · each engine in its own process, {repeats} alternated runs, best kept", file=sys.stderr)
         for _ in range(repeats):  # alternated, best of each: a busy machine slows whichever runs then
             for engine in ("fornax", "transformers"):
-                cmd = [sys.executable, "-m", "backend.bench_train", "--one", engine, str(folder), str(steps),
-                       str(seq_len), str(batch_size), str(threads)]
-                env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if done.returncode != 0:
-                    print(f"{engine}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                r = json.loads(done.stdout.strip().splitlines()[-1])
-                if engine not in results or r["tokens_per_s"] > results[engine]["tokens_per_s"]:
+                r = run_child("backend.bench_train:measure_one",
+                              [engine, str(folder), steps, seq_len, batch_size, threads], threads)
+                if r is not None and (engine not in results or r["tokens_per_s"] > results[engine]["tokens_per_s"]):
                     results[engine] = r
     print(f"{'engine':14s} {'params':>10s} {'tokens/s':>10s} {'s/step':>8s} {'mean loss':>9s} {'peak RSS MB':>12s}")
     for name, r in results.items():
@@ -127,8 +118,6 @@ def run_bench_train(steps: int = 30, threads: int = 2, preset: str = "small-llam
         print(f"fornax / transformers: tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
               f"peak RSS {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x")
     if csv_path:
-        from .bench import append_csv
-
         append_csv(csv_path, ["date", "preset", "engine", "metric", "value", "threads", "steps", "batch", "seq_len",
                               "torch"],
                    [[datetime.date.today(), preset, name, metric, round(r[metric], 3), threads, steps, batch_size,
@@ -137,14 +126,8 @@ def run_bench_train(steps: int = 30, threads: int = 2, preset: str = "small-llam
     return results
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--one"]:  # a child of run_bench_train: one engine, one JSON line
-        engine, folder, steps, seq_len, batch, threads = sys.argv[2:8]
-        torch.set_num_threads(int(threads))
-        measure = measure_ours if engine == "fornax" else measure_transformers
-        result = measure(Path(folder), int(steps), int(seq_len), int(batch))
-        print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
-    else:
-        from .__main__ import main
-
-        sys.exit(main(["bench-train", *sys.argv[1:]]))
+def measure_one(engine: str, folder: str, steps: int, seq_len: int, batch: int, threads: int) -> dict:
+    """One engine in this (child) process: tokens/s, mean loss, peak RSS."""
+    torch.set_num_threads(threads)
+    measure = measure_ours if engine == "fornax" else measure_transformers
+    return {**measure(Path(folder), steps, seq_len, batch), "peak_rss_mb": peak_rss_mb()}

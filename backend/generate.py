@@ -206,6 +206,7 @@ def run_generation(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], 
     tokens: list[list[TokenInfo]] = [[] for _ in range(B)]
     finish: list[str | None] = [None] * B
     steps = 0
+    chosen = None
     for step in range(params.max_new_tokens):
         if step:
             clock.start()

@@ -10,7 +10,7 @@ from .config import ModelConfig
 from .errors import GenerationError
 from .generate import GenerationResult, Stream, run_generation
 from .model import Transformer
-from .runners import PREPARABLE, Runner
+from .runners import PREPARABLE, Runner, triton_available
 from .runners.eager import EagerRunner
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -42,7 +42,8 @@ class ModelHandle:
 
     def backends(self) -> list[str]:
         """Execution paths offered: the prepared ones, then those prepared on first use (compiled, triton)."""
-        more = [n for n in PREPARABLE if n not in self.runners] if self.model is not None else []
+        offered = [n for n in PREPARABLE if n != "triton" or triton_available()]
+        more = [n for n in offered if n not in self.runners] if self.model is not None else []
         return list(self.runners) + more
 
     def runner(self, name: str | None = None, progress=None) -> Runner:
@@ -76,7 +77,7 @@ class ModelHandle:
                     d_model=cfg.d_model, vocab_size=cfg.vocab_size, context_length=cfg.max_seq_len,
                     dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
                     weight_bytes=self.runners[self.backend].weight_bytes, load_seconds=round(self.load_seconds, 2),
-                    chat_template="model" if self.chat_template else "fallback", backends=list(self.runners))
+                    chat_template="model" if self.chat_template else "fallback", backends=self.backends(), prepared=list(self.runners))
 
     # --- prompts ---
     def encode(self, prompt_or_messages: str | list[dict] | list[int]) -> list[int]:

@@ -54,10 +54,11 @@ def cmd_bench(args):
 
     from .cache import cached_export
 
-    rows = [("transformers eager", "transformers", args.model), ("fornax eager", "fornax", args.model)]
+    rows = [("transformers eager", "transformers", "", args.model), ("fornax eager", "fornax", "eager", args.model),
+            ("fornax compiled", "fornax", "compiled", args.model)]
     for quant in ("none", "int8", "int4"):
         folder = cached_export(args.model, quant)
-        rows.append((f"onnx {'fp32' if quant == 'none' else quant}", "fornax", str(folder)))
+        rows.append((f"onnx {'fp32' if quant == 'none' else quant}", "fornax", "onnx", str(folder)))
     run_bench(rows, model=args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
               threads=args.threads, csv_path=args.csv)
 

@@ -8,7 +8,32 @@ import os
 # Before gradio is imported anywhere: no analytics, no version check, nothing leaves the machine at start-up.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-__all__ = ["create_app", "build_app", "launch_options", "current", "ModelSlot"]
+__all__ = ["create_app", "build_app", "launch_options", "current", "ModelSlot", "choose_mode"]
+
+
+def choose_mode(public: bool | None, host: str | None) -> bool:
+    """Decide the deployment mode and record it in FORNAX_PUBLIC (which backend.limits reads): `public` when given
+    (--public / --private); else FORNAX_PUBLIC if set; else public on a Hugging Face Space (SPACE_ID) or when
+    serving on anything but loopback, where other machines can reach the app."""
+    if public is None:
+        flag = os.environ.get("FORNAX_PUBLIC", "").strip()
+        if flag:
+            public = flag.lower() not in ("0", "false", "no", "off")
+        else:
+            public = bool(os.environ.get("SPACE_ID")) or not is_loopback(host or "127.0.0.1")
+    os.environ["FORNAX_PUBLIC"] = "1" if public else "0"
+    return public
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # another host name: may be reachable from elsewhere
+        return False
 
 
 def create_app(model: str | None = "default", dtype: str | None = None):

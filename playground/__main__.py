@@ -1,4 +1,4 @@
-"""python -m playground [--host 127.0.0.1] [--port 7860] [--model default] [--dtype auto]"""
+"""python -m playground [--host 127.0.0.1] [--port 7860] [--model default] [--dtype auto] [--public | --private]"""
 import argparse
 import os
 
@@ -12,7 +12,18 @@ def main(argv=None):
     parser.add_argument("--model", default="default",
                         help="model loaded at start: default, a folder, a .gguf file, a Hub id, or 'none'")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--public", dest="public", action="store_true", default=None,
+                      help="public deployment: no server paths, caps on uploads and requests, per-visitor jobs "
+                           "(the default on a Hugging Face Space or when --host is not loopback)")
+    mode.add_argument("--private", dest="public", action="store_false",
+                      help="a local user's playground: server paths and no caps (the default on loopback)")
     args = parser.parse_args(argv)
+
+    from playground import choose_mode
+
+    public = choose_mode(args.public, args.host)
+    print(f"playground: {'public' if public else 'private'} mode")
 
     from playground import create_app, launch_options  # imported late: --help stays instant
 

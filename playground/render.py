@@ -1,4 +1,5 @@
-"""HTML and Markdown the app shows: the model card, generation stats, and tokens coloured by probability.
+"""HTML and Markdown the app shows: the model card, generation stats, tokens coloured by probability, and a
+training job (status, loss plot data, samples).
 
 Pure functions of backend results -> strings, so they can be tested without a browser.
 """
@@ -6,6 +7,9 @@ from __future__ import annotations
 
 import html
 import math
+import time
+
+import pandas as pd
 
 import backend
 
@@ -72,14 +76,16 @@ def model_badge(info: dict | None) -> str:
 
 
 # --- execution paths ---
-BACKEND_LABELS = {"eager": "PyTorch eager", "onnx": "ONNX Runtime", "onnx-fp32": "ONNX Runtime fp32",
-                  "onnx-int8": "ONNX Runtime int8", "onnx-int4": "ONNX Runtime int4"}
+BACKEND_LABELS = {"eager": "PyTorch eager", "compiled": "PyTorch compiled", "triton": "PyTorch + Triton kernels",
+                  "onnx": "ONNX Runtime", "onnx-fp32": "ONNX Runtime fp32", "onnx-int8": "ONNX Runtime int8",
+                  "onnx-int4": "ONNX Runtime int4"}
 
 
 def backend_choices(ready: list[str], on_demand: list[str]) -> list[tuple[str, str]]:
     """(label, runner name) pairs for the Backend dropdown: the paths the model has, then those made on first use."""
     label = lambda name: BACKEND_LABELS.get(name, name)  # noqa: E731
-    return [(label(n), n) for n in ready] + [(f"{label(n)} · exports on first use", n) for n in on_demand]
+    how = lambda name: "exports" if name.startswith("onnx") else "compiles"  # noqa: E731
+    return [(label(n), n) for n in ready] + [(f"{label(n)} · {how(n)} on first use", n) for n in on_demand]
 
 
 def export_report(summary: dict, precision: str, folder: str, backend_label: str) -> str:
@@ -113,13 +119,14 @@ def stats_line(result: backend.GenerationResult, backend_name: str) -> str:
     """TTFT, decode speed and the weight bandwidth it implies, for one finished generation."""
     t = result.timings
     finish = ", ".join(sorted({c.finish_reason for c in result.completions}))
-    return (f"**{t.new_tokens}** tokens · TTFT **{t.ttft_s * 1000:.0f} ms** · **{t.decode_tok_s:.1f} tok/s** · "
+    stopped = "**stopped** · " if any(c.finish_reason == "cancelled" for c in result.completions) else ""
+    return (f"{stopped}**{t.new_tokens}** tokens · TTFT **{t.ttft_s * 1000:.0f} ms** · **{t.decode_tok_s:.1f} tok/s** · "
             f"**{t.bandwidth_gb_s:.1f} GB/s** · prefill {t.prefill_tok_s:.0f} tok/s · finish: {finish} · "
             f"seed {result.seed} · {backend_name}")
 
 
 def stopped_line(ttft_s: float | None, elapsed_s: float) -> str:
-    """After Stop there is no GenerationResult, so only what the UI measured itself."""
+    """A run abandoned without a GenerationResult (cleared, or its page closed): what the UI measured itself."""
     ttft = f"TTFT {ttft_s * 1000:.0f} ms · " if ttft_s is not None else ""
     return f"**stopped** after {elapsed_s:.1f} s · {ttft}(speed figures need a run that finishes)"
 
@@ -174,6 +181,95 @@ def _summary(completion: backend.Completion) -> str:
     return (f"<div class='fx-summary'>{len(completion.tokens)} tokens · mean log-prob {mean:.2f} · "
             f"perplexity {math.exp(-mean):.2f} · least likely <code>{html.escape(visible(least.text))}</code> "
             f"({percent(least.logprob)})</div>")
+
+
+
+# --- rendering --------------------------------------------------------------------------------------------------
+def loss_frame(state: dict | None) -> pd.DataFrame | None:
+    """Train and validation loss by step, or None before the first step: Gradio's plot takes its axis kinds and
+    series from the first data it sees, so an empty frame (object columns, no series) would leave it blank."""
+    rows = []
+    if state:
+        rows += [(s, loss, "train") for s, loss in state.get("train_loss", [])]
+        rows += [(v[0], v[1], "validation") for v in state.get("val_loss", [])]
+    if not rows:
+        return None
+    # ...and its series too: a series missing from that first data (no train step yet, no validation yet) would
+    # be drawn without a colour for good. A NaN point names it and draws nothing.
+    first = min(r[0] for r in rows)
+    rows += [(first, float("nan"), split) for split in ("train", "validation") if split not in {r[2] for r in rows}]
+    return pd.DataFrame(rows, columns=["step", "loss", "split"]).astype({"step": "int64", "loss": "float64"})
+
+
+def job_status_html(state: dict | None, someone_else: bool = False) -> str:
+    """A job's progress and facts; with no job of one's own, whether another visitor's job is running."""
+    if state is None and someone_else:
+        return ("<div class='fx-job' data-status='running'>A training job is running (another visitor's); one job "
+                "runs at a time here. Yours can start when it ends.</div>")
+    if state is None:
+        return "<div class='fx-empty'>No training job yet. Pick data and a mode, then Start.</div>"
+    cfg = state.get("config", {})
+    step, total = state.get("step", 0), max(1, state.get("total_steps", 1))
+    pct = 100 * step / total
+    status = state["status"]
+    facts = [f"step <b>{step}</b> / {total}", f"{state.get('tokens_per_s', 0):.0f} tokens/s"]
+    if state.get("val_loss"):
+        _, loss, ppl = state["val_loss"][-1]
+        facts.append(f"validation loss {loss:.3f} · perplexity {ppl:.1f}")
+    metrics = state.get("metrics") or {}
+    if "accuracy" in metrics:
+        facts.append(f"accuracy {100 * metrics['accuracy']:.1f} % · macro-F1 {metrics.get('macro_f1', 0):.3f}"
+                     + (f" (majority class {100 * metrics['majority_baseline']:.1f} %)"
+                        if "majority_baseline" in metrics else ""))
+    elapsed = (state.get("updated") or time.time()) - (state.get("started") or time.time())
+    facts.append(f"{elapsed:.0f} s")
+    error = (f"<pre class='fx-job-error'>{html.escape(state['error'])}</pre>" if state.get("error") else "")
+    message = html.escape(state.get("message") or "")
+    return (f"<div class='fx-job' data-job='{html.escape(state['id'])}' data-status='{status}'>"
+            f"<div class='fx-job-head'><b>job {html.escape(state['id'])}</b> · {cfg.get('mode', '?')} · "
+            f"{cfg.get('task', '?')} · <span class='fx-job-status fx-status-{status}'>{status}</span></div>"
+            f"<div class='fx-progress'><span style='width:{pct:.1f}%'></span></div>"
+            f"<div class='fx-job-facts'>{' · '.join(facts)}</div>"
+            f"<div class='fx-job-message'>{message}</div>"
+            f"<div class='fx-job-out'>output: <code>{html.escape(state.get('out_dir', ''))}</code></div>{error}</div>")
+
+
+def job_samples_html(state: dict | None) -> str:
+    """Each fixed prompt: what the model wrote before training and what it writes now."""
+    samples = (state or {}).get("samples") or []
+    if not samples:
+        return "<div class='fx-empty'>Samples from fixed prompts appear here: before training, then as it learns.</div>"
+    by_prompt: dict[str, list[dict]] = {}
+    for s in samples:
+        by_prompt.setdefault(s["prompt"], []).append(s)
+    rows = []
+    for prompt, runs in by_prompt.items():
+        runs.sort(key=lambda s: s["step"])
+        before, now = runs[0], runs[-1]
+        rows.append(f"<tr><td class='fx-sample-prompt'>{html.escape(prompt)}</td>"
+                    f"<td>{html.escape(before['text'])}<div class='fx-step'>step {before['step']}</div></td>"
+                    f"<td>{html.escape(now['text'])}<div class='fx-step'>step {now['step']}</div></td></tr>")
+    return ("<table class='fx-samples'><thead><tr><th>prompt</th><th>before</th><th>now</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+JOB_CSS = """
+.fx-job { padding: 6px 2px; }
+.fx-job-head { margin-bottom: 6px; }
+.fx-job-status { padding: 1px 8px; border-radius: 8px; border: 1px solid var(--border-color-primary); }
+.fx-status-running, .fx-status-starting { color: var(--color-accent); }
+.fx-status-failed { color: #c0392b; }
+.fx-progress { height: 10px; border-radius: 5px; background: var(--border-color-primary); overflow: hidden; }
+.fx-progress > span { display: block; height: 100%; background: var(--color-accent); transition: width .4s; }
+.fx-job-facts, .fx-job-message, .fx-job-out { font-size: 0.88em; margin-top: 4px;
+                                              color: var(--body-text-color-subdued); }
+.fx-job-error { white-space: pre-wrap; color: #c0392b; font-size: 12px; max-height: 220px; overflow: auto; }
+.fx-samples { width: 100%; font-size: 13px; border-collapse: collapse; }
+.fx-samples td, .fx-samples th { border: 1px solid var(--border-color-primary); padding: 6px 8px;
+                                 vertical-align: top; white-space: pre-wrap; }
+.fx-sample-prompt { font-weight: 600; width: 22%; }
+.fx-step { font-size: 11px; color: var(--body-text-color-subdued); margin-top: 4px; }
+"""
 
 
 CSS = """

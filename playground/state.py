@@ -15,6 +15,10 @@ import torch
 
 import backend
 
+# Every Gradio event that loads or runs the model shares this one queue slot (others see their place in the queue).
+MODEL_QUEUE = "model"
+MODEL_EVENTS = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+
 # How long a load waits for a running generation before giving up (a generation is bounded by max_new_tokens).
 SWAP_TIMEOUT_S = 600
 

@@ -5,6 +5,7 @@ after a page reload (or a restart of the UI), and cancel it. One job runs at a t
         config.json   the TrainConfig
         state.json    the live state, written atomically by the training process (keys below)
         pid           the training process id
+        owner         (optional) a hash of who started it: only they see its details, cancel or resume it
         log.txt       its standard output and error
         cancel        made by cancel(): the loop stops at the next step, saves a checkpoint, status 'cancelled'
 
@@ -16,9 +17,11 @@ started, updated (unix times); also message (what it is doing now), lr, data (a 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,15 +37,22 @@ from .data import read_records
 from .loop import CANCEL_FILE, STATE_FILE, check_out_folder
 
 ACTIVE = ("starting", "running")
+SAMPLES_PER_JOB, CHECKPOINTS_PER_JOB = 4, 2  # `paced`: a job of any length samples 4 times, checkpoints twice
+OWNER_FILE = "owner"                         # a hash of who started the job (see `start(owner=...)`)
 REPO = Path(__file__).resolve().parents[2]  # the folder that holds the `backend` package
 
 __all__ = ["JobManager", "TrainConfig", "TrainError", "mark_failed"]
 
 
 class JobManager:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, uploads: str | os.PathLike | None = None,
+                 outputs: str | os.PathLike | None = None):
+        """Jobs live under `root`; kept copies of uploaded data under `uploads` and the models of jobs started
+        without an output folder under `outputs` (default: `train-data` and `finetuned` beside `root`)."""
         self.root = Path(root).expanduser().absolute()  # the training process runs in another folder
         self.root.mkdir(parents=True, exist_ok=True)
+        self.uploads = Path(uploads).expanduser().absolute() if uploads else self.root.parent / "train-data"
+        self.outputs = Path(outputs).expanduser().absolute() if outputs else self.root.parent / "finetuned"
         self._procs: dict[str, subprocess.Popen] = {}  # children of this process (polled, so none stays a zombie)
         self._lock = threading.Lock()
 
@@ -56,12 +66,38 @@ class JobManager:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def start(self, cfg: TrainConfig) -> str:
+    def start(self, cfg: TrainConfig, *, upload: str | os.PathLike | None = None, server_paths: bool = True,
+              paced: bool = False, owner: str | None = None) -> str:
         """Check the config, the data file and the output folder, then run `python -m backend finetune` in a
-        subprocess; returns the job id. Raises TrainError for bad input or while another job is running."""
-        cfg = TrainConfig.from_dict(cfg.to_dict()).check()
+        subprocess; returns the job id. Raises TrainError for bad input or while another job is running.
+
+        The policy every front end shares:
+        - `upload`: a file handed over by a browser (which its server deletes later): trained on instead of
+          `cfg.data`; checked first, then copied under `self.uploads`, so the job and a later resume keep it.
+        - `server_paths=False` (a public deployment): the data must be an upload and the output folder is chosen
+          here, so a visitor can neither read nor write a path on this machine.
+        - an empty `cfg.out`: a new folder `<mode>-<time>-<random>` under `self.outputs`.
+        - `paced`: samples SAMPLES_PER_JOB times and checkpoints CHECKPOINTS_PER_JOB times whatever `steps` is.
+        - `owner` (e.g. a browser session): only the same owner may see the job's details, cancel or resume it;
+          None = anyone."""
+        cfg = TrainConfig.from_dict(cfg.to_dict())
+        if upload:
+            cfg.data = str(upload)
+        elif not server_paths:
+            raise TrainError("this deployment takes training data as an upload only")
+        if not cfg.data:
+            raise TrainError("choose training data: upload a .txt, .jsonl or .csv file, or give its path")
+        if cfg.out and not server_paths:
+            raise TrainError("this deployment chooses the output folder itself: leave it empty")
+        cfg.out = cfg.out or str(self.outputs / f"{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+        if paced:
+            cfg.sample_every = max(1, cfg.steps // SAMPLES_PER_JOB)
+            cfg.save_every = max(1, cfg.steps // CHECKPOINTS_PER_JOB)
+        cfg.check()
         records = read_records(cfg.data, cfg.task)  # a malformed file fails now, not in the background
         cfg.task = records.task
+        if upload:  # only data that passed the check is copied
+            cfg.data = self._keep(Path(upload))
         cfg.data = str(Path(cfg.data).expanduser().resolve())
         cfg.out = str(Path(cfg.out).expanduser().resolve())
         if cfg.model != "default" and Path(cfg.model).expanduser().exists():  # (the process runs in another folder)
@@ -73,15 +109,53 @@ class JobManager:
                 except TrainError:  # an unreadable state (a crash mid-write long ago) does not block new jobs
                     continue
                 if st["status"] in ACTIVE:
-                    raise TrainError(f"job {job} is still {st['status']} (training into {st['out_dir']}); one "
-                                     f"training job runs at a time: wait for it or cancel it")
+                    where = f" (training into {st['out_dir']})" if self.may_control(job, owner) else ""
+                    raise TrainError(f"job {job} is still {st['status']}{where}; one training job runs at a time: "
+                                     f"wait for it or cancel it")
             check_out_folder(Path(cfg.out), cfg)
-            return self._spawn(cfg)
+            return self._spawn(cfg, owner)
 
-    def _spawn(self, cfg: TrainConfig) -> str:
+    def resume(self, job_id: str | None = None, *, owner: str | None = None) -> str:
+        """Continue `job_id` (default: the latest job of `owner`) from its newest checkpoint, as a new job with the
+        same settings and data (the training loop checks both); returns the new job's id."""
+        job_id = job_id or self.latest(owner)
+        if job_id is None:
+            raise TrainError("no training job to resume")
+        self._check_owner(job_id, owner, "resume")
+        state = self.state(job_id)
+        if state["status"] in ACTIVE:
+            raise TrainError(f"job {job_id} is still {state['status']}")
+        if state["status"] == "done":
+            raise TrainError(f"job {job_id} has finished: there is nothing to resume")
+        if not any(Path(state["out_dir"]).glob("checkpoint-*")):
+            raise TrainError(f"job {job_id} saved no checkpoint before it ended: start it again instead")
+        return self.start(TrainConfig.from_dict({**state["config"], "resume": True}), owner=owner)
+
+    def _keep(self, upload: Path) -> str:
+        dest = self.uploads / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}-{upload.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(upload, dest)
+        return str(dest)
+
+    # --- who may see and control a job ---
+    def may_control(self, job_id: str, owner: str | None) -> bool:
+        """Whether `owner` may see the job's details, cancel or resume it: always without owners on either side."""
+        try:
+            recorded = (self._dir(job_id) / OWNER_FILE).read_text()
+        except OSError:
+            return True
+        return owner is None or recorded == _owner_hash(owner)
+
+    def _check_owner(self, job_id: str, owner: str | None, verb: str) -> None:
+        if not self.may_control(job_id, owner):
+            raise TrainError(f"job {job_id} was started by someone else: only they can {verb} it")
+
+    def _spawn(self, cfg: TrainConfig, owner: str | None) -> str:
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         job_dir = self.root / job_id
         job_dir.mkdir()
+        if owner is not None:
+            (job_dir / OWNER_FILE).write_text(_owner_hash(owner))
         write_json_atomic(job_dir / "config.json", cfg.to_dict())
         now = time.time()
         write_json_atomic(job_dir / STATE_FILE, dict(
@@ -135,14 +209,15 @@ class JobManager:
                 found.append((started, d.name))
         return [name for _, name in sorted(found)]
 
-    def latest(self) -> str | None:
-        """The most recently started job (for a UI to reattach to after a reload), or None."""
-        jobs = self.jobs()
+    def latest(self, owner: str | None = None) -> str | None:
+        """The most recently started job `owner` may control (for a UI to reattach to after a reload), or None."""
+        jobs = [job for job in self.jobs() if self.may_control(job, owner)]
         return jobs[-1] if jobs else None
 
-    def cancel(self, job_id: str) -> dict:
+    def cancel(self, job_id: str, owner: str | None = None) -> dict:
         """Ask the job to stop: at its next step it saves a checkpoint and ends with status 'cancelled'. Asked again
         while it is still active (stuck loading a model, say), the process is killed and the job marked cancelled."""
+        self._check_owner(job_id, owner, "cancel")
         job_dir = self._dir(job_id)
         again = (job_dir / CANCEL_FILE).exists()
         (job_dir / CANCEL_FILE).touch()
@@ -190,6 +265,10 @@ def mark_failed(job_dir: Path, message: str) -> None:
     state = _read_state(job_dir) if (job_dir / STATE_FILE).exists() else {"id": job_dir.name}
     state.update(status="failed", error=message, message="failed", updated=time.time(), pid=os.getpid())
     write_json_atomic(job_dir / STATE_FILE, state)
+
+
+def _owner_hash(owner: str) -> str:
+    return hashlib.sha256(owner.encode()).hexdigest()  # a session id is a secret of its browser: not kept as is
 
 
 def _read_state(job_dir: Path) -> dict:

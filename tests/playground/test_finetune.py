@@ -6,7 +6,8 @@ import time
 import pytest
 
 from playground import build_app
-from playground.finetune import loss_frame, manager
+from playground.render import loss_frame
+from playground.tabs.finetune import manager
 from tests.playground.serve import serving
 
 gradio_client = pytest.importorskip("gradio_client")

@@ -4,7 +4,8 @@ import re
 
 from backend import Completion, GenerationResult, Timings, TokenInfo
 from playground import render
-from playground.ui import model_messages, parse_stop, reply_messages, sampling_kwargs
+from playground.tabs.chat import model_messages, reply_messages
+from playground.tabs.params import parse_stop, sampling_kwargs
 
 
 def token(id, text, p, top=()):

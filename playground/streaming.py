@@ -1,0 +1,94 @@
+"""One streamed generation as the Chat and Completion tabs run it: throttled UI updates, Stop per user, timings
+for runs that never finish."""
+from __future__ import annotations
+
+import threading
+import time
+
+import gradio as gr
+
+import backend
+from export.attach import ONNX_BACKENDS, attach_onnx
+
+from . import render
+
+UI_UPDATE_INTERVAL_S = 1 / 15     # stream at most ~15 UI updates a second, however fast tokens come
+
+
+class StopFlag(threading.Event):
+    """Set by Stop (keep what was generated) or by Clear (`discard`: the chat was emptied, show nothing more)."""
+    discard = False
+
+
+# Stop: the running generation of each browser session (or gradio_client) checks its own flag between tokens.
+_stop_flags: dict[str, StopFlag] = {}
+
+
+def session_key(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "no-session"
+
+
+def signal_stop(request: gr.Request | None, discard: bool = False) -> None:
+    """Stop this session's running generation; `discard`: and show nothing more of it."""
+    flag = _stop_flags.get(session_key(request))
+    if flag is not None:
+        flag.discard = flag.discard or discard
+        flag.set()
+
+
+class Generation:
+    """One streamed run: throttles UI updates, honours Stop, and measures TTFT for runs that never finish."""
+
+    def __init__(self, stream: backend.Stream, num_samples: int, request: gr.Request | None):
+        self.stream, self.key = stream, session_key(request)
+        self.texts = [""] * num_samples
+        self.stopped = False
+        self.started = time.perf_counter()
+        self.ttft_s: float | None = None
+        self.flag = _stop_flags.setdefault(self.key, StopFlag())  # made by start_stream, which the engine asks
+
+    def updates(self):
+        """Yields the sample texts so far, at most every UI_UPDATE_INTERVAL_S, and once more at the end."""
+        last = 0.0
+        try:
+            for delta in self.stream:
+                self.texts[delta.index] += delta.text
+                if self.ttft_s is None:
+                    self.ttft_s = time.perf_counter() - self.started
+                if self.flag.is_set():  # Stop: the engine ends at its next token and flushes; Clear: show nothing
+                    self.stopped = True
+                    if self.flag.discard:
+                        self.stream.close()
+                        break
+                now = time.perf_counter()
+                if now - last >= UI_UPDATE_INTERVAL_S:
+                    last = now
+                    yield self.texts
+        finally:
+            self.stream.close()  # also when Gradio abandons the handler (page closed, event cancelled)
+            if _stop_flags.get(self.key) is self.flag:
+                del _stop_flags[self.key]
+        yield self.texts
+
+    def stats(self, backend_name: str) -> str:
+        if self.stream.result is None:
+            return render.stopped_line(self.ttft_s, time.perf_counter() - self.started)
+        return render.stats_line(self.stream.result, backend_name)
+
+
+def start_stream(handle: backend.ModelHandle, prompt_or_messages, backend_name: str | None, params: dict,
+                 request: gr.Request | None = None, **extra) -> tuple[backend.Stream, str]:
+    """Validates everything (raising before the first UI update) and returns the stream and the backend used.
+    The engine asks this session's Stop flag before every token, so Stop ends the run with its timings."""
+    name = backend_name or handle.backend  # an unknown name is the backend's to reject, naming the ones it has
+    if name in ONNX_BACKENDS and name not in handle.runners:
+        attach_onnx(handle, ONNX_BACKENDS[name])  # an API caller picked it without the dropdown: export now
+    flag = StopFlag()
+    stream = handle.stream(prompt_or_messages, backend=name, should_stop=flag.is_set, **params, **extra)
+    _stop_flags[session_key(request)] = flag
+    return stream, name
+
+
+def stop(request: gr.Request = None):
+    """Stop this session's running generation (it keeps what it has generated so far)."""
+    signal_stop(request)

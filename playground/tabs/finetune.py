@@ -1,0 +1,230 @@
+"""The Finetune tab: start a training job (backend.training.JobManager runs it in its own process), watch it live,
+cancel or resume it, and load the result into Chat/Completion.
+
+The page holds no training state: while a job is active it reads the job's state.json through the JobManager each
+second, so a reload (or a second browser) shows the same job where it is, and a job outlives the page that started
+it. What a job may do (upload copies, output names, sample cadence, which checkpoint to resume) is the
+JobManager's policy, shared with the command line; this module only turns the form into its arguments.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import gradio as gr
+
+import backend
+from backend.config import PRESETS
+from backend.gguf_file import cache_root
+from backend.training import DEFAULT_LR, MODES, TASKS, JobManager, TrainConfig
+from backend.training.jobs import ACTIVE
+
+from .. import deployment, render
+from ..errors import refusal, user_errors
+from ..state import current
+
+POLL_S = 1.0
+_manager: JobManager | None = None
+
+
+def manager() -> JobManager:
+    """One job manager for the app, its jobs under the Fornax cache (made on first use)."""
+    global _manager
+    root = cache_root() / "jobs"
+    if _manager is None or _manager.root != root:
+        _manager = JobManager(root)
+    return _manager
+
+
+def whole(value, name: str) -> int:
+    """A whole number from a form box (an API client may send None or text)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise refusal(f"{name} must be a whole number, got {value!r}") from None
+
+
+# --- handlers ---------------------------------------------------------------------------------------------------
+def start_job(upload, data_path: str, mode: str, task: str, model: str, preset: str, steps: int, lr: float,
+              batch_size: int, seq_len: int, lora_r: int, eval_every: int, sample_prompts: str, out: str,
+              request: gr.Request = None):
+    """Check everything, start the job, and show it. Returns the same outputs as `poll`."""
+    uploaded = upload if isinstance(upload, str) and upload else getattr(upload, "name", None)
+    if not uploaded and not (data_path or "").strip():
+        raise refusal("choose training data: upload a .txt, .jsonl or .csv file, or type its path")
+    steps, batch_size, lora_r = whole(steps, "steps"), whole(batch_size, "batch size"), whole(lora_r, "LoRA rank")
+    deployment.check_training(steps, batch_size, lora_r)
+    if uploaded:
+        deployment.check_upload(uploaded, "the training data")
+    if not (model or "").strip() and mode != "pretrain":  # empty: the model loaded now, not the one at page build
+        info = current.info()
+        if info is None:
+            raise refusal("no model is loaded to finetune: load one in the Model tab or type its source")
+        model = info["source"]  # (it passed the deployment's rules when it was loaded)
+    elif mode != "pretrain":
+        deployment.check_source(model.strip(), request)
+    prompts = [p.strip() for p in (sample_prompts or "").splitlines() if p.strip()]
+    cfg = TrainConfig(data=(data_path or "").strip(), out=(out or "").strip(), mode=mode, task=task,
+                      model=(model or "").strip() or "default", preset=preset, steps=steps,
+                      lr=float(lr) if lr else None, batch_size=batch_size,
+                      seq_len=whole(seq_len, "sequence length") if seq_len else None, lora_r=lora_r,
+                      eval_every=whole(eval_every, "validate every"), sample_prompts=prompts)
+    job_id = manager().start(cfg, upload=uploaded or None, server_paths=not deployment.public(), paced=True,
+                             owner=deployment.job_owner(request))
+    gr.Info(f"training job {job_id} started")
+    return poll(request)
+
+
+def latest_job(verb: str, request: gr.Request | None) -> str:
+    """The job the tab shows (this visitor's latest), or a plain error that there is none to `verb`."""
+    job_id = manager().latest(deployment.job_owner(request))
+    if job_id is None:
+        raise refusal(f"no training job of yours to {verb}" if deployment.public() else f"no training job to {verb}")
+    return job_id
+
+
+def cancel_job(request: gr.Request = None):
+    job_id = latest_job("cancel", request)
+    status = manager().state(job_id)["status"]
+    if status not in ACTIVE:
+        raise refusal(f"job {job_id} has already ended ({status})")
+    manager().cancel(job_id, owner=deployment.job_owner(request))
+    gr.Info(f"cancelling job {job_id}: it stops and saves a checkpoint at its next step")
+    return poll(request)
+
+
+def resume_job(request: gr.Request = None):
+    """Continue the latest job from its newest checkpoint (same settings, same data: the backend checks both)."""
+    job_id = latest_job("resume", request)
+    new_id = manager().resume(job_id, owner=deployment.job_owner(request))
+    gr.Info(f"job {new_id} resumes job {job_id} from its newest checkpoint")
+    return poll(request)
+
+
+def someone_elses_active_job(request: gr.Request | None) -> str | None:
+    """A job that is running for another visitor (public mode): shown as running, nothing more."""
+    owner = deployment.job_owner(request)
+    for job_id in reversed(manager().jobs()):
+        if not manager().may_control(job_id, owner):
+            try:
+                if manager().state(job_id)["status"] in ACTIVE:
+                    return job_id
+            except backend.FornaxError:
+                continue
+    return None
+
+
+def poll(request: gr.Request = None):
+    """This visitor's latest job as (status HTML, loss plot, samples HTML, result folder): what the page shows
+    each second. Another visitor's running job is only named as running."""
+    job_id = manager().latest(deployment.job_owner(request))
+    if job_id is None:
+        other = someone_elses_active_job(request)
+        return (render.job_status_html(None, someone_else=other is not None), render.loss_frame(None),
+                render.job_samples_html(None), "")
+    try:
+        state = manager().state(job_id)
+    except backend.FornaxError as e:  # e.g. a state file a crash left unreadable: say so, keep polling
+        return (f"<div class='fx-job-error'>{html.escape(str(e))}</div>", None, render.job_samples_html(None), "")
+    done = state["status"] == "done" and Path(state["out_dir"]).is_dir()
+    return (render.job_status_html(state), render.loss_frame(state), render.job_samples_html(state),
+            state["out_dir"] if done else "")
+
+
+def watching(request: gr.Request = None) -> gr.Timer:
+    """The poll timer, on while this visitor's latest job (or, in public mode, anyone's) is starting or running."""
+    job_id = manager().latest(deployment.job_owner(request))
+    try:
+        active = job_id is not None and manager().state(job_id)["status"] in ACTIVE
+    except backend.FornaxError:
+        active = False
+    return gr.Timer(active=active or someone_elses_active_job(request) is not None)
+
+
+def poll_and_watch(request: gr.Request = None):
+    """A poll, and whether to keep polling (for the timer and for a page that has just been (re)loaded)."""
+    return (*poll(request), watching(request))
+
+
+def result_folder(folder: str, request: gr.Request = None):
+    """'Load into Chat' puts the finished model's folder in the Model tab's box; loading follows."""
+    if not folder:
+        raise refusal("no finished model yet: wait for the job to end with status 'done'")
+    if deployment.public():  # only its own finished result, which it may then load although it is a path
+        job_id = manager().latest(deployment.job_owner(request))
+        state = manager().state(job_id) if job_id else {}
+        if state.get("out_dir") != folder or state.get("status") != "done":
+            raise refusal("no finished model yet: wait for the job to end with status 'done'")
+        deployment.grant(request, folder)
+    return folder
+
+
+def mode_changed(mode: str):
+    """Pretraining starts from nothing: it needs a preset, not a model; LoRA rank only matters for LoRA."""
+    return (gr.update(visible=mode != "pretrain"), gr.update(visible=mode == "pretrain"),
+            gr.update(visible=mode == "lora"), gr.update(info=f"0 = {DEFAULT_LR[mode]:g} for {mode}"))
+
+
+# --- layout -----------------------------------------------------------------------------------------------------
+def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, model_events: dict):
+    """The tab's components and events, inside the caller's `gr.Tab`. Loading the result reuses the Model tab's
+    load (`load_fn` into `load_outputs`, with the folder put into its `source` box). Returns what the page should
+    run when it loads (function, outputs): it shows the latest job and resumes polling if that job is active."""
+    gr.Markdown("Train on your own text. **LoRA** adapts the loaded model cheaply, **full** updates every "
+                "weight, **pretrain** trains a new tokenizer and a tiny model from nothing. Data: `.txt` (plain "
+                "text), `.jsonl` with `{\"messages\": [...]}` (chat; loss on the assistant's turns only) or "
+                "`{\"text\", \"label\"}` / `.csv` with `text,label` columns (classification). The job runs in "
+                "the background: reload the page and it is still here.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            upload = gr.File(label="Training data (.txt, .jsonl, .csv)", file_types=[".txt", ".jsonl", ".csv"],
+                             type="filepath", height=110, elem_id="fx-train-upload")
+            data_path = gr.Textbox(label="…or a path on the server", elem_id="fx-train-path", visible=not deployment.public())
+            with gr.Row():
+                mode = gr.Radio(list(MODES), value="lora", label="Mode", elem_id="fx-train-mode")
+                task = gr.Dropdown(list(TASKS), value="auto", label="Task", info="auto: from the file")
+            model = gr.Textbox(label="Model to finetune", value="", placeholder="empty: the model loaded now",
+                               info="default · a model folder · a .gguf path · a Hub id", elem_id="fx-train-model")
+            preset = gr.Dropdown([p for p in PRESETS if p.startswith("tiny")] or list(PRESETS), value="tiny-llama",
+                                 label="Architecture (pretrain)", visible=False, elem_id="fx-train-preset")
+        with gr.Column(scale=2):
+            with gr.Row():
+                steps = gr.Number(value=100, precision=0, label="Steps", elem_id="fx-train-steps")
+                lr = gr.Number(value=0, label="Learning rate", info=f"0 = {DEFAULT_LR['lora']:g} for lora")
+                batch_size = gr.Number(value=8, precision=0, label="Batch size")
+            with gr.Row():
+                seq_len = gr.Number(value=128, precision=0, label="Sequence length", info="0 = the model's")
+                lora_r = gr.Number(value=8, precision=0, label="LoRA rank")
+                eval_every = gr.Number(value=20, precision=0, label="Validate every", info="steps; 0 = at the end")
+            sample_prompts = gr.Textbox(label="Sample prompts (one per line)", lines=2,
+                                        placeholder="empty: taken from the validation data")
+            out = gr.Textbox(label="Output folder", placeholder="empty: a new folder under the Fornax cache", visible=not deployment.public())
+    with gr.Row():
+        start = gr.Button("Start training", variant="primary", elem_id="fx-train-start")
+        cancel = gr.Button("Cancel", variant="stop", elem_id="fx-train-cancel")
+        resume = gr.Button("Resume the last job", elem_id="fx-train-resume")
+        load_result = gr.Button("Load the result into Chat / Completion", elem_id="fx-train-load")
+    status = gr.HTML(render.job_status_html(None), elem_id="fx-train-status")
+    plot = gr.LinePlot(render.loss_frame(None), x="step", y="loss", color="split", title="Loss", height=280,
+                       elem_id="fx-loss-plot", x_title="step", y_title="cross-entropy loss",
+                       color_map={"train": "#6366f1", "validation": "#f59e0b"})
+    samples = gr.HTML(render.job_samples_html(None), elem_id="fx-train-samples")
+    result = gr.Textbox(visible=False)
+
+    shown = [status, plot, samples, result]
+    # The page polls only while a job is active: the timer is switched on by start/resume/page load and off by
+    # the first poll that finds the job ended (every open page would otherwise ask once a second, forever).
+    timer = gr.Timer(POLL_S, active=False)
+    watch = dict(fn=watching, inputs=None, outputs=timer, api_visibility="private", show_progress="hidden")
+    mode.change(mode_changed, mode, [model, preset, lora_r, lr], api_visibility="private")
+    start.click(user_errors(start_job), [upload, data_path, mode, task, model, preset, steps, lr, batch_size, seq_len,
+                                         lora_r, eval_every, sample_prompts, out], shown, api_name="finetune",
+                concurrency_limit=1).then(**watch)  # one start at a time (the job manager also locks)
+    cancel.click(user_errors(cancel_job), None, shown, api_name="cancel_finetune", concurrency_limit=None)
+    resume.click(user_errors(resume_job), None, shown, api_name="resume_finetune", concurrency_limit=1).then(**watch)
+    timer.tick(poll_and_watch, None, [*shown, timer], show_progress="hidden", api_visibility="private",
+               concurrency_limit=None)
+    load_result.click(user_errors(result_folder), result, source, api_visibility="private").success(
+        load_fn, [source, dtype], load_outputs, show_progress_on=status, **model_events)
+    return poll_and_watch, [*shown, timer]
+

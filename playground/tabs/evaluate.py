@@ -1,8 +1,9 @@
 """The Evaluate tab: score the loaded model on uploaded data or a built-in sample set (perplexity, BLEU / chrF /
 ROUGE / exact match, accuracy / F1, backend agreement), see the per-example rows worst first, and the history of
-every evaluation as a table and a chart across runs. Self-contained: `build_tab()` inside a `gr.Tab`.
+every evaluation as a table and a chart across runs. `build(...)` inside the caller's `gr.Tab` (not yet laid out
+in ui.py).
 
-All the work is backend.scoring.run.evaluate_model; uploads are read through its size cap; no server paths."""
+All the work is backend.scoring.run.evaluate_model; uploads are checked against the upload cap; no server paths."""
 from __future__ import annotations
 
 import time
@@ -15,17 +16,15 @@ import backend
 from backend.scoring.history import History
 from backend.scoring.run import KINDS
 
+from .. import deployment
+from ..errors import user_errors
+from ..state import current
+
 SAMPLES_DIR = Path(backend.__file__).resolve().parent / "scoring" / "samples"
 SAMPLES = {"prose (perplexity, agreement)": "prose.txt", "questions (BLEU, chrF, ROUGE, exact match)": "qa.jsonl",
            "film reviews (accuracy, F1)": "sentiment.csv"}
 SAMPLE_METRICS = {"prose.txt": ["perplexity"], "qa.jsonl": ["chrf", "exact_match"], "sentiment.csv": ["accuracy", "f1"]}
 HISTORY_ROWS = 500
-
-
-def _current_slot():
-    from playground import state
-
-    return state.current
 
 
 def history_frames(metric: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -44,19 +43,20 @@ def history_frames(metric: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def run_evaluation(upload, sample: str, metrics: list[str], backend_name: str, against: str, max_length: int,
                    stride: int, max_new_tokens: int, temperature: float, progress=gr.Progress(track_tqdm=True)):
+    """Evaluate the loaded model; returns (summary, per-example rows, history table, history chart)."""
     from backend.scoring.generation import worst_first
     from backend.scoring.run import evaluate_model, read_data
 
-    try:
-        path = upload if upload else SAMPLES_DIR / SAMPLES.get(sample, "prose.txt")
-        data = read_data(metrics or [], path)              # bad data is refused before the model is touched
-        with _current_slot().using() as handle:
-            result = evaluate_model(handle, metrics, data, backend=backend_name or None, against=against or None,
-                                    max_length=int(max_length) or None, stride=int(stride) or None,
-                                    sampling={"max_new_tokens": int(max_new_tokens),
-                                              "temperature": float(temperature)}, progress=True)
-    except backend.FornaxError as e:
-        raise gr.Error(str(e), print_exception=False) from None
+    if upload:
+        deployment.check_upload(upload, "the data file")
+    sampling = {"max_new_tokens": int(max_new_tokens or 0), "temperature": float(temperature or 0.0)}
+    deployment.check_sampling(sampling, 0)
+    path = upload if upload else SAMPLES_DIR / SAMPLES.get(sample, "prose.txt")
+    data = read_data(metrics or [], path)                  # bad data is refused before the model is touched
+    with current.using() as handle:
+        result = evaluate_model(handle, metrics, data, backend=backend_name or None, against=against or None,
+                                max_length=int(max_length or 0) or None, stride=int(stride or 0) or None,
+                                sampling=sampling, progress=True)
     values = " · ".join(f"**{k}** {v:.4g}" for k, v in result["values"].items())
     summary = f"{values}  \n{Path(result['data']).name}, backend {result['backend']}"
     if "tokens" in result:
@@ -82,8 +82,9 @@ def pick_sample(sample: str):
     return gr.update(value=SAMPLE_METRICS.get(SAMPLES.get(sample, ""), ["perplexity"]))
 
 
-def build_tab(backends: list[str] | None = None) -> dict:
-    """The tab's components, built inside the caller's `gr.Tab`; returns them by name for wiring and tests."""
+def build(backends: list[str] | None = None, model_events: dict | None = None) -> dict:
+    """The tab's components and events, inside the caller's `gr.Tab`; returns the components by name. Its run is a
+    model event (`model_events`: the queue the other tabs' model events share)."""
     gr.Markdown("Score the loaded model. Perplexity uses a sliding window over the text; generation metrics "
                 "compare the model's answers with references; classification ranks the labels by likelihood. "
                 "Every result is added to the history below.")
@@ -117,10 +118,15 @@ def build_tab(backends: list[str] | None = None) -> dict:
     history = gr.Dataframe(label="All evaluations (newest first)", interactive=False, elem_id="fx-eval-history")
 
     sample.change(pick_sample, sample, metrics)
-    run.click(run_evaluation, [upload, sample, metrics, backend_name, against, max_length, stride, max_new_tokens,
-                               temperature], [summary, examples, history, chart], concurrency_id="model",
-              concurrency_limit=1)  # the model queue of the other tabs: one model event at a time
-    refresh.click(refresh_history, chart_metric, [history, chart])
+    run.click(user_errors(run_evaluation), [upload, sample, metrics, backend_name, against, max_length, stride,
+                                            max_new_tokens, temperature], [summary, examples, history, chart],
+              api_name="evaluate", **(model_events or dict(concurrency_id="model", concurrency_limit=1)),
+              **deployment.event_options())
+    refresh.click(user_errors(refresh_history), chart_metric, [history, chart], api_name="evaluation_history",
+                  concurrency_limit=None)
     return {"upload": upload, "sample": sample, "metrics": metrics, "backend": backend_name, "against": against,
             "run": run, "summary": summary, "examples": examples, "chart": chart, "history": history,
             "chart_metric": chart_metric, "refresh": refresh}
+
+
+build_tab = build  # the name the issue's brief uses

@@ -3,9 +3,11 @@ table and chart; bad input is a plain gr.Error and records nothing."""
 import gradio as gr
 import pytest
 
+import backend
+from playground.errors import user_errors
 from backend.scoring.perplexity import perplexity
 from playground import state
-from playground.tabs.evaluate import SAMPLES_DIR, build_tab, history_frames, run_evaluation
+from playground.tabs.evaluate import SAMPLES_DIR, build, history_frames, run_evaluation
 from tests.backend.tiny import make_tiny
 
 
@@ -19,7 +21,7 @@ def tiny_loaded(tmp_path, monkeypatch):
 
 def test_tab_builds_and_scores_the_sample_text_into_the_history(tiny_loaded):
     with gr.Blocks():
-        parts = build_tab(["eager"])
+        parts = build(["eager"])
     assert {"run", "summary", "examples", "chart", "history"} <= set(parts)
     summary, _, table, chart = run_evaluation(None, "prose (perplexity, agreement)", ["perplexity"], "", "", 64, 32,
                                               16, 0.0, progress=lambda *a, **k: None)
@@ -36,11 +38,11 @@ def test_tab_builds_and_scores_the_sample_text_into_the_history(tiny_loaded):
 
 
 def test_bad_input_is_a_plain_error_and_records_nothing(tiny_loaded):
-    with pytest.raises(gr.Error, match="different data"):
+    with pytest.raises(backend.FornaxError, match="different data"):
         run_evaluation(None, "prose (perplexity, agreement)", ["perplexity", "bleu"], "", "", 64, 32, 16, 0.0,
                        progress=lambda *a, **k: None)
-    with pytest.raises(gr.Error, match="stride 64 > max_length 32"):
-        run_evaluation(None, "prose (perplexity, agreement)", ["perplexity"], "", "", 32, 64, 16, 0.0,
+    with pytest.raises(gr.Error, match="stride 64 > max_length 32"):  # through the handler the page calls
+        user_errors(run_evaluation)(None, "prose (perplexity, agreement)", ["perplexity"], "", "", 32, 64, 16, 0.0,
                        progress=lambda *a, **k: None)
     table, chart = history_frames(None)
     assert len(table) == 0 and len(chart) == 0

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -37,9 +39,11 @@ CREATE INDEX IF NOT EXISTS scores_model_metric ON scores (model_fingerprint, met
 
 
 def default_path() -> Path:
+    """$FORNAX_SCORES_DB, else scores.sqlite under the Fornax cache (the test suite points it at a temporary file)."""
     from ..gguf_file import cache_root
 
-    return cache_root() / "scores.sqlite"
+    override = os.environ.get("FORNAX_SCORES_DB", "").strip()
+    return Path(override).expanduser() if override else cache_root() / "scores.sqlite"
 
 
 def model_fingerprint(handle) -> str:
@@ -122,3 +126,22 @@ class History:
         with closing(self._connect()) as conn:
             found = conn.execute(sql, [*args, int(limit)]).fetchall()
         return [Row(*r[:9], settings=json.loads(r[9])) for r in found]
+
+
+def record_finetune(out: str | Path, model: torch.nn.Module, data_path: str | Path, state: dict, settings: dict,
+                    history: History | None = None) -> str | None:
+    """The end of a finetune as one evaluation of the saved model: its last validation perplexity (and, for a
+    classifier, accuracy and macro-F1) on the data file's validation split. Named val_* because the split and the
+    blocks are the trainer's, not a perplexity window's. Returns the run id (None when there was no validation)."""
+    values = {}
+    if state.get("val_loss"):
+        values["val_perplexity"] = float(state["val_loss"][-1][2])
+    metrics = state.get("metrics") or {}
+    values.update({f"val_{k}": float(metrics[k]) for k in ("accuracy", "macro_f1") if k in metrics})
+    if not values:
+        return None
+    data_path = Path(data_path).expanduser()
+    return (history or History()).append(
+        model=str(out), model_fingerprint=model_fingerprint(SimpleNamespace(model=model)),
+        backend="training", data=data_path.name, data_fingerprint=hashlib.sha256(data_path.read_bytes()).hexdigest(),
+        values=values, settings={"source": "finetune", **settings})

@@ -175,3 +175,19 @@ def test_perplexity_history_compares_a_model_before_and_after_a_change(tiny, tmp
     assert not math.isclose(rows[0].value, rows[1].value)
     backend.save_pretrained(handle.model, handle.tokenizer, tmp_path / "copy")  # same weights, another folder
     assert model_fingerprint(backend.load(tmp_path / "copy")) == rows[1].model_fingerprint
+
+
+def test_a_finetune_records_its_validation_scores_for_the_saved_model(tmp_path, monkeypatch):
+    from backend.training import train
+    from tests.backend.train_util import make_base, quick, write_text
+
+    monkeypatch.setenv("FORNAX_SCORES_DB", str(tmp_path / "scores.sqlite"))
+    base = make_base(tmp_path / "base")
+    data = write_text(tmp_path / "corpus.txt", 6000)
+    state = train(quick(data, tmp_path / "out", mode="full", model=str(base), steps=4))
+    rows = History().rows()
+    assert [(r.metric, r.backend, r.model, r.data) for r in rows] == [
+        ("val_perplexity", "training", str(tmp_path / "out"), "corpus.txt")]
+    assert rows[0].value == pytest.approx(state["val_loss"][-1][2])
+    assert rows[0].model_fingerprint == model_fingerprint(backend.load(tmp_path / "out"))  # the saved model
+    assert rows[0].settings["mode"] == "full" and rows[0].settings["source"] == "finetune"

@@ -13,7 +13,7 @@ from tests.backend.tiny import make_tiny
 
 @pytest.fixture()
 def tiny_loaded(tmp_path, monkeypatch):
-    monkeypatch.setenv("FORNAX_CACHE", str(tmp_path / "cache"))  # the history file lives under the cache
+    monkeypatch.setenv("FORNAX_SCORES_DB", str(tmp_path / "scores.sqlite"))  # a history of this test's own
     make_tiny("llama", tmp_path / "llama")
     state.current.load(str(tmp_path / "llama"))
     return state.current.handle

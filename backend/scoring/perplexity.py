@@ -38,6 +38,11 @@ def handle_logits_fn(handle, backend: str | None = None) -> LogitsFn:
     return lambda ids: runner.full_logits(ids).float()
 
 
+def default_max_length(context: int | None, vocab: int | None) -> int:
+    """1024 tokens, or fewer where the context or the logits budget ask for it."""
+    return min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH, MAX_WINDOW_LOGITS_BYTES // (4 * (vocab or 1)))
+
+
 def check_window(max_length: int, stride: int | None, context: int | None = None, vocab: int | None = None
                  ) -> tuple[int, int]:
     """(max_length, stride) checked; stride None = max_length // 2, as the recipe's 1024 / 512. With the

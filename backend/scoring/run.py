@@ -69,8 +69,9 @@ def evaluate_model(handle, metrics: Sequence[str], data, *, source: str | None =
     out: dict = {}
 
     if kind == "text":
-        max_length, stride = ppl.check_window(max_length or min(ppl.DEFAULT_MAX_LENGTH, context), stride, context,
-                                              handle.config.vocab_size)
+        vocab = handle.config.vocab_size
+        max_length, stride = ppl.check_window(max_length or ppl.default_max_length(context, vocab), stride, context,
+                                              vocab)
         settings.update(max_length=max_length, stride=stride)
         token_ids = [handle.tokenizer.encode(t) for t in dataset.texts]
         ppl.check_sequences(token_ids, dataset.names)

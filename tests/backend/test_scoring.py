@@ -13,7 +13,7 @@ from backend.errors import ScoringError
 from backend.loading import default_gguf_path
 from backend.scoring.agreement import backend_agreement, logits_agreement
 from backend.scoring.modules import METRICS, compute_metric, load_metric, metric_path
-from backend.scoring.perplexity import check_window, perplexity, windows
+from backend.scoring.perplexity import check_window, default_max_length, perplexity, windows
 from backend.scoring.scores import confusion, precision_recall_f1
 from tests.backend.tiny import corpus_text, make_tiny
 
@@ -82,6 +82,9 @@ def test_window_checks():
     assert check_window(1024, None) == (1024, 512)
     with pytest.raises(ScoringError, match="GiB of logits"):  # refused before anything is allocated
         check_window(8192, 128, context=8192, vocab=49152)
+    assert default_max_length(8192, 49152) == 1024 and default_max_length(128, 384) == 128
+    big = default_max_length(8192, 262144)  # a huge vocabulary: a shorter default window that passes the budget
+    assert big < 1024 and check_window(big, None, 8192, 262144) == (big, big // 2)
     with pytest.raises(ScoringError, match="context"):
         check_window(256, 128, context=128)
     with pytest.raises(ScoringError, match=">= 2"):

@@ -30,7 +30,7 @@ Args:
     backend (str, optional): which of the model's execution paths runs the forward (default: its own).
     logits_fn (callable, optional): token ids (B, T) int64 -> logits (B, T, V).
     tokenizer (optional): anything with encode(text) -> list of ids (with logits_fn).
-    max_length (int): window length in tokens (default: 1024, or the model's context if smaller).
+    max_length (int): window length in tokens (default: 1024, or less for a short context or a huge vocabulary).
     stride (int): tokens between window starts, 1..max_length (default: max_length // 2).
     on_window (callable, optional): called after each window (a progress bar's update).
 Returns:
@@ -61,7 +61,7 @@ class Perplexity(evaluate.Metric):
         if tokenizer is None:
             raise ScoringError("logits_fn needs a tokenizer to turn the texts into token ids")
         if max_length is None:
-            max_length = min(ppl.DEFAULT_MAX_LENGTH, context or ppl.DEFAULT_MAX_LENGTH)
+            max_length = ppl.default_max_length(context, vocab)
         token_ids = [tokenizer.encode(text) for text in predictions]
         return ppl.perplexity(logits_fn, token_ids, max_length=max_length, stride=stride, context=context,
                               on_window=on_window, vocab=vocab)

@@ -83,8 +83,8 @@ def test_window_checks():
     with pytest.raises(ScoringError, match="GiB of logits"):  # refused before anything is allocated
         check_window(8192, 128, context=8192, vocab=49152)
     assert default_max_length(8192, 49152) == 1024 and default_max_length(128, 384) == 128
-    big = default_max_length(8192, 262144)  # a huge vocabulary: a shorter default window that passes the budget
-    assert big < 1024 and check_window(big, None, 8192, 262144) == (big, big // 2)
+    big = default_max_length(8192, 512000)  # a huge vocabulary: a shorter default window that passes the budget
+    assert big < 1024 and check_window(big, None, 8192, 512000) == (big, big // 2)
     with pytest.raises(ScoringError, match="context"):
         check_window(256, 128, context=128)
     with pytest.raises(ScoringError, match=">= 2"):

@@ -90,7 +90,7 @@ TRAIN_FLAGS = {
     "lr": float, "min_lr_ratio": float, "warmup_steps": int, "weight_decay": float, "grad_clip": float,
     "batch_size": int, "grad_accum": int, "seq_len": int, "lora_r": int, "lora_alpha": float, "lora_dropout": float,
     "eval_every": int, "sample_every": int, "save_every": int, "sample_tokens": int, "seed": int,
-    "val_fraction": float, "device": str,
+    "val_fraction": float, "device": str, "kernels": str,
 }
 
 

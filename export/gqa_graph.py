@@ -7,6 +7,8 @@ ORT derives each row's positions from the mask (seqlens_k): rows must be unpadde
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -63,7 +65,7 @@ class GqaGraph(torch.nn.Module):
             a = block.attn
             q, k, v = a.qkv(block.attn_norm(x)).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             y, pk, pv = GroupQueryAttention.apply(q, k, v, past_flat[2 * i], past_flat[2 * i + 1], seqlens_k,
-                                                  total_len, self.cos_cache, self.sin_cache, nh, nkv, a.scale)
+                                                  total_len, self.cos_cache, self.sin_cache, nh, nkv, 1 / math.sqrt(hd))
             present += [pk, pv]
             x = x + a.proj(y)
             x = x + block.mlp(block.mlp_norm(x))

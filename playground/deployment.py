@@ -15,6 +15,7 @@ from backend import limits
 from backend.loading import DEFAULT_HUB_ID
 
 from .errors import refusal
+from .streaming import session_key
 
 # Sources each browser session may load although they are paths: the folders of its own finished training jobs.
 _granted: dict[str, set[str]] = {}
@@ -32,18 +33,14 @@ def hub_allowlist() -> list[str]:
     return [r.strip() for r in raw.split(",") if r.strip()]
 
 
-def session_of(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or "no-session"
-
-
 def job_owner(request: gr.Request | None) -> str | None:
     """Who owns a training job started by this request: its browser session in public mode, nobody in private."""
-    return session_of(request) if public() else None
+    return session_key(request) if public() else None
 
 
 def grant(request: gr.Request | None, folder: str) -> None:
     """Let this session load `folder` (the result of its own training job) although it is a path."""
-    _granted.setdefault(session_of(request), set()).add(folder)
+    _granted.setdefault(session_key(request), set()).add(folder)
 
 
 def check_source(source: str, request: gr.Request | None = None) -> None:
@@ -51,7 +48,7 @@ def check_source(source: str, request: gr.Request | None = None) -> None:
     everything else, existing or not."""
     if not public() or source == "default" or source in hub_allowlist():
         return
-    if source in _granted.get(session_of(request), ()):
+    if source in _granted.get(session_key(request), ()):
         return
     allowed = ", ".join(["default", *hub_allowlist()])
     raise refusal(f"this public deployment loads only these models: {allowed}, or a .gguf file you upload "

@@ -36,7 +36,8 @@ from ..scoring.validation import autocast, evaluate_classify, evaluate_loss, mak
 STATE_FILE, CANCEL_FILE = "state.json", "cancel"
 # Settings that change the computation: a run resumes only with the same ones.
 RESUME_FREE = {"out", "resume", "eval_every", "sample_every", "save_every", "sample_prompts", "sample_tokens", "device",
-               "batch_size", "grad_accum"}  # (the global batch is compared instead of its split)
+               "batch_size", "grad_accum", "kernels"}  # (the global batch is compared instead of its split; the
+# kernels compute the same losses to float rounding)
 
 
 # --- progress reporting ---
@@ -212,6 +213,11 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         ckpt.set_rng_state(trainer["rng"])
         start = int(trainer["step"])
         reporter.update(**meta["history"])
+    fused = None
+    if cfg.kernels == "triton":
+        from .fused import TritonLoss
+
+        fused = TritonLoss(core, device)
     wrapped = module
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -316,10 +322,14 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         for m, (x, y) in enumerate(batches):
             sync = contextlib.nullcontext() if dist.world == 1 or m == len(batches) - 1 else wrapped.no_sync()
             with sync:
-                with autocast(device):
-                    logits = wrapped(x.to(device))                              # (B, T, V)
-                loss = F.cross_entropy(logits.float().view(-1, vocab), y.to(device).view(-1), ignore_index=IGNORE,
-                                       reduction="sum")
+                if fused is not None:                                           # Triton: no (B, T, V) logits
+                    with autocast(device):
+                        loss = fused.loss_sum(wrapped, x.to(device), y.to(device))
+                else:
+                    with autocast(device):
+                        logits = wrapped(x.to(device))                          # (B, T, V)
+                    loss = F.cross_entropy(logits.float().view(-1, vocab), y.to(device).view(-1),
+                                           ignore_index=IGNORE, reduction="sum")
                 # DDP averages gradients over processes; * world undoes that, / n_targets is the global mean
                 (loss * (dist.world / n_targets)).backward()
             loss_sum += loss.detach().double()

@@ -3,8 +3,9 @@ cancel or resume it, and load the result into Chat/Completion.
 
 The page holds no training state: while a job is active it reads the job's state.json through the JobManager each
 second, so a reload (or a second browser) shows the same job where it is, and a job outlives the page that started
-it. What a job may do (upload copies, output names, sample cadence, which checkpoint to resume) is the
-JobManager's policy, shared with the command line; this module only turns the form into its arguments.
+it. What a job may do (upload copies, output names, sample cadence, path rules, which checkpoint to resume, who
+controls it) is the JobManager's policy (`start` / `resume`), which any front end shares; this module turns the form
+into its arguments and applies the deployment's caps (deployment.py).
 """
 from __future__ import annotations
 

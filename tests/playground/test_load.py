@@ -38,7 +38,7 @@ def test_load_shows_the_model_and_serves_it(client, tiny_folders):
                  "Weight memory"):
         assert fact in card, fact
     assert info["name"] in badge and backends["value"] == "eager"
-    assert backends["choices"] == [["PyTorch eager", "eager"]] + [
+    assert backends["choices"] == [["PyTorch eager", "eager"], ["PyTorch compiled · compiles on first use", "compiled"]] + [
         [f"ONNX Runtime {p} · exports on first use", f"onnx-{p}"] for p in ("fp32", "int8", "int4")]
     text = client.predict(prompt="def", **PANEL, api_name="/complete")[0]
     assert text == current.handle.generate("def", **backend_kwargs()).text

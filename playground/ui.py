@@ -12,11 +12,11 @@ from backend import limits
 from . import deployment, render
 from .state import MODEL_EVENTS, current
 from .streaming import stop
-from .tabs import chat, completion, export, finetune, model, params
+from .tabs import chat, completion, evaluate, export, finetune, model, params
 
 QUEUE_MAX_SIZE = 64               # beyond this, new requests are told the queue is full
-TABS = [("chat", "Chat"), ("completion", "Completion"), ("model", "Model"), ("export", "Export"),
-        ("finetune", "Finetune")]
+TABS = [("chat", "Chat"), ("completion", "Completion"), ("model", "Model"), ("evaluate", "Evaluate"),
+        ("export", "Export"), ("finetune", "Finetune")]
 
 
 def build_app() -> gr.Blocks:
@@ -44,6 +44,8 @@ def build_app() -> gr.Blocks:
             stop_complete = completion.build(panel)
         with tabs["model"]:
             model_tab = model.build(info, badge, panel.backend_name)
+        with tabs["evaluate"]:
+            evaluate.build((info or {}).get("backends"), MODEL_EVENTS)
         with tabs["export"]:
             export.build(panel.backend_name, model_tab.card)
         with tabs["finetune"]:

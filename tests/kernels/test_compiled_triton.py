@@ -1,8 +1,7 @@
 """compiled+triton: torch.compile over the model patched with our kernels traces whole (fullgraph), with the
 kernels' `fornax::` ops in the graphs it compiles, and gives eager's logits for prefill and every decode step
 without recompiling. In the interpreter the graphs run through aot_eager (inductor works too, but takes a minute
-to compile here); on a GPU the runner uses inductor and a CUDA graph for decode (kernels/gpu_check.sh)."""
-import pytest
+to compile here); on a GPU the registry's runner: inductor, and a CUDA graph for decode (kernels/gpu_check.sh)."""
 import torch
 
 from backend import ModelConfig, Transformer
@@ -23,20 +22,24 @@ def test_compiled_triton_traces_and_equals_eager_on_tiny_llama(device):
         graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
         return lookup_backend("aot_eager")(gm, example_inputs)
 
-    compiled = CompiledTritonRunner(model, compiler=recording_aot_eager if device == "cpu" else "inductor")
+    if device == "cpu":
+        compiled = CompiledTritonRunner(model, compiler=recording_aot_eager)
+    else:  # the registry's runner, as a handle prepares it: inductor, decode as a CUDA graph
+        compiled = PREPARABLE["compiled+triton"](model, None)
     eager = EagerRunner(model)
     assert compiled.name == "compiled+triton"
     assert all(p is q for p, q in zip(model.parameters(), compiled.model.parameters()))   # weights shared
     ids = torch.randint(0, model.config.vocab_size, (2, 11), device=device)
+    tol = dict(atol=1e-4, rtol=1e-4) if device == "cpu" else dict(atol=2e-3, rtol=2e-3)   # inductor reorders sums
     with torch.no_grad():
         compiled.start(2, 24)
         eager.start(2, 24)
         ref = eager.forward(ids, 0)
-        torch.testing.assert_close(compiled.forward(ids, 0), ref, atol=1e-4, rtol=1e-4)   # prefill, bucket of 16
+        torch.testing.assert_close(compiled.forward(ids, 0), ref, **tol)   # prefill, bucket of 16
         for pos in range(11, 14):                                                    # decode steps
             token = ref.argmax(-1, keepdim=True)
             ref = eager.forward(token, pos)
-            torch.testing.assert_close(compiled.forward(token, pos), ref, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(compiled.forward(token, pos), ref, **tol)
     assert compiled.compiles == 2                      # one prefill graph, one decode graph: no recompiles
     if device == "cpu":
         prefill, decode = graphs
@@ -53,19 +56,3 @@ def test_compiled_triton_is_offered_only_with_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert offered("compiled+triton")
 
-
-@pytest.mark.gpu
-def test_compiled_triton_from_the_registry_on_gpu(device):
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name("tiny-llama")).to(device, torch.bfloat16).eval()
-    model.reset_buffers(device)
-    runner = PREPARABLE["compiled+triton"](model, None)
-    eager = EagerRunner(model)
-    ids = torch.randint(0, model.config.vocab_size, (1, 20), device=device)
-    with torch.no_grad():
-        runner.start(1, 64)
-        eager.start(1, 64)
-        torch.testing.assert_close(runner.forward(ids, 0), eager.forward(ids, 0), atol=5e-2, rtol=5e-2)
-        token = ids[:, -1:]
-        for pos in range(20, 24):
-            torch.testing.assert_close(runner.forward(token, pos), eager.forward(token, pos), atol=5e-2, rtol=5e-2)

@@ -154,9 +154,16 @@ def bench_frames(op: str) -> tuple[str, pd.DataFrame | None, pd.DataFrame | None
     return note, rows[["x", "p50", "provider"]].rename(columns={"p50": "ms"}), speedup
 
 
+def _bars_update(bars: pd.DataFrame | None) -> dict:
+    """Bars from zero (the plot would start its axis at the smallest bar, hiding eager's 1.0)."""
+    if bars is None:
+        return gr.update(value=None, visible=False)
+    return gr.update(value=bars, visible=True, y_lim=[0, 1.1 * float(bars["speed-up over eager"].max())])
+
+
 def show_bench(op: str):
     note, lines, bars = bench_frames(op if op in OPS else "rms_norm")
-    return note, gr.update(value=lines, visible=lines is not None), gr.update(value=bars, visible=bars is not None)
+    return note, gr.update(value=lines, visible=lines is not None), _bars_update(bars)
 
 
 def presets(op: str):
@@ -186,9 +193,11 @@ def build() -> None:
     with gr.Group(visible=not on_gpu()):
         bench_note = gr.Markdown(note, elem_id="fx-lab-bench-note")
         bench_lines = gr.LinePlot(lines, x="x", y="ms", color="provider", title="Median ms by size",
+                                  x_title="size (kernels/bench.py SWEEPS)",
                                   visible=lines is not None, elem_id="fx-lab-bench-lines")
         bench_bars = gr.BarPlot(bars, x="provider", y="speed-up over eager", title="Speed-up over eager",
-                                visible=bars is not None, elem_id="fx-lab-bench-bars")
+                                visible=bars is not None, elem_id="fx-lab-bench-bars",
+                                y_lim=None if bars is None else _bars_update(bars)["y_lim"])
     op.change(presets, op, shape, api_visibility="private", queue=False)
     op.change(show_bench, op, [bench_note, bench_lines, bench_bars], api_visibility="private", queue=False)
     run.click(run_check, [op, shape, dtype], [summary, table, speed], api_name="kernel_check",

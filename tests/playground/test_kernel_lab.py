@@ -38,12 +38,9 @@ def test_the_error_table_of_rms_norm(client):
 @pytest.mark.parametrize("shape, message", [
     ("2; rm -rf /", "type a shape as sizes separated by commas"),
     ("1, 2, 3, 4, 5, 6", "1 to 5 sizes"),
-    ("2, 1, 64", None),                          # fine: rms_norm takes any leading shape
+    ("", "type a shape"),
 ])
 def test_bad_shapes_are_refused_in_plain_words(client, shape, message):
-    if message is None:
-        assert client.predict(op="rms_norm", shape=shape, dtype="bfloat16", api_name="/kernel_check")[1]["data"]
-        return
     with pytest.raises(AppError, match=message):
         client.predict(op="rms_norm", shape=shape, dtype="float32", api_name="/kernel_check")
 

@@ -1,8 +1,6 @@
 """The Kernel lab tab through gradio_client: the error table of one op (checked in Triton's interpreter in a
-subprocess: this process never imports `kernels`), refusals of bad and over-cap shapes, and the benchmark charts
+subprocess, as the app does without a GPU), refusals of bad and over-cap shapes, and the benchmark charts
 from a committed CSV (or a plain note without one)."""
-import sys
-
 import gradio as gr
 import pandas as pd
 import pytest
@@ -32,7 +30,6 @@ def test_the_error_table_of_rms_norm(client):
     assert list(rows) == ["forward", "grad x", "grad weight"]
     for error, ref_max, relative, ok in rows.values():
         assert float(error) <= 1e-5 * float(ref_max) and float(ref_max) > 0.1 and ok == "yes"
-    assert "kernels" not in sys.modules          # the interpreter ran in the subprocess only
 
 
 @pytest.mark.parametrize("shape, message", [

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import IGNORE, Records, build_data, read_records
 from .distributed import Dist
-from .evaluate import autocast, evaluate_classify, evaluate_loss, make_samples
+from ..scoring.validation import autocast, evaluate_classify, evaluate_loss, make_samples
 
 STATE_FILE, CANCEL_FILE = "state.json", "cancel"
 # Settings that change the computation: a run resumes only with the same ones.
@@ -383,6 +384,12 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         reporter.state.update(status="done", message=f"saved to {out}")
         ckpt.write_json_atomic(out / "training.json", {k: reporter.state[k] for k in (
             "config", "train_loss", "val_loss", "samples", "metrics", "tokens_per_s", "data", "trainable_params")})
+        try:  # the scores history (backend/scoring) gets the final validation numbers; never fails the run
+            from ..scoring.history import record_finetune
+
+            record_finetune(out, final, cfg.data, reporter.state, cfg.to_dict())
+        except (FornaxError, OSError, sqlite3.Error) as e:
+            _log(bar, f"could not record the run in the scores history: {e}")
     reporter.update(force=True, status="done")
     return dict(reporter.state)
 

@@ -1,8 +1,5 @@
-<<<<<<< HEAD
-"""CLI: python -m backend info|generate|chat|bench|finetune|bench-train|cache (each verb is one plain function)."""
-=======
-"""CLI: python -m backend info|generate|chat|bench|finetune|bench-train|evaluate (each verb is one plain function)."""
->>>>>>> main
+"""CLI: python -m backend info|generate|chat|bench|finetune|bench-train|evaluate|cache (each verb is one plain
+function)."""
 from __future__ import annotations
 
 import argparse
@@ -162,7 +159,12 @@ def cmd_bench_train(args):
                     batch_size=args.batch_size, csv_path=args.csv, repeats=args.repeats)
 
 
-<<<<<<< HEAD
+def cmd_evaluate(args):
+    from .scoring.cli import run_cli
+
+    run_cli(args)
+
+
 def cmd_cache(args):
     from . import cache_dir
 
@@ -171,12 +173,6 @@ def cmd_cache(args):
     if args.clear:
         removed = cache_dir.clear()
         print(f"cleared {len(removed)} entries, {sum(e.bytes for e in removed) / 1e6:.1f} MB")
-=======
-def cmd_evaluate(args):
-    from .scoring.cli import run_cli
-
-    run_cli(args)
->>>>>>> main
 
 
 def main(argv=None):
@@ -247,18 +243,16 @@ def main(argv=None):
     p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file")
     p.set_defaults(func=cmd_bench_train)
 
-<<<<<<< HEAD
-    p = sub.add_parser("cache", help="list the on-disk caches (GGUF conversions, exports, zips, kept uploads)")
-    p.add_argument("--clear", action="store_true", help="delete every cache entry")
-    p.set_defaults(func=cmd_cache)
-=======
     p = sub.add_parser("evaluate", help="score a model: perplexity, BLEU / chrF / ROUGE / exact match, accuracy / "
                                         "F1, backend agreement (recorded in the history)")
     from .scoring.cli import add_arguments as evaluate_arguments
 
     evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)
->>>>>>> main
+
+    p = sub.add_parser("cache", help="list the on-disk caches (GGUF conversions, exports, zips, kept uploads)")
+    p.add_argument("--clear", action="store_true", help="delete every cache entry")
+    p.set_defaults(func=cmd_cache)
 
     args = parser.parse_args(argv)
     try:

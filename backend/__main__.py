@@ -1,4 +1,5 @@
-"""CLI: python -m backend info|generate|chat|fill-mask|bench|finetune|bench-train (each verb is one plain function)."""
+"""CLI: python -m backend info|generate|chat|fill-mask|bench|finetune|bench-train|evaluate|cache (each verb is one
+plain function)."""
 from __future__ import annotations
 
 import argparse
@@ -103,7 +104,7 @@ TRAIN_FLAGS = {
     "lr": float, "min_lr_ratio": float, "warmup_steps": int, "weight_decay": float, "grad_clip": float,
     "batch_size": int, "grad_accum": int, "seq_len": int, "lora_r": int, "lora_alpha": float, "lora_dropout": float,
     "eval_every": int, "sample_every": int, "save_every": int, "sample_tokens": int, "seed": int,
-    "val_fraction": float, "device": str,
+    "val_fraction": float, "device": str, "kernels": str,
 }
 
 
@@ -169,6 +170,22 @@ def cmd_bench_train(args):
 
     run_bench_train(steps=args.steps, threads=args.threads, preset=args.preset, seq_len=args.seq_len,
                     batch_size=args.batch_size, csv_path=args.csv, repeats=args.repeats)
+
+
+def cmd_evaluate(args):
+    from .scoring.cli import run_cli
+
+    run_cli(args)
+
+
+def cmd_cache(args):
+    from . import cache_dir
+
+    found = cache_dir.entries()
+    print(cache_dir.describe(found))
+    if args.clear:
+        removed = cache_dir.clear()
+        print(f"cleared {len(removed)} entries, {sum(e.bytes for e in removed) / 1e6:.1f} MB")
 
 
 def main(argv=None):
@@ -244,6 +261,17 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="alternated runs per engine; the best is kept")
     p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file")
     p.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser("evaluate", help="score a model: perplexity, BLEU / chrF / ROUGE / exact match, accuracy / "
+                                        "F1, backend agreement (recorded in the history)")
+    from .scoring.cli import add_arguments as evaluate_arguments
+
+    evaluate_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("cache", help="list the on-disk caches (GGUF conversions, exports, zips, kept uploads)")
+    p.add_argument("--clear", action="store_true", help="delete every cache entry")
+    p.set_defaults(func=cmd_cache)
 
     args = parser.parse_args(argv)
     try:

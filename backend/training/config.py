@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from ..config import PRESETS
+from .. import limits
 from ..errors import TrainError
 
 MODES = ("lora", "full", "pretrain")
+KERNELS = ("eager", "triton")
 TASKS = ("auto", "lm", "chat", "classify")
 # Learning rates that move a model visibly in a few hundred steps without blowing it up.
 DEFAULT_LR = {"lora": 5e-4, "full": 5e-5, "pretrain": 2e-3}
@@ -47,6 +50,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     resume: bool = False             # continue from the newest checkpoint in `out` (if there is one)
     device: str | None = None        # None = cuda if available else cpu
+    kernels: str = "eager"           # eager | triton: our Triton ops + fused linear cross-entropy (training/fused.py)
 
     # --- serialisation ---
     def to_dict(self) -> dict:
@@ -84,6 +88,7 @@ class TrainConfig:
         need(bool(self.out), "no output folder: give one (--out)")
         need(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         need(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        need(self.kernels in KERNELS, f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         need(self.mode != "pretrain" or self.preset in PRESETS,
              f"no preset {self.preset!r}; presets: {', '.join(PRESETS)}")
         need(self.mode == "pretrain" or bool(self.model), "no model to finetune: give one (--model)")
@@ -91,6 +96,19 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "lora_r", "sample_tokens"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "lora_alpha",
+                     "lora_dropout", "val_fraction", "seed"):
+            v = getattr(self, name)
+            need((v is None and name in ("lr", "warmup_steps")) or (
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+                f"{name} must be a number, got {v!r}")
+        need(isinstance(self.betas, (list, tuple)) and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas), "betas must be two numbers")
+        need(isinstance(self.sample_prompts, list), "sample_prompts must be a list of strings")
+        caps = limits.current()
+        for name, cap in (("steps", caps.max_finetune_steps), ("batch_size", caps.max_batch_size),
+                          ("lora_r", caps.max_lora_r)):
+            limits.check(getattr(self, name), cap, name)
         for name in ("eval_every", "sample_every", "save_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
                  f"{name} must be an integer >= 0, got {getattr(self, name)!r}")

@@ -411,6 +411,8 @@ def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path |
             raise TrainError(f"could not load the model {cfg.model!r}: {e}") from e
         if handle.model is None:
             raise TrainError(f"{cfg.model} is an exported ONNX graph; train the PyTorch model it came from")
+        if handle.config.family == "bert":
+            raise TrainError("training an encoder (BERT-style) is not supported yet; finetune a causal model")
         return handle.model.contiguous_layout(), handle.tokenizer
     if resume_from is not None:
         tokenizer = Tokenizer.from_folder(resume_from)
@@ -419,6 +421,9 @@ def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path |
         reporter.update(force=True, message="training the tokenizer")
         tokenizer = _shared_tokenizer(records.corpus, cfg.vocab_size, dist)
         mcfg = ModelConfig.from_name(cfg.preset)
+        if mcfg.family == "bert":
+            raise TrainError(f"pretraining the encoder preset {cfg.preset!r} (masked-LM) is not supported yet; "
+                             f"pretrain a causal preset (tiny-llama, tiny-gpt2, tiny-lstm)")
         mcfg.vocab_size = tokenizer.vocab_size
         mcfg.eos_token_ids = [tokenizer.token_to_id(tokenizer.eos_token)]
         mcfg.bos_token_id, mcfg.name = None, f"fornax-{cfg.preset}"

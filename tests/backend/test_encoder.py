@@ -234,3 +234,38 @@ def test_fill_mask_command_line(mlm, capsys):
     assert "no [MASK]" in capsys.readouterr().err
     assert main(["fill-mask", "--model", str(folder), "--text", SENTENCES[0], "--pll"]) == 0
     assert "pseudo-perplexity" in capsys.readouterr().out
+
+
+def test_trained_wordpiece_ids_equal_bert_tokenizer_fast_on_its_vocab():
+    from transformers import BertTokenizerFast
+
+    from backend.training.mlm import train_wordpiece
+
+    ours = train_wordpiece(corpus_text()[:100_000], 500)
+    vocab = ours.tk.get_vocab()
+    theirs = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    for text in SENTENCES + ["Ünïcödé accents and CAPITALS, [MASK] too", "def f(x): return x ** 2"]:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+
+
+def test_dynamic_masking_is_15_percent_80_10_10():
+    from backend.training.data import IGNORE
+    from backend.training.mlm import mask_tokens
+
+    g = torch.Generator().manual_seed(0)
+    V, mask_id, specials = 1000, 4, [0, 2, 3]
+    ids = torch.randint(5, V, (64, 512), generator=g)
+    ids[:, 0], ids[:, -1], ids[:8, -40:] = 2, 3, 0                   # [CLS] ... [SEP], some [PAD]
+    inputs, labels = mask_tokens(ids, mask_id, V, specials, g)
+    chosen = labels != IGNORE
+    ordinary = ~torch.isin(ids, torch.tensor(specials))
+    assert not (chosen & ~ordinary).any()                             # specials are never chosen
+    assert (labels[chosen] == ids[chosen]).all()
+    assert chosen.sum().item() / ordinary.sum().item() == pytest.approx(0.15, abs=0.01)
+    n = chosen.sum().item()
+    as_mask = (inputs[chosen] == mask_id).sum().item() / n
+    kept = (inputs[chosen] == ids[chosen]).sum().item() / n
+    assert as_mask == pytest.approx(0.8, abs=0.02)
+    assert kept == pytest.approx(0.1 + 0.1 / V, abs=0.02)              # 10 % kept (+ random draws of the same id)
+    assert 1 - as_mask - kept == pytest.approx(0.1, abs=0.02)
+    assert (inputs[~chosen] == ids[~chosen]).all()

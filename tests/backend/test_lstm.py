@@ -133,12 +133,3 @@ def test_lstm_refuses_chat_data_and_lora(tmp_path):
     with pytest.raises(TrainError, match="LSTM"):
         train(cfg)
 
-
-def test_encoder_pretraining_is_refused_plainly(tmp_path):
-    from backend.training import TrainConfig, train
-
-    data = write_text(tmp_path / "docs.txt", n_chars=4000)
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "out"), mode="pretrain", preset="tiny-bert", steps=2,
-                      vocab_size=300, seq_len=32)
-    with pytest.raises(TrainError, match="encoder"):
-        train(cfg)

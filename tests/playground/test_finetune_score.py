@@ -32,7 +32,8 @@ def test_score_the_result_records_before_and_after_on_the_validation_text(tmp_pa
         assert state["status"] == "done", state.get("error")
         before = len(History().rows())  # the trainer's own val_perplexity row
         summary, _, _ = client.predict(api_name="/score_finetune")
-    rows = [r for r in History().rows()[:len(History().rows()) - before]]
+    assert len(History().rows()) == before + 2
+    rows = History().rows()[:2]
     assert [r.metric for r in rows] == ["perplexity", "perplexity"]
     after, base = rows  # newest first: the base is scored first, so the chart reads before -> after
     assert (base.model, after.model) == (str(tmp_path / "base"), state["out_dir"])

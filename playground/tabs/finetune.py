@@ -169,7 +169,7 @@ def score_result(request: gr.Request = None):
     state = manager().state(job_id)
     if state["status"] != "done" or not Path(state["out_dir"]).is_dir():
         raise refusal("no finished model yet: wait for the job to end with status 'done'")
-    results = evaluate.score_finetune(state, manager()._dir(job_id))
+    results = evaluate.score_finetune(state, manager().job_dir(job_id))
     lines = [f"**perplexity** {r['values']['perplexity']:.4g} · {html.escape(Path(r['model']).name or r['model'])}"
              for r in results]
     where = Path(results[-1]["data"]).name

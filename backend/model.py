@@ -28,7 +28,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.device.type == "cpu" and w.stride(0) == 1 and w.shape[0] % 2 == 0 and x.shape[:-1].numel() == 1:
+        # (Not under torch.compile: inductor would copy the strided halves every call; its mm on the transposed
+        # weight reads them in place.)
+        if (x.device.type == "cpu" and w.stride(0) == 1 and w.shape[0] % 2 == 0 and x.shape[:-1].numel() == 1
+                and not torch.compiler.is_compiling()):
             w_in_out = w.t()                                                     # (in, out), contiguous
             halves = w_in_out.view(w_in_out.shape[0], 2, -1).transpose(0, 1)    # (2, in, out/2) views
             y = torch.bmm(x.reshape(1, 1, -1).expand(2, 1, -1), halves)         # (2, 1, out/2)

@@ -266,8 +266,9 @@ def build(panel: Panel) -> gr.Button:
     prev.click(step(-1), [tree, focus], [chatbot, label, tree], api_visibility="private", queue=False)
     nxt.click(step(+1), [tree, focus], [chatbot, label, tree], api_visibility="private", queue=False)
     chatbot.select(select, [tree], [focus, label], api_visibility="private", queue=False)
-    # Clear also cancels a reply in flight, so no late update can put the old chat back.
+    # Clear discards a reply in flight (its Stop flag), so no late update can put the old chat back. Not `cancels=`:
+    # in Gradio 6.31 cancelling an event that is not running broke the next Send of the session.
     clear_chat.click(clear, None, [chatbot, chat_stats, tree], api_name="clear", concurrency_limit=None,
-                     cancels=[chat_event, regen_event, edit_event, cont_event]).then(
+                     ).then(
         lambda: (None, ""), None, [focus, label], api_visibility="private", queue=False)
     return stop_chat

@@ -1,4 +1,4 @@
-"""CLI: python -m backend info|generate|chat|bench|finetune|bench-train (each verb is one plain function)."""
+"""CLI: python -m backend info|generate|chat|bench|finetune|bench-train|evaluate (each verb is one plain function)."""
 from __future__ import annotations
 
 import argparse
@@ -90,7 +90,7 @@ TRAIN_FLAGS = {
     "lr": float, "min_lr_ratio": float, "warmup_steps": int, "weight_decay": float, "grad_clip": float,
     "batch_size": int, "grad_accum": int, "seq_len": int, "lora_r": int, "lora_alpha": float, "lora_dropout": float,
     "eval_every": int, "sample_every": int, "save_every": int, "sample_tokens": int, "seed": int,
-    "val_fraction": float, "device": str,
+    "val_fraction": float, "device": str, "kernels": str,
 }
 
 
@@ -156,6 +156,12 @@ def cmd_bench_train(args):
 
     run_bench_train(steps=args.steps, threads=args.threads, preset=args.preset, seq_len=args.seq_len,
                     batch_size=args.batch_size, csv_path=args.csv, repeats=args.repeats)
+
+
+def cmd_evaluate(args):
+    from .scoring.cli import run_cli
+
+    run_cli(args)
 
 
 def main(argv=None):
@@ -225,6 +231,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="alternated runs per engine; the best is kept")
     p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file")
     p.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser("evaluate", help="score a model: perplexity, BLEU / chrF / ROUGE / exact match, accuracy / "
+                                        "F1, backend agreement (recorded in the history)")
+    from .scoring.cli import add_arguments as evaluate_arguments
+
+    evaluate_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
 
     args = parser.parse_args(argv)
     try:

@@ -19,3 +19,7 @@ class GenerationError(FornaxError, ValueError):
 
 class TrainError(FornaxError, ValueError):
     """A training run cannot start or go on: bad data, a bad hyper-parameter, an unusable output folder."""
+
+
+class ScoringError(FornaxError, ValueError):
+    """An evaluation cannot run: unknown metric, empty or unreadable data, mismatched counts, a bad window."""

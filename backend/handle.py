@@ -10,7 +10,7 @@ from .config import ModelConfig
 from .errors import GenerationError
 from .generate import GenerationResult, Stream, run_generation
 from .model import Transformer
-from .runners import PREPARABLE, Runner, triton_available
+from .runners import PREPARABLE, Runner, offered
 from .runners.eager import EagerRunner
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -42,8 +42,8 @@ class ModelHandle:
 
     def backends(self) -> list[str]:
         """Execution paths offered: the prepared ones, then those prepared on first use (compiled, triton)."""
-        offered = [n for n in PREPARABLE if n != "triton" or triton_available()]
-        more = [n for n in offered if n not in self.runners] if self.model is not None else []
+        offered_here = [n for n in PREPARABLE if offered(n)]
+        more = [n for n in offered_here if n not in self.runners] if self.model is not None else []
         return list(self.runners) + more
 
     def runner(self, name: str | None = None, progress=None) -> Runner:

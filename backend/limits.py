@@ -49,6 +49,8 @@ class Limits:
     max_export_params: int = 2_000_000_000
     event_time_limit_s: float = 0.0             # 0 = none
     cache_bytes: int = 50 * 1024**3             # GGUF conversions + exports + zips + kept uploads, LRU-evicted
+    kernel_lab_cpu_elements: int = 1_000_000    # Kernel lab inputs in Triton's interpreter (slow: ~2 s per 1M)
+    kernel_lab_gpu_elements: int = 256 * 1024**2  # Kernel lab inputs on a GPU
 
     @staticmethod
     def public_defaults() -> "Limits":
@@ -58,7 +60,8 @@ class Limits:
                       max_vocab=300_000, max_token_bytes=1024, max_merges=600_000,
                       max_template_output_chars=200_000, template_time_s=2.0, max_finetune_steps=2000,
                       max_batch_size=16, max_lora_r=64, max_export_params=600_000_000, event_time_limit_s=600.0,
-                      cache_bytes=20 * 1024**3)
+                      cache_bytes=20 * 1024**3, kernel_lab_cpu_elements=40_000,
+                      kernel_lab_gpu_elements=16 * 1024**2)
 
 
 def current() -> Limits:

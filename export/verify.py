@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from backend.handle import ModelHandle
 from backend.runners.onnx import OnnxRunner, read_onnx_config
+from backend.scoring.agreement import logits_agreement
 
 GREEDY_TOKENS = 64
 TEXT_TOKENS = 128
@@ -28,10 +28,7 @@ def verify_export(folder: str | Path, model, tokenizer, text: str | None = None)
     ids = torch.tensor([tokenizer.encode(text or fixed_text(), add_special_tokens=False)[:TEXT_TOKENS]])
     ref = model(ids)[0].float()                       # (T, V)
     got = runner.full_logits(ids)[0].float()
-    ref_logp, got_logp = ref.log_softmax(-1), got.log_softmax(-1)
-    kl = (ref_logp.exp() * (ref_logp - got_logp)).sum(-1)          # KL(eager || onnx) per position
-    targets = ids[0, 1:]
-    nll = lambda logp: -logp[:-1].gather(1, targets[:, None]).mean().item()  # noqa: E731
+    agree = logits_agreement(ref, got, ids[0])  # KL(eager || onnx), top-1, perplexities: positions predicting a token
     handle = ModelHandle(model, tokenizer, "verify", runners={"onnx": runner})
     prompt = ids[0, :16].tolist()
     greedy = {name: handle.generate(prompt, backend=name, max_new_tokens=GREEDY_TOKENS, temperature=0,
@@ -42,12 +39,12 @@ def verify_export(folder: str | Path, model, tokenizer, text: str | None = None)
         "positions": ids.shape[1],
         "max_abs_logit_diff": per_position.max().item(),
         "max_abs_logit_diff_per_position": [round(x, 6) for x in per_position.tolist()],
-        "mean_kl": kl.mean().item(),
-        "top1_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
+        "mean_kl": agree["mean_kl"],
+        "top1_agreement": agree["top1_agreement"],
         "greedy_match_length": match,
         "greedy_tokens": GREEDY_TOKENS,
-        "perplexity_eager": math.exp(nll(ref_logp)),
-        "perplexity_onnx": math.exp(nll(got_logp)),
+        "perplexity_eager": agree["perplexity_ref"],
+        "perplexity_onnx": agree["perplexity_other"],
     }
 
 

@@ -77,6 +77,7 @@ def model_badge(info: dict | None) -> str:
 
 # --- execution paths ---
 BACKEND_LABELS = {"eager": "PyTorch eager", "compiled": "PyTorch compiled", "triton": "PyTorch + Triton kernels",
+                  "compiled+triton": "PyTorch compiled + Triton kernels",
                   "onnx": "ONNX Runtime", "onnx-fp32": "ONNX Runtime fp32", "onnx-int8": "ONNX Runtime int8",
                   "onnx-int4": "ONNX Runtime int4"}
 

@@ -12,11 +12,11 @@ from backend import limits
 from . import deployment, render
 from .state import MODEL_EVENTS, current
 from .streaming import stop
-from .tabs import chat, completion, export, finetune, model, params
+from .tabs import chat, completion, evaluate, export, finetune, kernel_lab, model, params
 
 QUEUE_MAX_SIZE = 64               # beyond this, new requests are told the queue is full
-TABS = [("chat", "Chat"), ("completion", "Completion"), ("model", "Model"), ("export", "Export"),
-        ("finetune", "Finetune")]
+TABS = [("chat", "Chat"), ("completion", "Completion"), ("model", "Model"), ("evaluate", "Evaluate"),
+        ("export", "Export"), ("finetune", "Finetune"), ("kernel_lab", "Kernel lab")]
 
 
 def build_app() -> gr.Blocks:
@@ -44,11 +44,15 @@ def build_app() -> gr.Blocks:
             stop_complete = completion.build(panel)
         with tabs["model"]:
             model_tab = model.build(info, badge, panel.backend_name)
+        with tabs["evaluate"]:
+            evaluate.build((info or {}).get("backends"), MODEL_EVENTS)
         with tabs["export"]:
             export.build(panel.backend_name, model_tab.card)
         with tabs["finetune"]:
             poll_fn, poll_outputs = finetune.build(model_tab.source, [model_tab.card, badge, panel.backend_name],
                                                    model.load_model, model_tab.dtype, MODEL_EVENTS)
+        with tabs["kernel_lab"]:
+            kernel_lab.build()
         gr.on([stop_chat.click, stop_complete.click], stop, None, None, api_name="stop", concurrency_limit=None)
         demo.load(model.refresh, None, [model_tab.card, badge, panel.backend_name], api_visibility="private")
         # shows the latest training job, and reattaches to it if it is running

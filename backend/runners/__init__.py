@@ -3,6 +3,7 @@
   eager        PyTorch eager, static KV cache                                   runners/eager.py
   compiled     torch.compile of the same model (C++/OpenMP on CPU, Triton on CUDA)  runners/compiled.py
   triton       the model with our Triton kernels swapped in (kernels/)          runners/triton.py
+  compiled+triton  torch.compile of that model (CUDA graph for decode; CUDA only) runners/triton.py
   onnx-*       an ONNX export on ONNX Runtime (attached by export/attach.py)     runners/onnx.py
 
 `ModelHandle.runners` holds the prepared ones; `PREPARABLE` names those a handle with PyTorch weights prepares on
@@ -50,8 +51,26 @@ def _triton(model, progress):
     return TritonRunner(model)
 
 
+def _compiled_triton(model, progress):
+    try:
+        from .triton import CompiledTritonRunner
+    except ImportError as e:
+        raise GenerationError(f"the compiled Triton backend is not available here: {e}") from e
+    return CompiledTritonRunner(model, progress=progress)
+
+
 # name -> factory(model, progress) for runners prepared on first use from a handle's PyTorch model
-PREPARABLE: dict[str, Callable] = {"compiled": _compiled, "triton": _triton}
+PREPARABLE: dict[str, Callable] = {"compiled": _compiled, "triton": _triton, "compiled+triton": _compiled_triton}
+
+
+def offered(name: str) -> bool:
+    """Whether a handle offers the PREPARABLE runner `name` here: `triton` where its kernels run (a GPU, or the
+    interpreter in tests); `compiled+triton` on a CUDA GPU only (compiling interpreted kernels is of no use)."""
+    if name == "triton":
+        return triton_available()
+    if name == "compiled+triton":
+        return torch.cuda.is_available()
+    return True
 
 
 def triton_available() -> bool:

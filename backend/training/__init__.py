@@ -7,7 +7,7 @@ from .config import DEFAULT_LR, MODES, TASKS, TrainConfig
 from .data import Data, Records, Sequences, build_data, chat_sequence, read_records
 from .jobs import JobManager
 from .lora import add_lora, merge_lora
-from .evaluate import evaluate_classify, evaluate_loss
+from ..scoring.validation import evaluate_classify, evaluate_loss
 from .loop import lr_factor, train
 
 __all__ = ["TrainConfig", "TrainError", "JobManager", "train", "read_records", "build_data", "chat_sequence",

@@ -8,6 +8,7 @@ from ..config import PRESETS
 from ..errors import TrainError
 
 MODES = ("lora", "full", "pretrain")
+KERNELS = ("eager", "triton")
 TASKS = ("auto", "lm", "chat", "classify")
 # Learning rates that move a model visibly in a few hundred steps without blowing it up.
 DEFAULT_LR = {"lora": 5e-4, "full": 5e-5, "pretrain": 2e-3}
@@ -47,6 +48,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     resume: bool = False             # continue from the newest checkpoint in `out` (if there is one)
     device: str | None = None        # None = cuda if available else cpu
+    kernels: str = "eager"           # eager | triton: our Triton ops + fused linear cross-entropy (training/fused.py)
 
     # --- serialisation ---
     def to_dict(self) -> dict:
@@ -84,6 +86,7 @@ class TrainConfig:
         need(bool(self.out), "no output folder: give one (--out)")
         need(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         need(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        need(self.kernels in KERNELS, f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         need(self.mode != "pretrain" or self.preset in PRESETS,
              f"no preset {self.preset!r}; presets: {', '.join(PRESETS)}")
         need(self.mode == "pretrain" or bool(self.model), "no model to finetune: give one (--model)")

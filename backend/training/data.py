@@ -14,7 +14,7 @@ Formats (with task "auto" the task is taken from the file):
 - **Labelled JSONL or CSV** (`.jsonl` / `.csv`; task `classify`): `{"text": ..., "label": ...}` per line, or a CSV
   whose header has `text` and `label` columns. Each row becomes the prompt `"<text>\\nLabel:"` followed by
   `" <label>"` and end-of-sequence; the loss is on the label tokens only. The validation split is stratified by label
-  and scored by accuracy and macro-F1 (see evaluate.evaluate_classify).
+  and scored by accuracy and macro-F1 (see backend/scoring/validation.py).
 
 Every problem a user can cause (missing or empty file, binary data, a malformed line, a missing label, too little
 data) raises TrainError naming the file and, where there is one, the line.

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -30,12 +31,13 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import IGNORE, Records, build_data, read_records
 from .distributed import Dist
-from .evaluate import autocast, evaluate_classify, evaluate_loss, make_samples
+from ..scoring.validation import autocast, evaluate_classify, evaluate_loss, make_samples
 
 STATE_FILE, CANCEL_FILE = "state.json", "cancel"
 # Settings that change the computation: a run resumes only with the same ones.
 RESUME_FREE = {"out", "resume", "eval_every", "sample_every", "save_every", "sample_prompts", "sample_tokens", "device",
-               "batch_size", "grad_accum"}  # (the global batch is compared instead of its split)
+               "batch_size", "grad_accum", "kernels"}  # (the global batch is compared instead of its split; the
+# kernels compute the same losses to float rounding)
 
 
 # --- progress reporting ---
@@ -211,6 +213,11 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         ckpt.set_rng_state(trainer["rng"])
         start = int(trainer["step"])
         reporter.update(**meta["history"])
+    fused = None
+    if cfg.kernels == "triton":
+        from .fused import TritonLoss
+
+        fused = TritonLoss(core, device)
     wrapped = module
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -315,10 +322,14 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         for m, (x, y) in enumerate(batches):
             sync = contextlib.nullcontext() if dist.world == 1 or m == len(batches) - 1 else wrapped.no_sync()
             with sync:
-                with autocast(device):
-                    logits = wrapped(x.to(device))                              # (B, T, V)
-                loss = F.cross_entropy(logits.float().view(-1, vocab), y.to(device).view(-1), ignore_index=IGNORE,
-                                       reduction="sum")
+                if fused is not None:                                           # Triton: no (B, T, V) logits
+                    with autocast(device):
+                        loss = fused.loss_sum(wrapped, x.to(device), y.to(device))
+                else:
+                    with autocast(device):
+                        logits = wrapped(x.to(device))                          # (B, T, V)
+                    loss = F.cross_entropy(logits.float().view(-1, vocab), y.to(device).view(-1),
+                                           ignore_index=IGNORE, reduction="sum")
                 # DDP averages gradients over processes; * world undoes that, / n_targets is the global mean
                 (loss * (dist.world / n_targets)).backward()
             loss_sum += loss.detach().double()
@@ -370,6 +381,12 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         reporter.state.update(status="done", message=f"saved to {out}")
         ckpt.write_json_atomic(out / "training.json", {k: reporter.state[k] for k in (
             "config", "train_loss", "val_loss", "samples", "metrics", "tokens_per_s", "data", "trainable_params")})
+        try:  # the scores history (backend/scoring) gets the final validation numbers; never fails the run
+            from ..scoring.history import record_finetune
+
+            record_finetune(out, final, cfg.data, reporter.state, cfg.to_dict())
+        except (FornaxError, OSError, sqlite3.Error) as e:
+            _log(bar, f"could not record the run in the scores history: {e}")
     reporter.update(force=True, status="done")
     return dict(reporter.state)
 

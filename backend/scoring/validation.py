@@ -1,16 +1,20 @@
-"""What a run reports besides its training loss: validation loss and perplexity, classification accuracy and
-macro-F1, and samples from fixed prompts."""
+"""What a training run reports besides its training loss: validation loss and perplexity, classification accuracy
+and macro-F1, and samples from fixed prompts. (Moved here from backend/training/evaluate.py.)
+
+backend.training imports this module, so it imports backend.training only inside its functions (no import cycle)."""
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from ..model import Transformer
-from ..tokenizer import Tokenizer
-from .data import IGNORE, MAX_VAL_SEQUENCES, Sequences, classify_example
+if TYPE_CHECKING:
+    from ..model import Transformer
+    from ..tokenizer import Tokenizer
+    from ..training.data import Sequences
 
 
 def autocast(device: torch.device):
@@ -24,6 +28,8 @@ def autocast(device: torch.device):
 def evaluate_loss(module: torch.nn.Module, seqs: Sequences, batch_size: int, device: torch.device
                   ) -> tuple[float, float]:
     """Mean loss per target token over (at most MAX_VAL_SEQUENCES of) `seqs`, and its perplexity."""
+    from ..training.data import IGNORE, MAX_VAL_SEQUENCES
+
     was_training = module.training
     module.eval()
     total, count = 0.0, 0
@@ -50,37 +56,21 @@ def evaluate_classify(module: torch.nn.Module, tokenizer: Tokenizer, records: li
     that loads, chats and exports like any other (no extra head to save), the label is readable in its samples, and
     ranking only the known labels means every prediction is a valid label, so accuracy is against a clear chance
     level (the majority label's share, reported as `majority_baseline`)."""
+    from .classify import classification_report, label_scores
+
     was_training = module.training
     module.eval()
-    longest = max(labels, key=lambda lab: len(tokenizer.encode(" " + lab, add_special_tokens=False)))
-    rows = Sequences()
-    for text, _ in records:
-        prompt, _ = classify_example(tokenizer, text, longest, seq_len)  # room for the longest label
-        for label in labels:
-            _, answer = classify_example(tokenizer, text, label, seq_len)
-            rows.add(prompt + answer, [False] * len(prompt) + [True] * len(answer))
-    scores = []
-    for i in range(0, len(rows), batch_rows):
-        x, y = rows.batch(list(range(i, min(len(rows), i + batch_rows))))
-        x, y = x.to(device), y.to(device)
+
+    def logits_fn(x):
         with autocast(device):
-            logits = module(x)                                                  # (B, T, V)
-        # log p(target) = logit[target] - logsumexp(logits), without a second (B, T, V) tensor
-        logits = logits.float()
-        tok = logits.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (B, T)
-        scores.append((tok * (y != IGNORE)).sum(-1).cpu())
-    module.train(was_training)
-    pred = torch.cat(scores).view(len(records), len(labels)).argmax(-1).tolist()
-    gold = [labels.index(label) for _, label in records]
-    accuracy = sum(p == g for p, g in zip(pred, gold)) / len(gold)
-    f1s = []
-    for k in sorted(set(gold) | set(pred)):
-        tp = sum(p == k and g == k for p, g in zip(pred, gold))
-        fp = sum(p == k and g != k for p, g in zip(pred, gold))
-        fn = sum(p != k and g == k for p, g in zip(pred, gold))
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    majority = max(gold.count(k) for k in set(gold)) / len(gold)
-    return dict(accuracy=accuracy, macro_f1=sum(f1s) / len(f1s), majority_baseline=majority, n=len(gold))
+            return module(x.to(device))                                          # (B, T, V)
+    try:
+        scores = label_scores(logits_fn, tokenizer, [text for text, _ in records], labels, seq_len, batch_rows)
+    finally:
+        module.train(was_training)
+    pred = [labels[k] for k in scores.argmax(-1).tolist()]
+    report = classification_report(pred, [label for _, label in records], labels)
+    return {k: report[k] for k in ("accuracy", "macro_f1", "majority_baseline", "n")}
 
 
 def make_samples(model: Transformer, tokenizer: Tokenizer, prompts: list[str], task: str, step: int,

@@ -1,0 +1,53 @@
+"""Precision, as an `evaluate` module shipped with Fornax."""
+import datasets
+import evaluate
+
+from backend.scoring import scores
+
+_DESCRIPTION = """Precision is the share of positive predictions that are right: TP / (TP + FP) per label.
+Computed from the confusion matrix: with average="macro" (default) the unweighted mean of
+the per-label values over every label seen in predictions or references (a label never predicted counts precision
+0, as scikit-learn's zero_division=0); with average="micro" from the true/false positives pooled over labels, which
+for single-label data equals accuracy. Labels may be integers or strings. Range 0-1."""
+
+_CITATION = """@article{scikit-learn,
+    title = {Scikit-learn: Machine Learning in {P}ython},
+    author = {Pedregosa, F. and Varoquaux, G. and Gramfort, A. and Michel, V. and Thirion, B. and Grisel, O. and
+              Blondel, M. and Prettenhofer, P. and Weiss, R. and Dubourg, V. and Vanderplas, J. and Passos, A. and
+              Cournapeau, D. and Brucher, M. and Perrot, M. and Duchesnay, E.},
+    journal = {Journal of Machine Learning Research},
+    volume = {12},
+    pages = {2825--2830},
+    year = {2011}
+}"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (list of int or str): predicted labels.
+    references (list of int or str): true labels, as many as predictions.
+    average (str): "macro" (default) or "micro".
+    labels (list, optional): the labels to average over (default: every label seen).
+Returns:
+    precision (float, 0-1).
+"""
+
+LABEL_FEATURES = [
+    datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+    datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+]
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class Precision(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=LABEL_FEATURES,
+            reference_urls=["https://scikit-learn.org/stable/modules/model_evaluation.html"],
+        )
+
+    def _compute(self, predictions, references, average="macro", labels=None):
+        result = scores.precision_recall_f1(predictions, references, average=average, labels=labels)
+        return {"precision": result["precision"]}

@@ -54,6 +54,7 @@ def build_app() -> gr.Blocks:
         with tabs["kernel_lab"]:
             kernel_lab.build()
         gr.on([stop_chat.click, stop_complete.click], stop, None, None, api_name="stop", concurrency_limit=None)
+        demo.load(*panel.on_load, api_visibility="private", queue=False)  # this browser's saved presets
         demo.load(model.refresh, None, [model_tab.card, badge, panel.backend_name], api_visibility="private")
         # shows the latest training job, and reattaches to it if it is running
         demo.load(poll_fn, None, poll_outputs, api_visibility="private", show_progress="hidden")

@@ -123,3 +123,34 @@ def test_editing_a_message_regenerates_from_there_and_keeps_the_old_branch(page)
     assert users(page).count() == 2 and bots(page).first.inner_text() == old_reply
     # (Gradio 6.31's Chatbot keeps drawing the text typed into an edited message at that index, so the first bubble
     # still reads "An edited question." here although the server sent "First question.": not asserted.)
+
+
+def choose(page, elem_id: str, option: str):
+    page.click(f"#{elem_id} input")
+    page.locator(f"[data-testid=dropdown-option][aria-label=\"{option}\"]").first.click()
+
+
+def number(page, elem_id: str) -> float:
+    return float(page.input_value(f"#{elem_id} input[type=number]"))
+
+
+def test_a_preset_moves_the_sliders_and_a_saved_one_survives_a_reload(page):
+    from playground.tabs.params import PRESETS
+
+    choose(page, "fx-preset", "Creative")
+    page.wait_for_function("() => document.querySelector('#fx-temperature input[type=number]').value == '1.1'")
+    assert number(page, "fx-top-p") == PRESETS["Creative"]["top_p"]
+    assert number(page, "fx-min-p") == PRESETS["Creative"]["min_p"]
+    choose(page, "fx-preset", "Precise")
+    page.wait_for_function("() => document.querySelector('#fx-temperature input[type=number]').value == '0.2'")
+    assert number(page, "fx-top-k") == PRESETS["Precise"]["top_k"]
+    set_number(page, "fx-temperature", 0.35)
+    page.fill("#fx-preset-name textarea", "Mine")
+    page.click("#fx-preset-save")
+    page.wait_for_function("() => document.querySelector('#fx-preset input').value == 'Mine'")
+    page.reload()
+    page.wait_for_selector("#fx-message textarea")
+    assert number(page, "fx-temperature") == 0.7  # a fresh page starts from the defaults
+    choose(page, "fx-preset", "Mine")               # the saved preset is still offered after the reload
+    page.wait_for_function("() => document.querySelector('#fx-temperature input[type=number]').value == '0.35'")
+    assert number(page, "fx-top-k") == PRESETS["Precise"]["top_k"]

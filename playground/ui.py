@@ -65,7 +65,8 @@ def build_app() -> gr.Blocks:
 def launch_options() -> dict:
     """What Gradio 6 takes at launch rather than in Blocks(): look and feel, no outbound calls, and in public
     mode the upload cap (Gradio refuses a bigger file before it is written anywhere)."""
-    options = dict(css=render.CSS + render.JOB_CSS + LAYOUT_CSS, theme=gr.themes.Soft(primary_hue="indigo"),
+    options = dict(css=render.CSS + render.JOB_CSS + LAYOUT_CSS + chat.GAUGE_CSS,
+                   theme=gr.themes.Soft(primary_hue="indigo"),
                    share=False, footer_links=["api", "settings"])
     if deployment.public():
         options["max_file_size"] = limits.current().max_upload_bytes

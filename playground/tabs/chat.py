@@ -7,6 +7,9 @@ import copy
 
 import gradio as gr
 
+import backend
+from backend import limits
+
 from .. import deployment
 from ..errors import refusal, user_errors
 from ..state import MODEL_EVENTS, current
@@ -222,6 +225,50 @@ def select(tree: dict | None, event: gr.SelectData):
     return at, branch_label(tree, at)
 
 
+def gauge(message: str, history: list, system_prompt: str, max_new_tokens) -> str:
+    """Tokens the next turn needs (system prompt + history + this message, as the chat template renders them, + the
+    reply's budget) against the model's context, and a plain warning when it would not fit."""
+    handle = current.handle
+    if handle is None:
+        return ""
+    shown = [m for m in history or [] if not is_extra_sample(m)]
+    chars = conversation_chars(shown, system_prompt) + len(message or "")
+    cap = limits.current().max_prompt_chars if deployment.public() else None
+    if cap is not None and chars > cap:
+        return render_gauge(None, 0, 0, f"the chat is {chars:,} characters; this deployment takes at most {cap:,}")
+    msgs = model_messages(shown, system_prompt)
+    if message and message.strip():
+        msgs.append({"role": "user", "content": message})
+    try:
+        used = len(handle.tokenizer.encode_chat(msgs, add_generation_prompt=True)) if msgs else 0
+    except backend.FornaxError as e:  # a template that cannot render these messages: Send will say so too
+        return render_gauge(None, 0, 0, str(e))
+    budget = int(max_new_tokens or 0)
+    return render_gauge(used, budget, handle.config.max_seq_len)
+
+
+def render_gauge(used: int | None, budget: int, context: int, problem: str | None = None) -> str:
+    if used is None:
+        return f"<div class='fx-gauge fx-over'>⚠ {problem}</div>"
+    total = used + budget
+    pct = min(100.0, 100.0 * total / context) if context else 0.0
+    over = total > context
+    note = (f" — ⚠ would not fit: shorten the message, clear older turns, or lower Max new tokens to "
+            f"{max(0, context - used):,}" if over else "")
+    return (f"<div class='fx-gauge{' fx-over' if over else ''}' data-used='{used}' data-total='{total}'>"
+            f"<div class='fx-gauge-bar'><span style='width:{pct:.1f}%'></span></div>"
+            f"context: {used:,} prompt + {budget:,} reply = {total:,} / {context:,} tokens{note}</div>")
+
+
+GAUGE_CSS = """
+.fx-gauge { font-size: 12px; opacity: .85; }
+.fx-gauge-bar { height: 4px; background: #e5e7eb; border-radius: 2px; margin-bottom: 2px; }
+.fx-gauge-bar span { display: block; height: 100%; background: #6366f1; border-radius: 2px; }
+.fx-gauge.fx-over { color: #b91c1c; opacity: 1; }
+.fx-gauge.fx-over .fx-gauge-bar span { background: #dc2626; }
+"""
+
+
 def clear(request: gr.Request = None):
     """Empty the chat (and stop a reply still streaming into it, discarding it)."""
     signal_stop(request, discard=True)
@@ -251,6 +298,7 @@ def build(panel: Panel) -> gr.Button:
         prev = gr.Button("◀", size="sm", elem_id="fx-prev", min_width=40)
         label = gr.Markdown("", elem_id="fx-branch")
         nxt = gr.Button("▶", size="sm", elem_id="fx-next", min_width=40)
+    context = gr.HTML("", elem_id="fx-gauge")
     chat_stats = gr.Markdown(elem_classes="fx-stats", elem_id="fx-chat-stats")
 
     inputs = [chatbot, system_prompt, *panel.inputs, tree]
@@ -266,6 +314,10 @@ def build(panel: Panel) -> gr.Button:
     prev.click(step(-1), [tree, focus], [chatbot, label, tree], api_visibility="private", queue=False)
     nxt.click(step(+1), [tree, focus], [chatbot, label, tree], api_visibility="private", queue=False)
     chatbot.select(select, [tree], [focus, label], api_visibility="private", queue=False)
+    # The gauge follows typing: only the latest of a burst of changes runs (trigger_mode), it tokenizes only.
+    gr.on([message.change, chatbot.change, system_prompt.change, panel.inputs[1].change], gauge,
+          [message, chatbot, system_prompt, panel.inputs[1]], [context], api_visibility="private",
+          trigger_mode="always_last", show_progress="hidden", concurrency_limit=None)
     # Clear discards a reply in flight (its Stop flag), so no late update can put the old chat back. Not `cancels=`:
     # in Gradio 6.31 cancelling an event that is not running broke the next Send of the session.
     clear_chat.click(clear, None, [chatbot, chat_stats, tree], api_name="clear", concurrency_limit=None,

@@ -154,3 +154,26 @@ def test_a_preset_moves_the_sliders_and_a_saved_one_survives_a_reload(page):
     choose(page, "fx-preset", "Mine")               # the saved preset is still offered after the reload
     page.wait_for_function("() => document.querySelector('#fx-temperature input[type=number]').value == '0.35'")
     assert number(page, "fx-top-k") == PRESETS["Precise"]["top_k"]
+
+
+def gauge_total(page) -> int:
+    return int(page.get_attribute("#fx-gauge .fx-gauge", "data-total"))
+
+
+def test_the_gauge_moves_as_text_is_typed_and_warns_at_the_limit(page):
+    page.click("#fx-clear")
+    set_number(page, "fx-max-new-tokens", 8)
+    page.locator("#fx-message textarea").press_sequentially("Hello", delay=20)
+    page.wait_for_selector("#fx-gauge .fx-gauge")
+    page.wait_for_timeout(500)
+    short = gauge_total(page)
+    messages = [{"role": "user", "content": "Hello"}]
+    assert short == len(current.handle.tokenizer.encode_chat(messages, add_generation_prompt=True)) + 8
+    page.locator("#fx-message textarea").press_sequentially(" there, a much longer message now", delay=10)
+    page.wait_for_function("n => +document.querySelector('#fx-gauge .fx-gauge').dataset.total > n", arg=short)
+    assert "fx-over" not in page.get_attribute("#fx-gauge .fx-gauge", "class")
+    set_number(page, "fx-max-new-tokens", 120)  # the tiny model's context is 128 tokens
+    wait_for_text(page, "#fx-gauge", "would not fit")
+    assert "fx-over" in page.get_attribute("#fx-gauge .fx-gauge", "class")
+    set_number(page, "fx-max-new-tokens", 8)
+    page.fill("#fx-message textarea", "")

@@ -271,7 +271,7 @@ GAUGE_CSS = """
 
 def clear(request: gr.Request = None):
     """Empty the chat (and stop a reply still streaming into it, discarding it)."""
-    signal_stop(request, discard=True)
+    signal_stop(request, discard=True, wait_s=5.0)
     return [], "", branches.new_tree()
 
 
@@ -318,8 +318,9 @@ def build(panel: Panel) -> gr.Button:
     gr.on([message.change, chatbot.change, system_prompt.change, panel.inputs[1].change], gauge,
           [message, chatbot, system_prompt, panel.inputs[1]], [context], api_visibility="private",
           trigger_mode="always_last", show_progress="hidden", concurrency_limit=None)
-    # Clear discards a reply in flight (its Stop flag), so no late update can put the old chat back. Not `cancels=`:
-    # in Gradio 6.31 cancelling an event that is not running broke the next Send of the session.
+    # Clear discards a reply in flight (its Stop flag) and answers once that run has ended, so no late update can
+    # put the old chat back. Not `cancels=`: in Gradio 6.31 cancelling an event that is not running broke the next
+    # Send of the session.
     clear_chat.click(clear, None, [chatbot, chat_stats, tree], api_name="clear", concurrency_limit=None,
                      ).then(
         lambda: (None, ""), None, [focus, label], api_visibility="private", queue=False)

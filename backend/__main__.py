@@ -1,4 +1,5 @@
-"""CLI: python -m backend info|generate|chat|bench|finetune|bench-train|evaluate (each verb is one plain function)."""
+"""CLI: python -m backend info|generate|chat|bench|finetune|bench-train|evaluate|cache (each verb is one plain
+function)."""
 from __future__ import annotations
 
 import argparse
@@ -164,6 +165,16 @@ def cmd_evaluate(args):
     run_cli(args)
 
 
+def cmd_cache(args):
+    from . import cache_dir
+
+    found = cache_dir.entries()
+    print(cache_dir.describe(found))
+    if args.clear:
+        removed = cache_dir.clear()
+        print(f"cleared {len(removed)} entries, {sum(e.bytes for e in removed) / 1e6:.1f} MB")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m backend", description="Fornax backend")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -238,6 +249,10 @@ def main(argv=None):
 
     evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("cache", help="list the on-disk caches (GGUF conversions, exports, zips, kept uploads)")
+    p.add_argument("--clear", action="store_true", help="delete every cache entry")
+    p.set_defaults(func=cmd_cache)
 
     args = parser.parse_args(argv)
     try:

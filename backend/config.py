@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UnsupportedModelError
+from . import limits
+from .errors import ModelLoadError, UnsupportedModelError
 
 FAMILIES = ("gpt2", "llama")
 # HF `model_type` -> our family. Qwen2 is Llama with QKV bias; Mistral is Llama.
@@ -41,14 +42,19 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise UnsupportedModelError(f"unknown model family {self.family!r}; Fornax runs {', '.join(FAMILIES)}")
+        self.name = "" if self.name is None else str(self.name)  # a file may declare any type (GGUF general.name)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if self.head_dim is None:
-            self.head_dim = self.d_model // self.n_head
-        if self.d_ff is None:
+        if self.d_ff is None and _is_int(self.d_model):
             self.d_ff = 4 * self.d_model
+        check_config_values(self)  # before any value is divided by or sized from
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise ModelLoadError(f"the model width {self.d_model} is not divisible by its {self.n_head} heads")
+            self.head_dim = self.d_model // self.n_head
         if self.n_head % self.n_kv_head:
             raise UnsupportedModelError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        limits.check(self.n_params, limits.current().max_model_params, "the model's parameter count (from its config)")
         if self.hf_model_type is None:
             self.hf_model_type = self.family
         if self.family == "gpt2":  # GPT-2 has biases everywhere
@@ -186,6 +192,34 @@ class ModelConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_config_values(cfg: ModelConfig) -> None:
+    """Refuse sizes no model can have, or that are over this deployment's caps, before anything is built from them
+    (a head count of 0 divides by zero; a declared context of 2^28 would size tables; a vocabulary of 10^12 rows)."""
+    caps = limits.current()
+    for name, lo in (("vocab_size", 1), ("n_layer", 1), ("n_head", 1), ("n_kv_head", 1), ("d_model", 1),
+                     ("d_ff", 1), ("head_dim", 1), ("max_seq_len", 1)):
+        v = getattr(cfg, name)
+        if v is None and name == "head_dim":
+            continue
+        if not _is_int(v) or v < lo:
+            raise ModelLoadError(f"the model config's {name} must be a whole number >= {lo}, got {v!r}")
+        if v > 1 << 24 and name not in ("vocab_size", "max_seq_len"):
+            raise ModelLoadError(f"the model config's {name} = {v:,} is not a size any model has")
+    limits.check(cfg.max_seq_len, caps.max_context, "the model's context length")
+    limits.check(cfg.vocab_size, caps.max_vocab, "the model's vocabulary size")
+    limits.check(cfg.n_layer, caps.max_layers, "the model's number of layers")
+    for name in ("norm_eps", "rope_theta"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < float("inf")):
+            raise ModelLoadError(f"the model config's {name} must be a positive number, got {v!r}")
+    if cfg.n_kv_head > cfg.n_head:
+        raise ModelLoadError(f"the model config has more key/value heads ({cfg.n_kv_head}) than heads ({cfg.n_head})")
 
 
 # Named presets. The tiny ones are for tests and for pretraining from scratch on a CPU.

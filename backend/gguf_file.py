@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from . import cache_dir
+from .cache_dir import cache_root  # noqa: F401 -- imported from here by export, playground, bench
 from .atomic import atomic_folder
 from .config import ModelConfig
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import FornaxError, ModelLoadError, UnsupportedModelError
+from .gguf_check import check_gguf, check_hf_shapes
 from .hf_format import write_hf_folder
 from .tokenizer import Tokenizer
 
@@ -32,12 +34,6 @@ _GPT2_BLOCK = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "a
                "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
 _GPT2_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
              "output": "lm_head"}
-
-
-def cache_root() -> Path:
-    base = os.environ.get("FORNAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fornax")
-    return Path(base)
 
 
 def file_sha256(path: Path) -> str:
@@ -56,6 +52,7 @@ def read_gguf(path: Path):
         magic = f.read(4)
     if magic != b"GGUF":
         raise ModelLoadError(f"{path.name} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
+    check_gguf(path)  # every declared count bounded before gguf's reader trusts them
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
@@ -123,21 +120,33 @@ def convert_gguf(path: str | Path, progress: Callable | None = None) -> Path:
     digest = file_sha256(path)
     target = cache_root() / "gguf" / f"{digest[:24]}-v{CONVERTER_VERSION}"
     if (target / "config.json").exists():
+        cache_dir.touch(target)
         return target
     meta, reader = read_gguf(path)
     arch = meta.get("general.architecture")
     names = {t.name for t in reader.tensors}
-    cfg = ModelConfig.from_gguf_metadata(meta, tied="output.weight" not in names)
-    tokenizer = Tokenizer.from_gguf_metadata(meta)
+    try:
+        cfg = ModelConfig.from_gguf_metadata(meta, tied="output.weight" not in names)
+        tokenizer = Tokenizer.from_gguf_metadata(meta)
+    except FornaxError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a missing or mistyped key
+        raise ModelLoadError(f"{path.name}: GGUF metadata is missing or has a bad value: "
+                             f"{type(e).__name__}: {e}") from e
     cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | tokenizer.end_of_turn_ids())
-    state = gguf_to_hf_state_dict(reader, cfg, arch, progress)
+    try:
+        state = gguf_to_hf_state_dict(reader, cfg, arch, progress)
+    except (ValueError, TypeError) as e:  # a tensor whose shape cannot be the one the metadata describes
+        raise ModelLoadError(f"{path.name}: a tensor does not fit the model its metadata describes: {e}") from e
+    check_hf_shapes(state, cfg)  # before the fp32 copy is written
     try:
         with atomic_folder(target) as tmp:  # a half-written cache is never seen as valid
-            write_hf_folder(tmp, cfg, tokenizer, state, {"_name_or_path": meta.get("general.name", path.stem)})
+            write_hf_folder(tmp, cfg, tokenizer, state, {"_name_or_path": str(meta.get("general.name", path.stem))})
             (tmp / "source.json").write_text(json.dumps({"gguf": str(path), "sha256": digest}, indent=2))
     except FileExistsError:
         if not (target / "config.json").exists():  # not a concurrent writer that won the race
             raise ModelLoadError(f"{target} exists but holds no converted model (no config.json); delete it and retry")
     except OSError as e:
         raise ModelLoadError(f"could not write the converted model to {target.parent}: {e}") from e
+    cache_dir.evict(keep=(target,))
     return target

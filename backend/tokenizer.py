@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from . import chat_template, limits
 from .errors import GenerationError, ModelLoadError, UnsupportedModelError
 
 # Used when a model ships no chat template (base models): plain "role: content" turns.
@@ -212,6 +210,10 @@ class Tokenizer:
     def _render(self, messages, add_generation_prompt, mark: bool) -> str:
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise GenerationError("a chat must be a list of {'role': ..., 'content': ...} messages")
+        chars = sum(len(str(m.get("content") or "")) for m in messages)
+        cap = limits.current().max_prompt_chars
+        if chars > cap:  # before the template or the tokenizer spends anything on it
+            raise GenerationError(f"the chat is {chars:,} characters long; at most {cap:,} are allowed")
         if mark:
             control = sorted((t for t in self._control_tokens() if t), key=len, reverse=True)
             pattern = re.compile("|".join(map(re.escape, control))) if control else None
@@ -229,11 +231,15 @@ class Tokenizer:
             messages = mark_text(messages)
         try:
             template = _compile_template(self.chat_template or FALLBACK_CHAT_TEMPLATE)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            return chat_template.render(template, messages=messages, add_generation_prompt=add_generation_prompt,
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                                    tools=None, documents=None, **self.extra_special)
+        except GenerationError:
+            raise
         except jinja2.TemplateError as e:
             raise GenerationError(f"the chat template refused these messages: {e}") from e
+        except Exception as e:  # the template is code from the model file: any failure of it is the file's
+            raise GenerationError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from e
 
     def _control_tokens(self):
         return [t.content for t in self.tk.get_added_tokens_decoder().values()]
@@ -250,25 +256,35 @@ def _read_json(path: Path) -> dict:
 
 @lru_cache(maxsize=16)
 def _compile_template(source: str) -> jinja2.Template:
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    """The template compiled in a sandbox whose rendering is bounded in output length and time (chat_template.py)."""
     try:
-        return env.from_string(source)
+        return chat_template.make_environment().from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise GenerationError(f"the model's chat template does not parse: {e}") from e
 
 
 def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
     """BPE merges implied by a SentencePiece vocabulary: every split of a piece into two pieces of the vocabulary,
-    best-scored piece first (the order transformers' converter uses)."""
+    best-scored piece first (the order transformers' converter uses).
+
+    The work is sum(len(piece)^2) character hashes and the result can be n^2/2 merges ("a", "aa", ... "a"*5000
+    gives 12.5 M), so both are bounded by the caps of backend.limits before and while the list is built."""
+    caps = limits.current()
+    work = sum(len(p) * len(p) for p in scores)
+    if work > caps.max_merge_work:
+        longest = max(scores, key=len)
+        raise ModelLoadError(f"the SentencePiece vocabulary's pieces are too long to derive merges from "
+                             f"(sum of squared lengths {work:,} > {caps.max_merge_work:,}; the longest piece has "
+                             f"{len(longest):,} characters)")
+    n_merges = held = 0  # counted first, nothing kept: the list itself would hold `held` characters
+    for piece in scores:
+        for i in range(1, len(piece)):
+            if piece[:i] in vocab and piece[i:] in vocab:
+                n_merges, held = n_merges + 1, held + len(piece)
+        if n_merges > caps.max_merges or held > caps.max_merge_work:
+            raise ModelLoadError(f"the SentencePiece vocabulary implies more than {caps.max_merges:,} merges or "
+                                 f"{caps.max_merge_work:,} characters of them (a vocabulary built to explode, e.g. "
+                                 f"'a', 'aa', 'aaa', ...)")
     merges = []
     for piece, score in scores.items():
         local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))

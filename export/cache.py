@@ -5,6 +5,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
+from backend import cache_dir
 from backend.gguf_file import cache_root
 from backend.loading import resolve
 
@@ -26,4 +27,7 @@ def cached_export(source: str, quant: str = "none", progress: Callable[[float, s
     out = cache_root() / "exports" / f"{model_key(folder)}-v{EXPORT_VERSION}-{quant}"
     if not (out / MODEL_FILE).exists():
         export(source, out, quant=quant, progress=progress)  # the source, not the folder: int4 looks for its GGUF
+        cache_dir.evict(keep=(out,))  # least recently used exports, conversions and zips go past the cap
+    else:
+        cache_dir.touch(out)
     return out

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from backend import limits
 from backend.atomic import atomic_folder
 from backend.config import ModelConfig
 from backend.errors import FornaxError
@@ -139,6 +140,8 @@ def export(source: str, out: str | os.PathLike, quant: str = "none", verify: boo
     say(0.05, "loading the model")
     folder = resolve(source)
     cfg, state = read_hf_folder(folder)
+    # the export holds the weights 4-5 times over (model, traced graph, serialized protos): capped per deployment
+    limits.check(cfg.n_params, limits.current().max_export_params, "the parameter count of the model to export")
     tokenizer = Tokenizer.from_folder(folder)
     model = build_model(cfg, state, torch.float32, torch.device("cpu"), cpu_decode_layout=False)
     try:

@@ -45,12 +45,13 @@ def build_app() -> gr.Blocks:
         with tabs["model"]:
             model_tab = model.build(info, badge, panel.backend_name)
         with tabs["evaluate"]:
-            evaluate.build((info or {}).get("backends"), MODEL_EVENTS)
+            evaluate_tab = evaluate.build((info or {}).get("backends"), MODEL_EVENTS)
         with tabs["export"]:
             export.build(panel.backend_name, model_tab.card)
         with tabs["finetune"]:
             poll_fn, poll_outputs = finetune.build(model_tab.source, [model_tab.card, badge, panel.backend_name],
-                                                   model.load_model, model_tab.dtype, MODEL_EVENTS)
+                                                   model.load_model, model_tab.dtype, MODEL_EVENTS,
+                                                   [evaluate_tab["history"], evaluate_tab["chart"]])
         with tabs["kernel_lab"]:
             kernel_lab.build()
         gr.on([stop_chat.click, stop_complete.click], stop, None, None, api_name="stop", concurrency_limit=None)

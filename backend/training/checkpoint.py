@@ -85,7 +85,35 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         meta = json.loads((path / "meta.json").read_text())
     except Exception as e:
         raise TrainError(f"checkpoint {path} is unreadable: {e}") from e
+    check_meta(meta, path)
     return weights, trainer, meta
+
+
+META_TYPES = {"config": dict, "step": int, "global_batch": int, "data_sha256": str, "history": dict}
+HISTORY_TYPES = {"train_loss": list, "val_loss": list, "samples": list, "metrics": dict}
+
+
+def check_meta(meta, path: Path, complete: bool = False) -> None:
+    """A checkpoint's meta.json holds only the keys save_checkpoint writes (all of them when `complete`), each of
+    its type: resume copies its history into the job's live state, so a crafted one must not set anything else
+    (status, out_dir, ...)."""
+    where = f"checkpoint {path}: meta.json"
+    if not isinstance(meta, dict):
+        raise TrainError(f"{where} is not a JSON object")
+    for keys, types, what in ((meta.keys(), META_TYPES, ""), (meta.get("history", {}).keys() if isinstance(
+            meta.get("history"), dict) else [], HISTORY_TYPES, "history.")):
+        unknown = sorted(set(keys) - set(types))
+        if unknown:
+            raise TrainError(f"{where} has unknown key(s) {', '.join(what + k for k in unknown)}")
+    for name, kind in META_TYPES.items():
+        if name not in meta and not complete:
+            continue
+        v = meta.get(name)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise TrainError(f"{where} lacks {name!r} or it is not a {kind.__name__}")
+    for name, kind in HISTORY_TYPES.items():
+        if name in meta.get("history", {}) and not isinstance(meta["history"][name], kind):
+            raise TrainError(f"{where}: history.{name} is not a {kind.__name__}")
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from ..config import PRESETS
+from .. import limits
 from ..errors import TrainError
 
 MODES = ("lora", "full", "pretrain")
@@ -94,6 +96,19 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "lora_r", "sample_tokens"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "lora_alpha",
+                     "lora_dropout", "val_fraction", "seed"):
+            v = getattr(self, name)
+            need((v is None and name in ("lr", "warmup_steps")) or (
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+                f"{name} must be a number, got {v!r}")
+        need(isinstance(self.betas, (list, tuple)) and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas), "betas must be two numbers")
+        need(isinstance(self.sample_prompts, list), "sample_prompts must be a list of strings")
+        caps = limits.current()
+        for name, cap in (("steps", caps.max_finetune_steps), ("batch_size", caps.max_batch_size),
+                          ("lora_r", caps.max_lora_r)):
+            limits.check(getattr(self, name), cap, name)
         for name in ("eval_every", "sample_every", "save_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
                  f"{name} must be an integer >= 0, got {getattr(self, name)!r}")

@@ -108,6 +108,8 @@ def _read_jsonl(path: Path, text: str, task: str) -> Records:
         if not isinstance(obj, dict):
             raise TrainError(f"{path.name} line {lineno} is not a JSON object")
         objects.append((lineno, obj))
+    if not objects:  # e.g. only control characters that str.strip() counts as blank
+        raise TrainError(f"{path.name} has no JSON lines, only blank space or control characters")
     if task == "auto":
         lineno, first = objects[0]
         task = "chat" if "messages" in first else "classify" if "label" in first else "lm" if "text" in first else ""
@@ -167,6 +169,8 @@ def _read_csv(path: Path, text: str) -> list[tuple[str, str]]:
 
 
 def _check_label_set(path: Path, items: list[tuple[str, str]]):
+    if not items:
+        raise TrainError(f"{path.name} has no rows to train on (a header alone is not data)")
     labels = Counter(label for _, label in items)
     if len(labels) < 2:
         raise TrainError(f"{path.name} has only the label {next(iter(labels))!r}: classification needs at least two")

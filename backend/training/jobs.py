@@ -141,7 +141,7 @@ class JobManager:
     def may_control(self, job_id: str, owner: str | None) -> bool:
         """Whether `owner` may see the job's details, cancel or resume it: always without owners on either side."""
         try:
-            recorded = (self._dir(job_id) / OWNER_FILE).read_text()
+            recorded = (self.job_dir(job_id) / OWNER_FILE).read_text()
         except OSError:
             return True
         return owner is None or recorded == _owner_hash(owner)
@@ -175,7 +175,7 @@ class JobManager:
 
     def state(self, job_id: str) -> dict:
         """The job's state.json; an active job whose process has died is reported 'failed' with its log's tail."""
-        job_dir = self._dir(job_id)
+        job_dir = self.job_dir(job_id)
         proc = self._procs.get(job_id)
         running = proc is not None and proc.poll() is None  # (polling also reaps a finished child)
         state = _read_state(job_dir)
@@ -218,7 +218,7 @@ class JobManager:
         """Ask the job to stop: at its next step it saves a checkpoint and ends with status 'cancelled'. Asked again
         while it is still active (stuck loading a model, say), the process is killed and the job marked cancelled."""
         self._check_owner(job_id, owner, "cancel")
-        job_dir = self._dir(job_id)
+        job_dir = self.job_dir(job_id)
         again = (job_dir / CANCEL_FILE).exists()
         (job_dir / CANCEL_FILE).touch()
         state = self.state(job_id)
@@ -250,9 +250,10 @@ class JobManager:
 
     def log(self, job_id: str, max_chars: int = 20000) -> str:
         """The end of the job's log (stdout and stderr of the training process)."""
-        return _log_tail(self._dir(job_id), max_chars)
+        return _log_tail(self.job_dir(job_id), max_chars)
 
-    def _dir(self, job_id: str) -> Path:
+    def job_dir(self, job_id: str) -> Path:
+        """The folder of an existing job (its state, log, kept upload)."""
         job_dir = self.root / str(job_id)
         if not job_id or "/" in str(job_id) or not (job_dir / STATE_FILE).is_file():
             raise TrainError(f"no training job {job_id!r} in {self.root}")

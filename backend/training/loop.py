@@ -126,6 +126,7 @@ def _fingerprint(path: str) -> str:
 
 
 def _check_resume(meta: dict, cfg: TrainConfig, fingerprint: str, world: int, path: Path):
+    ckpt.check_meta(meta, path, complete=True)
     saved = TrainConfig.from_dict(meta["config"])
     diff = [f"{k}={getattr(saved, k)!r} (now {getattr(cfg, k)!r})" for k in saved.to_dict()
             if k not in RESUME_FREE and saved.to_dict()[k] != cfg.to_dict()[k]]
@@ -147,6 +148,8 @@ def train(cfg: TrainConfig, job_dir: str | Path | None = None, should_stop: Call
     """
     cfg = TrainConfig.from_dict(cfg.to_dict()).check()  # a private copy
     job_dir = Path(job_dir) if job_dir is not None else None
+    if job_dir is not None:
+        job_dir.mkdir(parents=True, exist_ok=True)  # `--job-dir DIR` on the command line may name a new folder
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dist = Dist.from_env(device.type)
     if dist.world > 1 and device.type == "cuda":

@@ -73,6 +73,68 @@ def run_evaluation(upload, sample: str, metrics: list[str], backend_name: str, a
     return summary, shown, table, chart
 
 
+MAX_VALIDATION_CHARS = 20_000  # scoring a finetune result stays a few seconds on a CPU
+
+
+def validation_text(config: dict, tokenizer) -> str | None:
+    """The validation text of a finetune job on plain text (`lm`): the trainer's own validation blocks, rebuilt
+    from the job's data with its tokenizer, split and seed, and decoded. None for chat and classification data."""
+    from backend.training import build_data, read_records
+
+    records = read_records(config["data"], config.get("task") or "auto")
+    if records.task != "lm" or not config.get("val_fraction"):
+        return None
+    seq_len = config.get("seq_len") or min(256, config.get("context") or 256)
+    val = build_data(records, tokenizer, seq_len, config["val_fraction"], config.get("seed", 0)).val
+    if not len(val):
+        return None
+    ids = val.ids[0].tolist() + [t for block in val.ids[1:] for t in block[1:].tolist()]  # blocks overlap by one
+    return tokenizer.decode(ids, skip_special_tokens=True)[:MAX_VALIDATION_CHARS]
+
+
+def score_finetune(state: dict, job_dir: Path, max_length: int = 256, stride: int = 128) -> list[dict]:
+    """Perplexity of a finished job's result, and of the model it started from (lora / full), on the job's own
+    validation text (or the built-in prose sample), each a history row. The result is loaded by itself (the loaded
+    model stays); the base is the loaded model when it is the same source, else loaded for the occasion."""
+    from backend.scoring.run import evaluate_model, read_data
+
+    result_handle = backend.load(state["out_dir"])
+    try:
+        text = validation_text({**state["config"], "context": result_handle.config.max_seq_len},
+                               result_handle.tokenizer)
+        if text:
+            path = job_dir / "validation.txt"
+            path.write_text(text, encoding="utf-8")
+        else:
+            path = SAMPLES_DIR / "prose.txt"
+        data = read_data(["perplexity"], path)
+        window = dict(max_length=min(max_length, result_handle.config.max_seq_len), stride=stride)
+        window["stride"] = min(window["stride"], window["max_length"] // 2)
+        results = []
+        config = state["config"]
+        if config.get("mode") != "pretrain":  # the base first, so the chart reads before -> after
+            results.append(_score_source(config.get("model") or "default", data, window))
+        results.append(evaluate_model(result_handle, ["perplexity"], data, **window))
+    finally:
+        result_handle.free()
+    return results
+
+
+def _score_source(source: str, data, window: dict) -> dict:
+    """Perplexity of a model by source: the loaded model when it is that source, else loaded for the occasion."""
+    from backend.scoring.run import evaluate_model
+
+    info = current.info()
+    if info is not None and info.get("source") == source:
+        with current.using() as handle:
+            return evaluate_model(handle, ["perplexity"], data, **window)
+    handle = backend.load(source)
+    try:
+        return evaluate_model(handle, ["perplexity"], data, **window)
+    finally:
+        handle.free()
+
+
 def refresh_history(metric: str):
     table, chart = history_frames(metric or None)
     return table, chart

@@ -160,6 +160,24 @@ def result_folder(folder: str, request: gr.Request = None):
     return folder
 
 
+def score_result(request: gr.Request = None):
+    """'Score the result': perplexity of the finished job's model (and of the model it started from) on the job's
+    own validation text, into the Evaluate tab's history. Returns (summary, history table, history chart)."""
+    from . import evaluate
+
+    job_id = latest_job("score", request)
+    state = manager().state(job_id)
+    if state["status"] != "done" or not Path(state["out_dir"]).is_dir():
+        raise refusal("no finished model yet: wait for the job to end with status 'done'")
+    results = evaluate.score_finetune(state, manager().job_dir(job_id))
+    lines = [f"**perplexity** {r['values']['perplexity']:.4g} · {html.escape(Path(r['model']).name or r['model'])}"
+             for r in results]
+    where = Path(results[-1]["data"]).name
+    summary = "  \n".join(lines) + f"  \non {where} ({results[-1]['tokens']} tokens); added to the Evaluate tab's history"
+    table, chart = evaluate.history_frames("perplexity")
+    return summary, table, chart
+
+
 def mode_changed(mode: str):
     """Pretraining starts from nothing: it needs a preset, not a model; LoRA rank only matters for LoRA."""
     return (gr.update(visible=mode != "pretrain"), gr.update(visible=mode == "pretrain"),
@@ -167,10 +185,12 @@ def mode_changed(mode: str):
 
 
 # --- layout -----------------------------------------------------------------------------------------------------
-def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, model_events: dict):
+def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, model_events: dict,
+          history_outputs: list | None = None):
     """The tab's components and events, inside the caller's `gr.Tab`. Loading the result reuses the Model tab's
     load (`load_fn` into `load_outputs`, with the folder put into its `source` box). Returns what the page should
-    run when it loads (function, outputs): it shows the latest job and resumes polling if that job is active."""
+    run when it loads (function, outputs): it shows the latest job and resumes polling if that job is active.
+    `history_outputs`: the Evaluate tab's (history table, chart), which 'Score the result' updates."""
     gr.Markdown("Train on your own text. **LoRA** adapts the loaded model cheaply, **full** updates every "
                 "weight, **pretrain** trains a new tokenizer and a tiny model from nothing. Data: `.txt` (plain "
                 "text), `.jsonl` with `{\"messages\": [...]}` (chat; loss on the assistant's turns only) or "
@@ -205,6 +225,8 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
         cancel = gr.Button("Cancel", variant="stop", elem_id="fx-train-cancel")
         resume = gr.Button("Resume the last job", elem_id="fx-train-resume")
         load_result = gr.Button("Load the result into Chat / Completion", elem_id="fx-train-load")
+        score = gr.Button("Score the result", visible=False, elem_id="fx-train-score")
+    score_summary = gr.Markdown("", elem_id="fx-train-score-summary")
     status = gr.HTML(render.job_status_html(None), elem_id="fx-train-status")
     plot = gr.LinePlot(render.loss_frame(None), x="step", y="loss", color="split", title="Loss", height=280,
                        elem_id="fx-loss-plot", x_title="step", y_title="cross-entropy loss",
@@ -227,5 +249,9 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
                concurrency_limit=None)
     load_result.click(user_errors(result_folder), result, source, api_visibility="private").success(
         load_fn, [source, dtype], load_outputs, show_progress_on=status, **model_events)
+    result.change(lambda folder: gr.update(visible=bool(folder)), result, score, api_visibility="private",
+                  show_progress="hidden")
+    score.click(user_errors(score_result), None, [score_summary, *(history_outputs or [gr.State(), gr.State()])],
+                api_name="score_finetune", show_progress_on=score_summary, **model_events)
     return poll_and_watch, [*shown, timer]
 

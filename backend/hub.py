@@ -1,0 +1,112 @@
+"""Hugging Face Hub loads: a repo id checked, the model's size read from its config.json and safetensors headers
+before any weight is downloaded, and never the server's token for a visitor.
+
+The precheck costs two small requests (config.json, and the safetensors headers that `huggingface_hub` reads
+with range requests), so a 72B repository is refused in a second instead of filling the disk.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import limits
+from .errors import FornaxError, ModelLoadError
+
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "vocab.json", "merges.txt"]
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+               "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def hub_token(token: str | bool | None = None) -> str | bool | None:
+    """The token for a hub call: an explicit one wins; otherwise a public deployment sends none (False), so a
+    visitor can never read a private repository through the server's HF_TOKEN; a local user's login is used."""
+    if token is not None:
+        return token
+    return False if limits.public_mode() else None
+
+
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    parts = repo_id.split("/")
+    if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
+        raise ModelLoadError(f"{repo_id!r} is not a Hub id like 'org/name'")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ModelLoadError(f"{repo_id!r} is not a valid Hub id: {e}") from e
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _download_file(repo_id: str, filename: str, token) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id, filename, token=token, etag_timeout=10))
+
+
+def _safetensors_parameter_count(repo_id: str, token) -> dict[str, int]:
+    """{dtype: parameters} over the repo's safetensors files, from their headers (no weights downloaded)."""
+    from huggingface_hub import get_safetensors_metadata
+
+    return dict(get_safetensors_metadata(repo_id, token=token).parameter_count)
+
+
+def precheck(repo_id: str, token=None) -> dict:
+    """Refuse a repo over this deployment's caps from its config.json and safetensors headers; returns
+    {"params", "bytes"} as declared."""
+    from huggingface_hub.errors import NotASafetensorsRepoError
+
+    from .config import ModelConfig
+
+    caps = limits.current()
+    token = hub_token(token)
+    try:
+        hf = json.loads(_download_file(repo_id, "config.json", token).read_text())
+        ModelConfig.from_hf_config(hf)  # validates sizes and the config's own parameter count
+    except FornaxError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{repo_id}'s config.json is missing or has a bad field: {e}") from e
+    try:
+        counts = _safetensors_parameter_count(repo_id, token)
+    except NotASafetensorsRepoError as e:
+        raise ModelLoadError(f"{repo_id} has no safetensors weights (Fornax loads hub models from safetensors only)"
+                             ) from e
+    unknown = sorted(set(counts) - set(DTYPE_BYTES))
+    if unknown:
+        raise ModelLoadError(f"{repo_id}'s safetensors hold tensors of unknown dtype(s) {', '.join(unknown)}")
+    params = sum(counts.values())
+    n_bytes = sum(n * DTYPE_BYTES[d] for d, n in counts.items())
+    limits.check(params, caps.max_model_params, f"{repo_id}'s parameter count (safetensors headers)")
+    limits.check(n_bytes, caps.max_model_bytes, f"{repo_id}'s weight bytes (safetensors headers)")
+    return {"params": params, "bytes": n_bytes}
+
+
+def snapshot(repo_id: str, token=None) -> Path:
+    """The repo's files from the local Hugging Face cache; when missing and not offline, its size is checked
+    first, then only the files a model needs are downloaded."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    check_repo_id(repo_id)
+    token = hub_token(token)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True, token=token))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    if _offline():
+        raise ModelLoadError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    try:
+        precheck(repo_id, token)
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, etag_timeout=10, token=token))
+    except FornaxError:
+        raise
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ModelLoadError(f"could not fetch {repo_id} from the Hugging Face Hub: {e}") from e
+    except Exception as e:  # network stacks raise a zoo of types; all mean the same to the user
+        raise ModelLoadError(f"could not fetch {repo_id} from the Hugging Face Hub: {type(e).__name__}: {e}") from e

@@ -4,6 +4,7 @@ extends the last reply."""
 from __future__ import annotations
 
 import copy
+import os
 
 import gradio as gr
 
@@ -14,7 +15,7 @@ from .. import deployment
 from ..errors import refusal, user_errors
 from ..state import MODEL_EVENTS, current
 from ..streaming import Generation, signal_stop, start_stream
-from . import branches
+from . import branches, chat_files
 from .params import Panel, sampling_kwargs
 
 
@@ -269,6 +270,29 @@ GAUGE_CSS = """
 """
 
 
+PANEL_NAMES = ("backend_name", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+               "presence_penalty", "frequency_penalty", "stop", "seed", "num_samples")
+
+
+@user_errors
+def export_chat(history: list, system_prompt: str, tree: dict | None, *panel):
+    """The chat as JSON (every branch, the parameters, the model id) and the visible branch as Markdown."""
+    tree = synced(tree, history)
+    handle = current.handle
+    model = None if handle is None else os.path.basename(handle.source.rstrip("/\\")) or handle.source
+    text = chat_files.to_json(tree, system_prompt, dict(zip(PANEL_NAMES, panel)), model)
+    return [chat_files.write(text, "chat.json"),
+            chat_files.write(chat_files.to_markdown(tree, system_prompt), "chat.md")]
+
+
+@user_errors
+def import_chat(upload):
+    """An exported chat (or any JSON with OpenAI `messages`) back into the Chat tab, every branch included."""
+    path = upload if isinstance(upload, str) else getattr(upload, "name", None)
+    tree, system_prompt = chat_files.from_json(chat_files.read_upload(path))
+    return view(tree), tree, system_prompt, branch_label(tree)
+
+
 def clear(request: gr.Request = None):
     """Empty the chat (and stop a reply still streaming into it, discarding it)."""
     signal_stop(request, discard=True, wait_s=5.0)
@@ -299,6 +323,11 @@ def build(panel: Panel) -> gr.Button:
         label = gr.Markdown("", elem_id="fx-branch")
         nxt = gr.Button("▶", size="sm", elem_id="fx-next", min_width=40)
     context = gr.HTML("", elem_id="fx-gauge")
+    with gr.Row():
+        export_button = gr.Button("Export chat", size="sm", elem_id="fx-export-chat")
+        import_button = gr.UploadButton("Import chat", size="sm", file_types=[".json"], elem_id="fx-import-chat")
+    chat_file = gr.File(label="Chat files (JSON with every branch; Markdown of the visible one)", file_count="multiple",
+                        interactive=False, elem_id="fx-chat-files")
     chat_stats = gr.Markdown(elem_classes="fx-stats", elem_id="fx-chat-stats")
 
     inputs = [chatbot, system_prompt, *panel.inputs, tree]
@@ -314,6 +343,10 @@ def build(panel: Panel) -> gr.Button:
     prev.click(step(-1), [tree, focus], [chatbot, label, tree], api_visibility="private", queue=False)
     nxt.click(step(+1), [tree, focus], [chatbot, label, tree], api_visibility="private", queue=False)
     chatbot.select(select, [tree], [focus, label], api_visibility="private", queue=False)
+    export_button.click(export_chat, [chatbot, system_prompt, tree, *panel.inputs], [chat_file],
+                        api_visibility="private", concurrency_limit=None)
+    import_button.upload(import_chat, [import_button], [chatbot, tree, system_prompt, label], api_visibility="private",
+                         concurrency_limit=None)
     # The gauge follows typing: only the latest of a burst of changes runs (trigger_mode), it tokenizes only.
     gr.on([message.change, chatbot.change, system_prompt.change, panel.inputs[1].change], gauge,
           [message, chatbot, system_prompt, panel.inputs[1]], [context], api_visibility="private",

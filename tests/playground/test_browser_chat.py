@@ -177,3 +177,25 @@ def test_the_gauge_moves_as_text_is_typed_and_warns_at_the_limit(page):
     assert "fx-over" in page.get_attribute("#fx-gauge .fx-gauge", "class")
     set_number(page, "fx-max-new-tokens", 8)
     page.fill("#fx-message textarea", "")
+
+
+def test_a_chat_exported_and_imported_shows_the_same_branches(page, tmp_path):
+    page.click("#fx-clear")
+    send(page, "Export me.")
+    click_and_finish(page, "#fx-regenerate")
+    wait_for_text(page, "#fx-branch", "reply 2 of 2")
+    second = bots(page).last.inner_text()
+    page.click("#fx-export-chat")
+    link = page.locator("#fx-chat-files a", has_text="chat.json").first
+    link.wait_for(timeout=30_000)
+    exported = page.request.get(link.get_attribute("href")).text()
+    (tmp_path / "chat.json").write_text(exported)
+    page.click("#fx-clear")
+    page.wait_for_function("() => !document.querySelector('#fx-chatbot [data-testid=bot]')")
+    page.locator("#fx-import-chat input[type=file], input[type=file][data-testid*=upload]").first.set_input_files(
+        str(tmp_path / "chat.json"))
+    wait_for_text(page, "#fx-branch", "reply 2 of 2")
+    wait_for_text(page, "#fx-chatbot", "Export me.")
+    assert bots(page).last.inner_text() == second
+    page.click("#fx-prev")
+    wait_for_text(page, "#fx-branch", "reply 1 of 2")

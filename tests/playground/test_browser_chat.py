@@ -186,13 +186,13 @@ def test_a_chat_exported_and_imported_shows_the_same_branches(page, tmp_path):
     wait_for_text(page, "#fx-branch", "reply 2 of 2")
     second = bots(page).last.inner_text()
     page.click("#fx-export-chat")
-    link = page.locator("#fx-chat-files a", has_text="chat.json").first
+    link = page.locator("#fx-chat-files a[download='chat.json']").first
     link.wait_for(timeout=30_000)
     exported = page.request.get(link.get_attribute("href")).text()
     (tmp_path / "chat.json").write_text(exported)
     page.click("#fx-clear")
     page.wait_for_function("() => !document.querySelector('#fx-chatbot [data-testid=bot]')")
-    page.locator("#fx-import-chat input[type=file], input[type=file][data-testid*=upload]").first.set_input_files(
+    page.locator("input[type=file][data-testid='Import chat-upload-button']").set_input_files(
         str(tmp_path / "chat.json"))
     wait_for_text(page, "#fx-branch", "reply 2 of 2")
     wait_for_text(page, "#fx-chatbot", "Export me.")

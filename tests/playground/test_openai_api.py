@@ -45,7 +45,8 @@ def test_chat_matches_backend(client):
     r = client.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=12, **SAMPLING)
     want = expected(MESSAGES)
     assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
-    assert r.choices[0].finish_reason == {"eos": "stop", "stop": "stop", "length": "length"}[want.completions[0].finish_reason]
+    finish = {"eos": "stop", "stop": "stop", "length": "length"}[want.completions[0].finish_reason]
+    assert r.choices[0].finish_reason == finish
     assert r.usage.prompt_tokens == len(current.handle.encode(MESSAGES)) == want.timings.prompt_tokens
     assert r.usage.completion_tokens == want.timings.new_tokens
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
@@ -81,7 +82,8 @@ def test_stop_string_ends_the_text(client):
     free = expected(PROMPT, max_tokens=24, temperature=0)
     stop = free.text[5:7]  # two characters the free run produces: with them as a stop string it ends before them
     assert len(stop) == 2
-    r = client.completions.create(model="x", prompt=PROMPT, max_tokens=24, stop=[stop], **{**SAMPLING, "temperature": 0})
+    r = client.completions.create(model="x", prompt=PROMPT, max_tokens=24, stop=[stop],
+                                  **{**SAMPLING, "temperature": 0})
     want = expected(PROMPT, max_tokens=24, stop=[stop], temperature=0)
     assert r.choices[0].text == want.text and stop not in r.choices[0].text
     assert r.choices[0].finish_reason == "stop" and free.text.startswith(r.choices[0].text)
@@ -89,8 +91,9 @@ def test_stop_string_ends_the_text(client):
 
 def test_seed_reproduces_and_another_seed_differs(client):
     def ask(seed):
-        return client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=16,
-                                              **{**SAMPLING, "temperature": 1.5, "seed": seed}).choices[0].message.content
+        r = client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=16,
+                                           **{**SAMPLING, "temperature": 1.5, "seed": seed})
+        return r.choices[0].message.content
     assert ask(3) == ask(3) == expected(MESSAGES, max_tokens=16, temperature=1.5, seed=3).text
     assert ask(3) != ask(4)
 

@@ -1,5 +1,5 @@
-"""CLI: python -m backend info|generate|chat|bench|finetune|bench-train|evaluate|cache (each verb is one plain
-function)."""
+"""CLI: python -m backend info|generate|chat|fill-mask|bench|finetune|bench-train|evaluate|cache (each verb is one
+plain function)."""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +75,19 @@ def cmd_chat(args):
             print("model> ", end="", flush=True)
         _print_stream(stream, 1)
         messages.append({"role": "assistant", "content": stream.result.text})
+
+
+def cmd_fill_mask(args):
+    handle = _load(args)
+    text = args.text if args.text is not None else sys.stdin.read()
+    if args.pll:
+        result = handle.pseudo_log_likelihood(text)
+        for t in result["tokens"]:
+            print(f"{t['token']:>16}  {t['logprob']:8.3f}")
+        print(f"pseudo-log-likelihood {result['pll']:.3f}, pseudo-perplexity {result['pseudo_perplexity']:.2f}")
+        return
+    for n, candidates in enumerate(handle.fill_mask(text, top_k=args.top_k), 1):
+        print(f"[MASK] {n}: " + "  ".join(f"{c['token']} {c['prob']:.3f}" for c in candidates))
 
 
 def cmd_bench(args):
@@ -212,6 +225,12 @@ def main(argv=None):
     sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("fill-mask", help="an encoder's top-k words for each [MASK] (or --pll: score the text)")
+    model_args(p)
+    p.add_argument("--text", default=None, help='e.g. "The capital of France is [MASK]." (default: standard input)')
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--pll", action="store_true", help="pseudo-log-likelihood: each token masked in turn")
+    p.set_defaults(func=cmd_fill_mask)
     p = sub.add_parser("bench", help="time our execution paths against transformers' on the same model")
     p.add_argument("--model", default="default")
     p.add_argument("--prompt-tokens", type=int, default=128)

@@ -1,4 +1,5 @@
-"""One ModelConfig for every model Fornax runs: GPT-2 family and Llama family (Llama, Mistral, Qwen2, SmolLM)."""
+"""One ModelConfig for every model Fornax runs: GPT-2 family and Llama family (Llama, Mistral, Qwen2, SmolLM), BERT-style
+encoders (backend/encoder.py) and the LSTM baseline (backend/lstm.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,9 +10,11 @@ from pathlib import Path
 from . import limits
 from .errors import ModelLoadError, UnsupportedModelError
 
-FAMILIES = ("gpt2", "llama")
+FAMILIES = ("gpt2", "llama", "bert", "lstm")
+CAUSAL_FAMILIES = ("gpt2", "llama", "lstm")  # next-token models: they generate
 # HF `model_type` -> our family. Qwen2 is Llama with QKV bias; Mistral is Llama.
-HF_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
+HF_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "bert": "bert",
+                  "fornax_lstm": "lstm"}
 # GGUF `general.architecture` -> our family.
 GGUF_ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
 
@@ -38,6 +41,10 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     hf_model_type: str | None = None  # what to write back as `model_type` in config.json
     name: str = ""
+    # encoders (family "bert") only
+    type_vocab_size: int = 2          # token-type (segment) embeddings
+    pad_token_id: int | None = None
+    labels: list[str] | None = None   # None: masked-LM head; else a sequence-classification head over these labels
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -97,6 +104,10 @@ class ModelConfig:
         if family is None:
             raise UnsupportedModelError(
                 f"model_type {model_type!r} is not supported; Fornax runs {', '.join(sorted(HF_MODEL_TYPES))}")
+        if family in ("bert", "lstm"):  # their own modules read and write their configs
+            from . import encoder, lstm
+
+            return (encoder if family == "bert" else lstm).config_from_hf(cls, hf)
         eos = hf.get("eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         common = dict(family=family, vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
@@ -165,6 +176,10 @@ class ModelConfig:
     def to_hf_config(self) -> dict:
         """The `config.json` transformers would write for this model (used for caches and saved checkpoints)."""
         eos = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else (self.eos_token_ids or None)
+        if self.family in ("bert", "lstm"):
+            from . import encoder, lstm
+
+            return (encoder if self.family == "bert" else lstm).config_to_hf(self)
         if self.family == "gpt2":
             return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=self.vocab_size,
                         n_layer=self.n_layer, n_head=self.n_head, n_embd=self.d_model, n_inner=self.d_ff,
@@ -232,6 +247,9 @@ PRESETS: dict[str, dict] = {
                         max_seq_len=512, tie_embeddings=True),
     "gpt2": dict(family="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024,
                  tie_embeddings=True),
+    "tiny-bert": dict(family="bert", vocab_size=512, n_layer=2, n_head=4, d_model=64, d_ff=256, max_seq_len=128,
+                      norm_eps=1e-12, tie_embeddings=True),
+    "tiny-lstm": dict(family="lstm", vocab_size=512, n_layer=1, d_model=256, max_seq_len=1024),
     "smollm2-135m": dict(family="llama", vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576,
                          d_ff=1536, max_seq_len=8192, norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True),
 }

@@ -30,7 +30,8 @@ class ModelHandle:
     def __post_init__(self):
         if self.model is not None:
             self.config = self.model.config
-            self.runners.setdefault("eager", EagerRunner(self.model))
+            own = getattr(self.model, "eager_runner", None)  # an encoder or an LSTM brings its own runner
+            self.runners.setdefault("eager", own() if own else EagerRunner(self.model))
         self.backend = self.backend if self.backend in self.runners else next(iter(self.runners))
         self.eos_ids = set(self.eos_ids) | set(self.config.eos_token_ids) | self.tokenizer.end_of_turn_ids()
         self._lock = threading.Lock()  # one KV cache per model: generations take turns
@@ -89,6 +90,9 @@ class ModelHandle:
             if max(ids) >= self.config.vocab_size or min(ids) < 0:
                 raise GenerationError(f"token ids must be in [0, {self.config.vocab_size})")
         else:
+            if self.config.family in ("bert", "lstm"):
+                raise GenerationError(f"a {self.config.family} model has no chat template and does not chat; "
+                                      "give it plain text")
             ids = self.tokenizer.encode_chat(prompt_or_messages, add_generation_prompt=True)
         if not ids:
             raise GenerationError("the prompt is empty: write something for the model to continue")
@@ -96,10 +100,16 @@ class ModelHandle:
 
     # --- forward ---
     @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Full forward without cache: input_ids (B, T) -> logits (B, T, V)."""
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Full forward without cache: input_ids (B, T) -> logits (B, T, V): next-token logits for a causal model,
+        masked-LM logits for an encoder (attention_mask (B, T): 1 on tokens, 0 on padding; encoders only)."""
         if input_ids.shape[-1] > self.config.max_seq_len:
             raise GenerationError(f"{input_ids.shape[-1]} tokens exceed the context of {self.config.max_seq_len}")
+        if self.config.family == "bert":
+            return self.runners["eager"].full_logits(input_ids, attention_mask).to(dtype)
+        if attention_mask is not None:
+            raise GenerationError("attention_mask is for encoders; a causal model's logits take unpadded ids")
         if self.model is None:
             with self._lock:
                 return self.runners[self.backend].full_logits(input_ids).to(dtype)
@@ -111,6 +121,9 @@ class ModelHandle:
         """Stream text deltas (`Delta(index, text)`); `.result` holds the GenerationResult once exhausted.
         `should_stop()` is asked before each new token: when true the run ends there, with its timings.
         `prefill_progress(done, total)` follows a long prompt's chunked prefill."""
+        if self.config.family == "bert":
+            raise GenerationError("this is an encoder (BERT-style): it fills masks, it does not generate text; "
+                                  "use fill_mask or load a causal model")
         p = SamplingParams.from_kwargs(**params)
         prompt_ids = self.encode(prompt_or_messages)
         ctx = self.config.max_seq_len
@@ -132,6 +145,19 @@ class ModelHandle:
         for _ in stream:
             pass
         return stream.result
+
+    # --- encoders ---
+    def fill_mask(self, text: str, top_k: int = 5) -> list[list[dict]]:
+        """Each [MASK] of `text` -> its top_k tokens [{"token", "id", "prob"}] (encoders only); see fill_mask.py."""
+        from .fill_mask import fill_mask
+
+        return fill_mask(self, text, top_k)
+
+    def pseudo_log_likelihood(self, text: str) -> dict:
+        """Each token's log-probability with that token masked, and their sum (encoders only)."""
+        from .fill_mask import pseudo_log_likelihood
+
+        return pseudo_log_likelihood(self, text)
 
     def free(self):
         for runner in self.runners.values():

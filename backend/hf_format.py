@@ -93,6 +93,10 @@ def hf_to_fornax(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 
 def fornax_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The inverse of hf_to_fornax: our tensor names -> the names (and layouts) transformers uses."""
+    if cfg.family in ("bert", "lstm"):  # their own modules hold their name tables
+        from . import encoder, lstm
+
+        return (encoder if cfg.family == "bert" else lstm).to_hf_state(state, cfg)
     out = {}
     for w in weight_table(cfg):
         t = state[w.ours].t() if w.transpose else state[w.ours]

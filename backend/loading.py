@@ -186,6 +186,10 @@ def _weight_files(folder: Path, name: str) -> list[Path]:
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32,
                 device: torch.device = torch.device("cpu"), cpu_decode_layout: bool = True) -> Transformer:
     """Our Transformer holding the given HF-named weights (no random init, no extra copies)."""
+    if cfg.family in ("bert", "lstm"):  # not the causal Transformer: built by their own modules
+        from . import encoder, lstm
+
+        return (encoder if cfg.family == "bert" else lstm).build(cfg, state, dtype, device)
     ours = hf_to_fornax(state, cfg)
     with torch.device("meta"):
         model = Transformer(cfg)

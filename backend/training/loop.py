@@ -189,6 +189,16 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         raise TrainError(f"seq_len {seq_len} is beyond the model's context of {context} tokens")
     reporter.update(force=True, message="tokenizing the data")
     data = build_data(records, tokenizer, seq_len, cfg.val_fraction, cfg.seed)
+    mlm = None
+    if core.config.family == "bert":  # masked-LM pretraining: the packed text, masked afresh at every step
+        from .mlm import MLM
+
+        if data.task != "lm":
+            raise TrainError("an encoder pretrains on plain text (--task lm)")
+        mlm = MLM(tokenizer, core.config.vocab_size, cfg.seed)
+    if core.config.family == "lstm" and (data.task == "chat" or cfg.mode == "lora"):
+        raise TrainError("an LSTM has no chat template and no attention projections for LoRA: train it on text "
+                         "(--task lm) with --mode pretrain or full")
     prompts = cfg.sample_prompts or data.prompts
 
     core.train()
@@ -259,7 +269,12 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
     def evaluate(step: int):
         if not dist.main:
             return
-        if len(data.val):
+        if len(data.val) and mlm is not None:
+            loss, ppl, accuracy = mlm.evaluate(module, data.val, cfg.batch_size, device)
+            reporter.state["val_loss"].append([step, loss, ppl])
+            reporter.state["metrics"] = {"step": step, "masked_accuracy": accuracy}
+            _log(bar, f"step {step}: val masked-LM loss {loss:.4f}, masked-token accuracy {accuracy:.3f}")
+        elif len(data.val):
             loss, ppl = evaluate_loss(module, data.val, cfg.batch_size, device)
             reporter.state["val_loss"].append([step, loss, ppl])
             _log(bar, f"step {step}: val loss {loss:.4f}, perplexity {ppl:.2f}")
@@ -271,7 +286,7 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         reporter.update(force=True)
 
     def sample(step: int):
-        if dist.main and cfg.sample_every and prompts:
+        if dist.main and cfg.sample_every and prompts and mlm is None:  # (an encoder does not generate)
             reporter.state["samples"] += make_samples(core, tokenizer, prompts, data.task, step, cfg.sample_tokens,
                                                       cfg.seed)
             reporter.update(force=True)
@@ -317,6 +332,8 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         t0 = time.perf_counter()
         micro = step_batches(step)
         batches = [data.train.batch(idx, pad_id) for idx in micro]
+        if mlm is not None:  # inputs with 15 % chosen (80/10/10), targets the chosen originals
+            batches = [mlm.mask(x, step * 1000 + m) for m, (x, _) in enumerate(batches)]
         counts = torch.tensor([sum(int((y != IGNORE).sum()) for _, y in batches),                 # targets
                                sum(len(data.train.ids[i]) - 1 for idx in micro for i in idx)],  # input tokens
                               dtype=torch.float64)
@@ -408,21 +425,43 @@ def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path |
             raise TrainError(f"could not load the model {cfg.model!r}: {e}") from e
         if handle.model is None:
             raise TrainError(f"{cfg.model} is an exported ONNX graph; train the PyTorch model it came from")
+        if handle.config.family == "bert":
+            raise TrainError("finetuning an encoder (BERT-style) is not supported yet; pretrain one (--preset "
+                             "tiny-bert) or finetune a causal model")
         return handle.model.contiguous_layout(), handle.tokenizer
     if resume_from is not None:
         tokenizer = Tokenizer.from_folder(resume_from)
         mcfg = ModelConfig.from_dict(json.loads((resume_from / "model_config.json").read_text()))
     else:
         reporter.update(force=True, message="training the tokenizer")
-        tokenizer = _shared_tokenizer(records.corpus, cfg.vocab_size, dist)
         mcfg = ModelConfig.from_name(cfg.preset)
+        if mcfg.family == "bert":  # WordPiece, as BERT's (deterministic: every rank trains the same one)
+            from .mlm import train_wordpiece
+
+            tokenizer = train_wordpiece(records.corpus, cfg.vocab_size)
+            mcfg.pad_token_id = tokenizer.token_to_id("[PAD]")
+        else:
+            tokenizer = _shared_tokenizer(records.corpus, cfg.vocab_size, dist)
+            mcfg.eos_token_ids = [tokenizer.token_to_id(tokenizer.eos_token)]
         mcfg.vocab_size = tokenizer.vocab_size
-        mcfg.eos_token_ids = [tokenizer.token_to_id(tokenizer.eos_token)]
         mcfg.bos_token_id, mcfg.name = None, f"fornax-{cfg.preset}"
     torch.manual_seed(cfg.seed)
-    core = Transformer(mcfg).to(device)
+    core = new_model(mcfg).to(device)
     core.init_weights()
     return core, tokenizer
+
+
+def new_model(cfg: ModelConfig) -> torch.nn.Module:
+    """A freshly built model of the preset's family (random weights come from its init_weights)."""
+    if cfg.family == "lstm":
+        from ..lstm import LSTMLM
+
+        return LSTMLM(cfg)
+    if cfg.family == "bert":
+        from ..encoder import Encoder
+
+        return Encoder(cfg)
+    return Transformer(cfg)
 
 
 def _shared_tokenizer(corpus: str, vocab_size: int, dist: Dist) -> Tokenizer:

@@ -153,10 +153,21 @@ class Stream:
         return self.result.text
 
 
-def prefill(runner: Runner, prompt_ids: list[int], batch: int) -> torch.Tensor:
-    """Fill the cache with the prompt (the same for every sample) -> last position's logits (B, V)."""
-    ids = torch.tensor([prompt_ids] * batch, device=runner.device)
-    return runner.forward(ids, 0)
+PREFILL_CHUNK = 512  # prompts longer than this are ingested in chunks, reporting progress after each
+
+
+def prefill(runner: Runner, prompt_ids: list[int], batch: int, chunk: int = PREFILL_CHUNK,
+            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Fill the cache with the prompt (the same for every sample) -> last position's logits (B, V). A long prompt
+    goes in chunks at increasing positions (the cache holds what came before), with progress(done, total) after
+    each; a prompt within one chunk keeps the one-shot shape."""
+    ids = torch.tensor([prompt_ids] * batch, device=runner.device)  # (B, P)
+    P = ids.shape[1]
+    for start in range(0, P, chunk):
+        logits = runner.forward(ids[:, start:start + chunk], start)  # (B, V) at the chunk's last position
+        if progress is not None:
+            progress(min(start + chunk, P), P)
+    return logits
 
 
 def decode_step(runner: Runner, tokens: torch.Tensor, pos: int) -> torch.Tensor:
@@ -182,7 +193,8 @@ class _Clock:
 
 @torch.inference_mode()
 def run_generation(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-                   eos_ids: set[int], vocab_size: int, should_stop: Callable[[], bool] | None = None):
+                   eos_ids: set[int], vocab_size: int, should_stop: Callable[[], bool] | None = None,
+                   prefill_progress: Callable[[int, int], None] | None = None):
     """Generator of Delta; returns the GenerationResult. Stops at EOS, a stop string, max_new_tokens, or when
     should_stop() turns true (checked before every step: Stop ends a run at the next token, timings intact)."""
     B, P, device = params.num_samples, len(prompt_ids), runner.device
@@ -199,7 +211,7 @@ def run_generation(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], 
     t0 = time.perf_counter()
     runner.start(B, P + params.max_new_tokens)
     t_forward = time.perf_counter()
-    logits = prefill(runner, prompt_ids, B)                          # (B, V)
+    logits = prefill(runner, prompt_ids, B, progress=prefill_progress)  # (B, V)
     timings = Timings(prompt_tokens=P, batch=B, weight_bytes=runner.weight_bytes)
     clock = _Clock()
     texts = [TextAssembler(tokenizer, params.stop) for _ in range(B)]

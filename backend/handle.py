@@ -117,9 +117,10 @@ class ModelHandle:
 
     # --- generation ---
     def stream(self, prompt_or_messages: str | list[dict] | list[int], backend: str | None = None,
-               should_stop=None, **params) -> Stream:
+               should_stop=None, prefill_progress=None, **params) -> Stream:
         """Stream text deltas (`Delta(index, text)`); `.result` holds the GenerationResult once exhausted.
-        `should_stop()` is asked before each new token: when true the run ends there, with its timings."""
+        `should_stop()` is asked before each new token: when true the run ends there, with its timings.
+        `prefill_progress(done, total)` follows a long prompt's chunked prefill."""
         if self.config.family == "bert":
             raise GenerationError("this is an encoder (BERT-style): it fills masks, it does not generate text; "
                                   "use fill_mask or load a causal model")
@@ -136,7 +137,7 @@ class ModelHandle:
         def locked():
             with self._lock:
                 return (yield from run_generation(runner, self.tokenizer, prompt_ids, p, self.eos_ids,
-                                                  self.config.vocab_size, should_stop))
+                                                  self.config.vocab_size, should_stop, prefill_progress))
         return Stream(locked())
 
     def generate(self, prompt_or_messages: str | list[dict] | list[int], **params) -> GenerationResult:

@@ -1,4 +1,7 @@
-"""python -m playground [--host 127.0.0.1] [--port 7860] [--model default] [--dtype auto] [--public | --private]"""
+"""python -m playground [--host 127.0.0.1] [--port 7860] [--model default] [--dtype auto] [--public | --private]
+[--api-only]
+
+One server: the playground at / and the OpenAI-compatible API at /v1 (playground/openai_api.py)."""
 import argparse
 import os
 
@@ -18,6 +21,8 @@ def main(argv=None):
                            "(the default on a Hugging Face Space or when --host is not loopback)")
     mode.add_argument("--private", dest="public", action="store_false",
                       help="a local user's playground: server paths and no caps (the default on loopback)")
+    parser.add_argument("--api-only", action="store_true",
+                        help="serve only the OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions)")
     args = parser.parse_args(argv)
 
     from playground import choose_mode
@@ -25,13 +30,22 @@ def main(argv=None):
     public = choose_mode(args.public, args.host)
     print(f"playground: {'public' if public else 'private'} mode")
 
-    from playground import create_app, launch_options  # imported late: --help stays instant
+    import uvicorn
+
+    from playground import create_app, current, openai_api  # imported late: --help stays instant
 
     model = None if args.model.lower() == "none" else args.model
-    demo = create_app(model, dtype=None if args.dtype == "auto" else args.dtype)
+    if args.api_only:
+        if model:
+            current.load(model, dtype=None if args.dtype == "auto" else args.dtype)
+        app = openai_api.server(None)
+    else:
+        app = openai_api.server(create_app(model, dtype=None if args.dtype == "auto" else args.dtype))
     # No share tunnel, ever: it would be an outbound connection and a public URL.
+    print(f"playground: http://{args.host}:{args.port}/ (OpenAI API at /v1)" if not args.api_only else
+          f"playground: OpenAI API at http://{args.host}:{args.port}/v1")
     try:
-        demo.launch(server_name=args.host, server_port=args.port, **launch_options())
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     except OSError as e:  # typically the port is taken
         raise SystemExit(f"playground: cannot serve on {args.host}:{args.port}: {e}. Try another --port.")
 

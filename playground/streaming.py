@@ -28,12 +28,17 @@ def session_key(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "no-session"
 
 
-def signal_stop(request: gr.Request | None, discard: bool = False) -> None:
-    """Stop this session's running generation; `discard`: and show nothing more of it."""
-    flag = _stop_flags.get(session_key(request))
+def signal_stop(request: gr.Request | None, discard: bool = False, wait_s: float = 0.0) -> None:
+    """Stop this session's running generation; `discard`: and show nothing more of it. `wait_s`: wait (that long
+    at most) until the run has ended, so that every update it sent is on its way before the caller's own."""
+    key = session_key(request)
+    flag = _stop_flags.get(key)
     if flag is not None:
         flag.discard = flag.discard or discard
         flag.set()
+        deadline = time.monotonic() + wait_s
+        while _stop_flags.get(key) is flag and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 class Generation:

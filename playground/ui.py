@@ -55,6 +55,7 @@ def build_app() -> gr.Blocks:
         with tabs["kernel_lab"]:
             kernel_lab.build()
         gr.on([stop_chat.click, stop_complete.click], stop, None, None, api_name="stop", concurrency_limit=None)
+        demo.load(*panel.on_load, api_visibility="private", queue=False)  # this browser's saved presets
         demo.load(model.refresh, None, [model_tab.card, badge, panel.backend_name], api_visibility="private")
         # shows the latest training job, and reattaches to it if it is running
         demo.load(poll_fn, None, poll_outputs, api_visibility="private", show_progress="hidden")
@@ -65,7 +66,8 @@ def build_app() -> gr.Blocks:
 def launch_options() -> dict:
     """What Gradio 6 takes at launch rather than in Blocks(): look and feel, no outbound calls, and in public
     mode the upload cap (Gradio refuses a bigger file before it is written anywhere)."""
-    options = dict(css=render.CSS + render.JOB_CSS + LAYOUT_CSS, theme=gr.themes.Soft(primary_hue="indigo"),
+    options = dict(css=render.CSS + render.JOB_CSS + LAYOUT_CSS + chat.GAUGE_CSS,
+                   theme=gr.themes.Soft(primary_hue="indigo"),
                    share=False, footer_links=["api", "settings"])
     if deployment.public():
         options["max_file_size"] = limits.current().max_upload_bytes

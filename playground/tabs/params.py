@@ -38,10 +38,49 @@ def param_slider(*args, **kwargs) -> gr.Slider:
     return slider
 
 
+# Sampler presets: (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty).
+PRESET_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
+PRESETS = {
+    "Precise": dict(temperature=0.2, top_k=40, top_p=0.9, min_p=0.0, repetition_penalty=1.05, presence_penalty=0.0,
+                    frequency_penalty=0.0),
+    "Balanced": dict(temperature=0.7, top_k=0, top_p=0.95, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                     frequency_penalty=0.0),
+    "Creative": dict(temperature=1.1, top_k=0, top_p=0.98, min_p=0.05, repetition_penalty=1.0, presence_penalty=0.3,
+                     frequency_penalty=0.2),
+}
+MAX_SAVED_PRESETS = 32
+
+
+def preset_choices(saved: dict | None) -> list[str]:
+    return list(PRESETS) + [name for name in (saved or {}) if name not in PRESETS]
+
+
+def apply_preset(name: str | None, saved: dict | None):
+    """The sliders' values for the preset `name` (built-in, else one this browser saved); unknown: unchanged."""
+    values = PRESETS.get(name) or (saved or {}).get(name)
+    if not isinstance(values, dict):
+        return [gr.skip()] * len(PRESET_FIELDS)
+    return [values.get(f, gr.skip()) for f in PRESET_FIELDS]
+
+
+def save_preset(name: str, saved: dict | None, *values):
+    """Keep the sliders as preset `name` in this browser's local storage (gr.BrowserState)."""
+    name = (name or "").strip()[:40]
+    if not name or name in PRESETS:
+        raise gr.Error("name the preset (not Precise, Balanced or Creative)", print_exception=False)
+    saved = dict(saved or {})
+    if name not in saved and len(saved) >= MAX_SAVED_PRESETS:
+        raise gr.Error(f"at most {MAX_SAVED_PRESETS} saved presets", print_exception=False)
+    saved[name] = dict(zip(PRESET_FIELDS, values))
+    return saved, gr.update(choices=preset_choices(saved), value=name), ""
+
+
 @dataclass
 class Panel:
     backend_name: gr.Dropdown
     inputs: list  # in the order of the handlers' parameters: backend_name, max_new_tokens, ..., num_samples
+    on_load: tuple = ()  # (fn, inputs, outputs) to run on page load: this browser's saved presets into the dropdown
 
 
 def build(info: dict | None) -> Panel:
@@ -49,6 +88,8 @@ def build(info: dict | None) -> Panel:
     gr.Markdown("### Parameters")
     backend_name = backend_dropdown(info, label="Backend", allow_custom_value=True, elem_id="fx-backend",
                                     info="execution path of the loaded model")
+    preset = gr.Dropdown(preset_choices(None), value="Balanced", label="Preset", elem_id="fx-preset",
+                         info="moves the sliders below")
     max_new_tokens = param_slider(1, 2048, value=256, step=1, label="Max new tokens", elem_id="fx-max-new-tokens")
     temperature = param_slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 = greedy",
                                elem_id="fx-temperature")
@@ -65,5 +106,15 @@ def build(info: dict | None) -> Panel:
                      info="-1 = random; the seed used is shown after each run")
     num_samples = param_slider(1, 16, value=1, step=1, label="Samples", elem_id="fx-samples",
                                info="independent samples, decoded as one batch")
+    with gr.Row(equal_height=True):
+        preset_name = gr.Textbox(show_label=False, placeholder="name these settings", scale=3, min_width=120,
+                                 elem_id="fx-preset-name")
+        save = gr.Button("Save preset", size="sm", scale=1, min_width=80, elem_id="fx-preset-save")
+    saved = gr.BrowserState({}, storage_key="fornax-presets")
+    sliders = [temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty]
+    preset.input(apply_preset, [preset, saved], sliders, api_visibility="private", queue=False)
+    save.click(save_preset, [preset_name, saved, *sliders], [saved, preset, preset_name], api_visibility="private",
+               queue=False)
+    on_load = (lambda s: gr.update(choices=preset_choices(s)), [saved], [preset])
     return Panel(backend_name, [backend_name, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                                presence_penalty, frequency_penalty, stop_strings, seed, num_samples])
+                                presence_penalty, frequency_penalty, stop_strings, seed, num_samples], on_load)

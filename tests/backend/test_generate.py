@@ -98,3 +98,30 @@ def test_prompt_limits(tiny):
     with pytest.raises(backend.GenerationError, match="empty"):
         tiny.generate("", max_new_tokens=4)
     assert tiny.generate("The", max_new_tokens=2, temperature=0).completions  # still usable
+
+
+def test_chunked_prefill_gives_the_one_shot_logits_and_reports_progress(tmp_path):
+    """A prompt ingested in chunks at increasing positions leaves the same last logits as one forward."""
+    import torch
+
+    import backend
+    from backend.generate import prefill
+    from tests.backend.tiny import make_tiny
+
+    make_tiny("llama", tmp_path / "m")
+    h = backend.load(str(tmp_path / "m"))
+    ids = list(range(5, 105))  # 100 tokens
+    runner = h.runner("eager")
+    runner.start(2, 110)
+    whole = prefill(runner, ids, 2, chunk=1000)
+    runner.start(2, 110)
+    seen = []
+    chunked = prefill(runner, ids, 2, chunk=32, progress=lambda done, total: seen.append((done, total)))
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+    assert seen == [(32, 100), (64, 100), (96, 100), (100, 100)]
+    # and decoding continues from the chunked cache exactly as from the one-shot one
+    nxt = whole.argmax(-1)
+    after_chunked = runner.forward(nxt[:, None], 100)
+    runner.start(2, 110)
+    prefill(runner, ids, 2, chunk=1000)
+    torch.testing.assert_close(after_chunked, runner.forward(nxt[:, None], 100), atol=1e-4, rtol=1e-4)

@@ -34,3 +34,26 @@ def serving(demo):
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+@contextmanager
+def serving_asgi(app):
+    """An ASGI app (the playground with its OpenAI API: playground.openai_api.server) under uvicorn on a thread."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -32,7 +32,7 @@ class Limits:
     max_model_params: int = 2_000_000_000
     max_model_bytes: int = 8 * 1024**3          # weight bytes as declared by the files, before download / load
     max_context: int = 262144                   # the context a model may declare (tables are built for the length in use)
-    max_new_tokens: int = 4096
+    max_new_tokens: int = 1_000_000             # private: the model's context is the real bound
     max_num_samples: int = 16
     max_stop_strings: int = 16
     max_stop_chars: int = 256

@@ -45,7 +45,7 @@ def main(argv=None):
     print(f"playground: http://{args.host}:{args.port}/ (OpenAI API at /v1)" if not args.api_only else
           f"playground: OpenAI API at http://{args.host}:{args.port}/v1")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
     except OSError as e:  # typically the port is taken
         raise SystemExit(f"playground: cannot serve on {args.host}:{args.port}: {e}. Try another --port.")
 

@@ -55,6 +55,11 @@ class CompiledRunner(EagerRunner):
     def __init__(self, model: Transformer, progress: Callable[[float, str], None] | None = None):
         super().__init__(weight_sharing_copy(model))
         use_disk_cache()
+        # Every runner compiles the same code object (`_forward`) for its own model copy, and dynamo counts those
+        # entries together: a long-lived server that swaps models would hit the default limit of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 4096)
         self.say = progress or (lambda fraction, message: None)
         self.compiles = 0           # graphs inductor has compiled for this runner (a test counts recompiles)
         self.compile_s = 0.0        # wall time of the calls that compiled

@@ -38,7 +38,7 @@ def test_score_the_result_records_before_and_after_on_the_validation_text(tmp_pa
     after, base = rows  # newest first: the base is scored first, so the chart reads before -> after
     assert (base.model, after.model) == (str(tmp_path / "base"), state["out_dir"])
     assert base.data == after.data == "validation.txt" and base.data_fingerprint == after.data_fingerprint
-    text = (manager()._dir(manager().latest()) / "validation.txt").read_text()
+    text = (manager().job_dir(manager().latest()) / "validation.txt").read_text()
     assert len(text) > 200 and text in corpus.read_text()  # the tail of the job's own data, not some other text
     ids = backend.load(state["out_dir"]).tokenizer.encode(text)
     for row in rows:

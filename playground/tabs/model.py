@@ -101,7 +101,7 @@ def build(info: dict | None, badge: gr.HTML, backend_name: gr.Dropdown) -> Model
         dtype = gr.Dropdown(DTYPES, value="auto", label="dtype", scale=1, min_width=120, info="auto: float32 on CPU")
         load_button = gr.Button("Load", variant="primary", scale=1, min_width=100, elem_id="fx-load")
     with gr.Accordion("Upload a .gguf file", open=False):
-        upload = gr.File(show_label=False, file_types=[".gguf"], type="filepath", height=110)
+        upload = gr.File(show_label=False, file_types=[".gguf"], type="filepath", height=110, elem_id="fx-gguf-upload")
     card = gr.HTML(render.model_card(info), elem_id="fx-model-card")
 
     outputs = [card, badge, backend_name]

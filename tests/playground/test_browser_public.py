@@ -45,7 +45,7 @@ def test_an_over_cap_upload_is_refused_in_the_page(page, tmp_path):
     big.write_bytes(b"GGUF" + bytes(2 * UPLOAD_CAP))
     page.get_by_role("tab", name="Model").click()
     page.get_by_text("Upload a .gguf file").click()
-    page.locator("input[type=file]").first.set_input_files(str(big))
+    page.locator("#fx-gguf-upload input[type=file]").first.set_input_files(str(big))  # not the chat import
     expect_error(page, "exceed the maximum allowed size of 32.0 Kb")  # Gradio's max_file_size, from our cap
     # the page still answers
     page.get_by_role("tab", name="Completion").click()

@@ -16,4 +16,5 @@ if __name__ == "__main__":
     import uvicorn
 
     uvicorn.run(server(demo), host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), log_level="warning", timeout_graceful_shutdown=3)
+                port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), log_level="warning",
+                timeout_graceful_shutdown=3)

@@ -1,22 +1,13 @@
 """Accuracy, as an `evaluate` module shipped with Fornax."""
-import datasets
 import evaluate
 
 from backend.scoring import scores
+from backend.scoring.metric_info import LABEL_FEATURES
+from backend.scoring.metric_info import SKLEARN_CITATION as _CITATION
 
 _DESCRIPTION = """Accuracy is the share of predictions equal to their reference label: (TP + TN) / all in the
 binary case, correct / all for any number of classes. Labels may be integers or strings. Range 0-1."""
 
-_CITATION = """@article{scikit-learn,
-    title = {Scikit-learn: Machine Learning in {P}ython},
-    author = {Pedregosa, F. and Varoquaux, G. and Gramfort, A. and Michel, V. and Thirion, B. and Grisel, O. and
-              Blondel, M. and Prettenhofer, P. and Weiss, R. and Dubourg, V. and Vanderplas, J. and Passos, A. and
-              Cournapeau, D. and Brucher, M. and Perrot, M. and Duchesnay, E.},
-    journal = {Journal of Machine Learning Research},
-    volume = {12},
-    pages = {2825--2830},
-    year = {2011}
-}"""
 
 _KWARGS_DESCRIPTION = """
 Args:
@@ -25,11 +16,6 @@ Args:
 Returns:
     accuracy (float, 0-1).
 """
-
-LABEL_FEATURES = [
-    datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
-    datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-]
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)

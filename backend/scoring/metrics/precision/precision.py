@@ -1,8 +1,9 @@
 """Precision, as an `evaluate` module shipped with Fornax."""
-import datasets
 import evaluate
 
 from backend.scoring import scores
+from backend.scoring.metric_info import LABEL_FEATURES
+from backend.scoring.metric_info import SKLEARN_CITATION as _CITATION
 
 _DESCRIPTION = """Precision is the share of positive predictions that are right: TP / (TP + FP) per label.
 Computed from the confusion matrix: with average="macro" (default) the unweighted mean of
@@ -10,16 +11,6 @@ the per-label values over every label seen in predictions or references (a label
 0, as scikit-learn's zero_division=0); with average="micro" from the true/false positives pooled over labels, which
 for single-label data equals accuracy. Labels may be integers or strings. Range 0-1."""
 
-_CITATION = """@article{scikit-learn,
-    title = {Scikit-learn: Machine Learning in {P}ython},
-    author = {Pedregosa, F. and Varoquaux, G. and Gramfort, A. and Michel, V. and Thirion, B. and Grisel, O. and
-              Blondel, M. and Prettenhofer, P. and Weiss, R. and Dubourg, V. and Vanderplas, J. and Passos, A. and
-              Cournapeau, D. and Brucher, M. and Perrot, M. and Duchesnay, E.},
-    journal = {Journal of Machine Learning Research},
-    volume = {12},
-    pages = {2825--2830},
-    year = {2011}
-}"""
 
 _KWARGS_DESCRIPTION = """
 Args:
@@ -30,11 +21,6 @@ Args:
 Returns:
     precision (float, 0-1).
 """
-
-LABEL_FEATURES = [
-    datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
-    datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-]
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)

@@ -40,6 +40,14 @@ CATALOGUE = [
     ("public", "/finetune", {**FORM, "data_path": "/etc/hostname"}, "upload only"),
     ("public", "/finetune", {**FORM, "data_path": "/etc/hostname", "steps": 10**9}, "steps is 1,000,000,000"),
     ("public", "/cancel_finetune", {}, "no training job of yours to cancel"),
+    # scoring
+    ("private", "/evaluate", dict(upload=None, sample="prose (perplexity, agreement)", metrics=["perplexity"],
+                                  backend_name="eager", against=None, max_length=32, stride=64, max_new_tokens=8,
+                                  temperature=0), "stride 64 > max_length 32"),
+    # kernel lab
+    ("public", "/kernel_check", dict(op="layer_norm", shape="64, 4096", dtype="float32"), "the cap here is 40,000"),
+    ("private", "/kernel_check", dict(op="attention", shape="1, 4, 3, 8, 16", dtype="float32"),
+     "key/value heads must divide"),
 ]
 
 

@@ -54,6 +54,8 @@ class Limits:
     cache_bytes: int = 50 * 1024**3             # GGUF conversions + exports + zips + kept uploads, LRU-evicted
     kernel_lab_cpu_elements: int = 1_000_000    # Kernel lab inputs in Triton's interpreter (slow: ~2 s per 1M)
     kernel_lab_gpu_elements: int = 256 * 1024**2  # Kernel lab inputs on a GPU
+    max_fill_mask_chars: int = 1_000_000        # fill-mask / pseudo-log-likelihood text (PLL: one forward per token)
+    max_fill_mask_top_k: int = 100              # candidates per [MASK]
 
     @staticmethod
     def public_defaults() -> "Limits":
@@ -65,7 +67,7 @@ class Limits:
                       max_template_output_chars=200_000, template_time_s=2.0, max_finetune_steps=2000,
                       max_batch_size=16, max_lora_r=64, max_export_params=600_000_000, event_time_limit_s=600.0,
                       cache_bytes=20 * 1024**3, kernel_lab_cpu_elements=40_000,
-                      kernel_lab_gpu_elements=16 * 1024**2)
+                      kernel_lab_gpu_elements=16 * 1024**2, max_fill_mask_chars=1000, max_fill_mask_top_k=20)
 
 
 def current() -> Limits:

@@ -79,6 +79,14 @@ def check_sampling(params: dict, prompt_chars: int) -> None:
     limits.check(prompt_chars, caps.max_prompt_chars, "the prompt's length in characters")
 
 
+def check_fill_mask(text_chars: int, top_k: int | None = None) -> None:
+    """Fill-mask and pseudo-log-likelihood requests against the caps (PLL runs one forward per token)."""
+    caps = limits.current()
+    limits.check(text_chars, caps.max_fill_mask_chars, "the text's length in characters")
+    if top_k is not None:
+        limits.check(top_k, caps.max_fill_mask_top_k, "top-k")
+
+
 def check_training(steps: int, batch_size: int, lora_r: int) -> None:
     if not public():
         return

@@ -185,6 +185,85 @@ def _summary(completion: backend.Completion) -> str:
 
 
 
+
+# --- encoders: fill-mask bars and the pseudo-log-likelihood heat line ---
+MASK_HUES = (235, 35, 160, 330, 195, 95)  # one hue per [MASK], so the masks' charts tell apart
+PLL_FLOOR = 10.0                           # log-probabilities at or below -10 nats get the coldest colour
+
+
+def mask_bars_html(text: str, mask: str, masks: list[list[dict]]) -> str:
+    """Each [MASK]'s candidates (backend fill_mask's output) as horizontal bars, and the text with the best ones."""
+    pieces = text.split(mask)
+    best = ""
+    if len(pieces) == len(masks) + 1:  # every typed mask became one mask token: show the text filled in
+        best = html.escape(pieces[0]) + "".join(
+            f"<mark style='background:hsla({MASK_HUES[i % len(MASK_HUES)]}, 80%, 55%, .3)'>"
+            f"{html.escape(m[0]['token'])}</mark>{html.escape(piece)}" for i, (m, piece) in enumerate(zip(masks, pieces[1:])))
+        best = f"<div class='fx-mask-best'>{best}</div>"
+    charts = []
+    for i, candidates in enumerate(masks):
+        hue = MASK_HUES[i % len(MASK_HUES)]
+        rows = "".join(
+            f"<div class='fx-cand' data-token='{html.escape(c['token'], quote=True)}' data-prob='{c['prob']!r}' "
+            f"title='{html.escape(c['token'], quote=True)}: {100 * c['prob']:.2f} %'>"
+            f"<code>{html.escape(visible(c['token']))}</code>"
+            f"<span class='fx-cand-bar'><span style='width:{max(0.5, 100 * c['prob']):.1f}%;"
+            f"background:hsl({hue}, 70%, {50 + 6 * min(rank, 5)}%)'></span></span>"
+            f"<span class='fx-pct'>{100 * c['prob']:.1f}%</span></div>" for rank, c in enumerate(candidates))
+        charts.append(f"<div class='fx-mask' data-mask='{i}'><div class='fx-mask-head'>{html.escape(mask)} "
+                      f"{i + 1}</div>{rows}</div>")
+    return f"<div class='fx-masks'>{best}<div class='fx-mask-charts'>{''.join(charts)}</div></div>"
+
+
+def logprob_colour(logprob: float) -> str:
+    """Red at or below -PLL_FLOOR nats, green at 0 (the probability colours, on a log scale)."""
+    return probability_colour(1.0 - min(1.0, -logprob / PLL_FLOOR))
+
+
+def pll_html(text: str, result: dict, spans: list[tuple[int, int]] | None) -> str:
+    """The text as a heat line, each scored token coloured by its log-probability with it masked (title: the value),
+    and the total. `spans`: each scored token's characters in `text` (None: show the tokens as pieces)."""
+    tokens = result["tokens"]
+    parts, at = [], 0
+    for k, t in enumerate(tokens):
+        piece = t["token"]
+        if spans is not None:
+            start, end = spans[k]
+            parts.append(html.escape(text[at:start]))
+            piece, at = text[start:end], end
+        elif k:
+            parts.append(" ")
+        parts.append(f"<span class='fx-pll-tok' data-logprob='{t['logprob']!r}' style='background:"
+                     f"{logprob_colour(t['logprob'])}' title='{html.escape(t['token'], quote=True)}: log p = "
+                     f"{t['logprob']:.3f} ({percent(t['logprob'])})'>{html.escape(piece)}</span>")
+    if spans is not None:
+        parts.append(html.escape(text[at:]))
+    least = min(tokens, key=lambda t: t["logprob"])
+    legend = (f"<div class='fx-legend'><span>log-probability with the token masked</span><span class='fx-scale'>"
+              f"</span><span>≤ −{PLL_FLOOR:g} → 0</span><span class='fx-hint'>hover a token for its value</span></div>")
+    total = (f"<div class='fx-summary fx-pll-total' data-pll='{result['pll']!r}'>pseudo-log-likelihood "
+             f"<b>{result['pll']:.3f}</b> over {len(tokens)} tokens · pseudo-perplexity "
+             f"{result['pseudo_perplexity']:.2f} · least likely <code>{html.escape(visible(least['token']))}</code> "
+             f"({least['logprob']:.2f})</div>")
+    return f"<div class='fx-tokens fx-pll'>{legend}<div class='fx-text'>{''.join(parts)}</div>{total}</div>"
+
+
+MASK_CSS = """
+.fx-mask-best { font-size: 15px; padding: 8px 10px; margin-bottom: 10px; border-radius: 8px;
+                border: 1px solid var(--border-color-primary); white-space: pre-wrap; }
+.fx-mask-best mark { border-radius: 3px; padding: 0 2px; color: inherit; font-weight: 600; }
+.fx-mask-charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 12px; }
+.fx-mask { padding: 6px 8px; border-radius: 8px; border: 1px solid var(--border-color-primary); }
+.fx-mask-head { font-size: 12px; font-weight: 600; margin-bottom: 4px; color: var(--body-text-color-subdued); }
+.fx-cand { display: grid; grid-template-columns: minmax(70px, 30%) 1fr 52px; gap: 8px; align-items: center;
+           font-size: 13px; padding: 1px 0; }
+.fx-cand code { white-space: pre; background: none; padding: 0; overflow: hidden; text-overflow: ellipsis; }
+.fx-cand-bar { height: 12px; border-radius: 4px; background: var(--border-color-primary); overflow: hidden; }
+.fx-cand-bar > span { display: block; height: 100%; }
+.fx-pll-tok { border-radius: 3px; padding: 1px 0; cursor: help; }
+"""
+
+
 # --- rendering --------------------------------------------------------------------------------------------------
 def loss_frame(state: dict | None) -> pd.DataFrame | None:
     """Train and validation loss by step, or None before the first step: Gradio's plot takes its axis kinds and
@@ -200,6 +279,39 @@ def loss_frame(state: dict | None) -> pd.DataFrame | None:
     first = min(r[0] for r in rows)
     rows += [(first, float("nan"), split) for split in ("train", "validation") if split not in {r[2] for r in rows}]
     return pd.DataFrame(rows, columns=["step", "loss", "split"]).astype({"step": "int64", "loss": "float64"})
+
+
+RUN_COLOURS = [("#6366f1", "#a5b4fc"), ("#f59e0b", "#fcd34d"), ("#10b981", "#6ee7b7"),  # newest first:
+               ("#ef4444", "#fca5a5"), ("#8b5cf6", "#c4b5fd")]                          # (validation, train)
+
+
+def run_label(state: dict) -> str:
+    """What a run was: the preset it pretrained (or the model it finetuned), the mode, and when it started."""
+    cfg = state.get("config") or {}
+    model = cfg.get("model") or ""
+    what = cfg.get("preset") if cfg.get("mode") == "pretrain" else (model.rstrip("/\\").rsplit("/", 1)[-1] or model)
+    when = time.strftime("%H:%M:%S", time.localtime(state["started"])) if state.get("started") else state.get("id", "")
+    return f"{what} · {cfg.get('mode', '?')} · {when}"
+
+
+def runs_frame(states: list[dict]) -> tuple[pd.DataFrame | None, dict[str, str]]:
+    """Several runs' train and validation losses on one plot (oldest first in `states`), as (frame, colour map):
+    series '<run label> · train' / '· validation', one hue per run (validation dark, train light), newest in the
+    first hue. Each run names both of its series from the start (see loss_frame), so the colour map changes, and
+    the plot is redrawn with new series, only when a run is added."""
+    frames, colours = [], {}
+    for age, state in enumerate(reversed(states)):
+        frame = loss_frame(state)
+        if frame is None:
+            continue
+        label = run_label(state)
+        frame["split"] = label + " · " + frame["split"]
+        dark, light = RUN_COLOURS[age % len(RUN_COLOURS)]
+        colours.update({f"{label} · validation": dark, f"{label} · train": light})
+        frames.insert(0, frame)
+    if not frames:
+        return None, {}
+    return pd.concat(frames, ignore_index=True), colours
 
 
 def job_status_html(state: dict | None, someone_else: bool = False) -> str:

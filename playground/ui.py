@@ -12,11 +12,11 @@ from backend import limits
 from . import deployment, render
 from .state import MODEL_EVENTS, current
 from .streaming import stop
-from .tabs import chat, completion, evaluate, export, finetune, kernel_lab, model, params
+from .tabs import chat, completion, evaluate, export, fill_mask, finetune, kernel_lab, model, params
 
 QUEUE_MAX_SIZE = 64               # beyond this, new requests are told the queue is full
-TABS = [("chat", "Chat"), ("completion", "Completion"), ("model", "Model"), ("evaluate", "Evaluate"),
-        ("export", "Export"), ("finetune", "Finetune"), ("kernel_lab", "Kernel lab")]
+TABS = [("chat", "Chat"), ("completion", "Completion"), ("fill_mask", "Fill-mask"), ("model", "Model"),
+        ("evaluate", "Evaluate"), ("export", "Export"), ("finetune", "Finetune"), ("kernel_lab", "Kernel lab")]
 
 
 def build_app() -> gr.Blocks:
@@ -31,10 +31,12 @@ def build_app() -> gr.Blocks:
             badge = gr.HTML(render.model_badge(info), elem_id="fx-model-badge")
         with gr.Row():
             with gr.Column(scale=3):
-                with gr.Tabs():
+                shown = fill_mask.tabs_for(info)  # Chat / Completion / Fill-mask: what the model can do
+                first = next(tab_id for tab_id, _ in TABS if shown.get(tab_id, True))
+                with gr.Tabs(selected=first):
                     tabs = {}
                     for tab_id, label in TABS:  # filled below, once the panel they all read exists
-                        with gr.Tab(label, id=tab_id) as tabs[tab_id]:
+                        with gr.Tab(label, id=tab_id, visible=shown.get(tab_id, True)) as tabs[tab_id]:
                             pass
             with gr.Column(scale=1, min_width=280, elem_id="fx-params"):
                 panel = params.build(info)
@@ -42,6 +44,8 @@ def build_app() -> gr.Blocks:
             stop_chat = chat.build(panel)
         with tabs["completion"]:
             stop_complete = completion.build(panel)
+        with tabs["fill_mask"]:
+            mask_token, insert_mask = fill_mask.build()
         with tabs["model"]:
             model_tab = model.build(info, badge, panel.backend_name)
         with tabs["evaluate"]:
@@ -55,6 +59,10 @@ def build_app() -> gr.Blocks:
         with tabs["kernel_lab"]:
             kernel_lab.build()
         gr.on([stop_chat.click, stop_complete.click], stop, None, None, api_name="stop", concurrency_limit=None)
+        # Every load (Model tab, upload, a finished job, another visitor's load seen at page load) changes the badge:
+        # then the tabs follow the model.
+        badge.change(fill_mask.switch_tabs, None, [tabs["chat"], tabs["completion"], tabs["fill_mask"], mask_token,
+                                                   insert_mask], api_visibility="private", queue=False)
         demo.load(*panel.on_load, api_visibility="private", queue=False)  # this browser's saved presets
         demo.load(model.refresh, None, [model_tab.card, badge, panel.backend_name], api_visibility="private")
         # shows the latest training job, and reattaches to it if it is running
@@ -66,7 +74,7 @@ def build_app() -> gr.Blocks:
 def launch_options() -> dict:
     """What Gradio 6 takes at launch rather than in Blocks(): look and feel, no outbound calls, and in public
     mode the upload cap (Gradio refuses a bigger file before it is written anywhere)."""
-    options = dict(css=render.CSS + render.JOB_CSS + LAYOUT_CSS + chat.GAUGE_CSS,
+    options = dict(css=render.CSS + render.JOB_CSS + render.MASK_CSS + LAYOUT_CSS + chat.GAUGE_CSS,
                    theme=gr.themes.Soft(primary_hue="indigo"),
                    share=False, footer_links=["api", "settings"])
     if deployment.public():

@@ -152,7 +152,7 @@ def continue_reply(history: list, system_prompt: str, backend_name: str, max_new
     check(params, tree, system_prompt)
     last = path[-1]
     with current.using() as handle:
-        head = handle.tokenizer.encode_chat(model_messages(view(tree)[:-1], system_prompt), add_generation_prompt=True)
+        head = handle.encode(model_messages(view(tree)[:-1], system_prompt))  # (refuses a model with no chat)
         ids = head + handle.tokenizer.encode(last["content"], add_special_tokens=False)
         stream, name = start_stream(handle, ids, backend_name, params, request)
         run = Generation(stream, 1, request)
@@ -241,7 +241,7 @@ def gauge(message: str, history: list, system_prompt: str, max_new_tokens) -> st
     if message and message.strip():
         msgs.append({"role": "user", "content": message})
     try:
-        used = len(handle.tokenizer.encode_chat(msgs, add_generation_prompt=True)) if msgs else 0
+        used = len(handle.encode(msgs)) if msgs else 0
     except backend.FornaxError as e:  # a template that cannot render these messages: Send will say so too
         return render_gauge(None, 0, 0, str(e))
     budget = int(max_new_tokens or 0)

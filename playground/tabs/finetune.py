@@ -25,6 +25,9 @@ from ..errors import refusal, user_errors
 from ..state import current
 
 POLL_S = 1.0
+RUNS_SHOWN = 3                    # the loss plot overlays this visitor's last runs (LSTM vs Transformer, say)
+PRESET_NOTES = {"tiny-llama": "Transformer (Llama)", "tiny-gpt2": "Transformer (GPT-2)",
+                "tiny-bert": "encoder, masked-LM", "tiny-lstm": "LSTM baseline"}
 _manager: JobManager | None = None
 
 
@@ -115,20 +118,50 @@ def someone_elses_active_job(request: gr.Request | None) -> str | None:
     return None
 
 
+def recent_runs(owner: str | None, newest: dict | None = None) -> list[dict]:
+    """The states of this visitor's last RUNS_SHOWN jobs that have losses to plot, oldest first (`newest`: the
+    latest job's state, already read). A job continued by a resume is left out: the resumed job (same output
+    folder) carries its losses over."""
+    runs: list[dict] = []
+    for job_id in reversed(manager().jobs()):
+        if not manager().may_control(job_id, owner):
+            continue
+        try:
+            state = newest if newest is not None and newest.get("id") == job_id else manager().state(job_id)
+        except backend.FornaxError:
+            continue
+        if not (state.get("train_loss") or state.get("val_loss")):
+            continue
+        if any(r.get("out_dir") == state.get("out_dir") for r in runs):
+            continue
+        runs.append(state)
+        if len(runs) == RUNS_SHOWN:
+            break
+    return runs[::-1]
+
+
+def runs_plot(owner: str | None, newest: dict | None = None) -> gr.LinePlot:
+    """The loss curves of the last runs on one plot (with the colour map of the series shown)."""
+    frame, colours = render.runs_frame(recent_runs(owner, newest))
+    return gr.LinePlot(frame, color_map=colours or None)
+
+
 def poll(request: gr.Request = None):
     """This visitor's latest job as (status HTML, loss plot, samples HTML, result folder): what the page shows
-    each second. Another visitor's running job is only named as running."""
-    job_id = manager().latest(deployment.job_owner(request))
+    each second; the plot overlays the last runs' losses. Another visitor's running job is only named as running."""
+    owner = deployment.job_owner(request)
+    job_id = manager().latest(owner)
     if job_id is None:
         other = someone_elses_active_job(request)
-        return (render.job_status_html(None, someone_else=other is not None), render.loss_frame(None),
+        return (render.job_status_html(None, someone_else=other is not None), runs_plot(owner),
                 render.job_samples_html(None), "")
     try:
         state = manager().state(job_id)
     except backend.FornaxError as e:  # e.g. a state file a crash left unreadable: say so, keep polling
-        return (f"<div class='fx-job-error'>{html.escape(str(e))}</div>", None, render.job_samples_html(None), "")
+        return (f"<div class='fx-job-error'>{html.escape(str(e))}</div>", runs_plot(owner),
+                render.job_samples_html(None), "")
     done = state["status"] == "done" and Path(state["out_dir"]).is_dir()
-    return (render.job_status_html(state), render.loss_frame(state), render.job_samples_html(state),
+    return (render.job_status_html(state), runs_plot(owner, state), render.job_samples_html(state),
             state["out_dir"] if done else "")
 
 
@@ -184,6 +217,12 @@ def mode_changed(mode: str):
             gr.update(visible=mode == "lora"), gr.update(info=f"0 = {DEFAULT_LR[mode]:g} for {mode}"))
 
 
+def preset_choices() -> list[tuple[str, str]]:
+    """The tiny presets (a Transformer, an encoder, the LSTM baseline), each with what it is."""
+    tiny = [p for p in PRESETS if p.startswith("tiny")] or list(PRESETS)
+    return [(f"{p} — {PRESET_NOTES[p]}" if p in PRESET_NOTES else p, p) for p in tiny]
+
+
 # --- layout -----------------------------------------------------------------------------------------------------
 def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, model_events: dict,
           history_outputs: list | None = None):
@@ -206,8 +245,9 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
                 task = gr.Dropdown(list(TASKS), value="auto", label="Task", info="auto: from the file")
             model = gr.Textbox(label="Model to finetune", value="", placeholder="empty: the model loaded now",
                                info="default · a model folder · a .gguf path · a Hub id", elem_id="fx-train-model")
-            preset = gr.Dropdown([p for p in PRESETS if p.startswith("tiny")] or list(PRESETS), value="tiny-llama",
-                                 label="Architecture (pretrain)", visible=False, elem_id="fx-train-preset")
+            preset = gr.Dropdown(preset_choices(), value="tiny-llama", label="Architecture (pretrain)",
+                                 visible=False, elem_id="fx-train-preset",
+                                 info="same data, same steps: compare their curves on the plot below")
         with gr.Column(scale=2):
             with gr.Row():
                 steps = gr.Number(value=100, precision=0, label="Steps", elem_id="fx-train-steps")
@@ -228,9 +268,9 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
         score = gr.Button("Score the result", visible=False, elem_id="fx-train-score")
     score_summary = gr.Markdown("", elem_id="fx-train-score-summary")
     status = gr.HTML(render.job_status_html(None), elem_id="fx-train-status")
-    plot = gr.LinePlot(render.loss_frame(None), x="step", y="loss", color="split", title="Loss", height=280,
-                       elem_id="fx-loss-plot", x_title="step", y_title="cross-entropy loss",
-                       color_map={"train": "#6366f1", "validation": "#f59e0b"})
+    plot = gr.LinePlot(None, x="step", y="loss", color="split", title=f"Loss: the last {RUNS_SHOWN} runs",
+                       height=300, elem_id="fx-loss-plot", x_title="step", y_title="cross-entropy loss",
+                       color_title="run")
     samples = gr.HTML(render.job_samples_html(None), elem_id="fx-train-samples")
     result = gr.Textbox(visible=False)
 

@@ -1,0 +1,123 @@
+"""The Fill-mask tab, shown instead of Chat and Completion while an encoder (BERT-style masked LM) is loaded: each
+[MASK]'s top-k candidates as bars, and a sentence's pseudo-log-likelihood as a per-token heat line.
+
+`switch_tabs` decides which generation tabs the loaded model can use: a causal Transformer gets Chat and Completion,
+an LSTM Completion only (it has no chat template), an encoder Fill-mask only.
+"""
+from __future__ import annotations
+
+import gradio as gr
+
+import backend
+from backend.fill_mask import MASK_TOKEN
+
+from .. import deployment, render
+from ..errors import refusal, user_errors
+from ..state import MODEL_EVENTS, current
+
+DEFAULT_TEXT = f"The capital of France is {MASK_TOKEN}. It is a {MASK_TOKEN} city."
+DEFAULT_TOP_K = 5
+
+
+def tabs_for(info: dict | None) -> dict[str, bool]:
+    """Which of the generation tabs the model described by `info` can use."""
+    family = (info or {}).get("family")
+    return dict(chat=family not in ("bert", "lstm"), completion=family != "bert", fill_mask=family == "bert")
+
+
+def mask_token(handle: backend.ModelHandle | None) -> str:
+    """The mask token the loaded tokenizer has (what the Insert button types)."""
+    if handle is not None and handle.tokenizer.token_to_id(MASK_TOKEN) is None:
+        return ""
+    return MASK_TOKEN
+
+
+def switch_tabs():
+    """After any load: show the tabs the current model can use, and the Insert button its mask token."""
+    handle = current.handle
+    shown = tabs_for(current.info())
+    token = mask_token(handle)
+    return (gr.Tab(visible=shown["chat"]), gr.Tab(visible=shown["completion"]), gr.Tab(visible=shown["fill_mask"]),
+            token, gr.Button(value=f"Insert {token}" if token else "Insert mask", interactive=bool(token)))
+
+
+def top_k_value(top_k) -> int:
+    try:
+        value = int(top_k)
+    except (TypeError, ValueError):
+        raise refusal(f"top-k must be a whole number, got {top_k!r}") from None
+    if value != top_k and not isinstance(top_k, str):  # 2.5 is not a count
+        raise refusal(f"top-k must be a whole number, got {top_k!r}")
+    return value
+
+
+@user_errors
+def fill(text: str, top_k: int):
+    """Each [MASK]'s top-k candidates with their probabilities, as bars (HTML)."""
+    text = text or ""
+    top_k = top_k_value(top_k)
+    deployment.check_fill_mask(len(text), top_k)
+    if not text.strip():
+        raise refusal(f"the text is empty: write a sentence with {MASK_TOKEN} where a word should go")
+    with current.using() as handle:
+        masks = handle.fill_mask(text, top_k=top_k)
+    return render.mask_bars_html(text, MASK_TOKEN, masks)
+
+
+@user_errors
+def pseudo_log_likelihood(text: str):
+    """Each token's log-probability with it masked, as a heat line over the text, and the total (HTML)."""
+    text = text or ""
+    deployment.check_fill_mask(len(text))
+    if not text.strip():
+        raise refusal("the text is empty: write a sentence to score")
+    with current.using() as handle:
+        result = handle.pseudo_log_likelihood(text)
+        spans = scored_spans(handle, text, result)
+    return render.pll_html(text, result, spans)
+
+
+def scored_spans(handle: backend.ModelHandle, text: str, result: dict) -> list[tuple[int, int]] | None:
+    """Where each scored token lies in `text` (the tokenizer's offsets), so the heat line is the user's own text;
+    None if the tokens do not line up with the result's (then the tokens are shown as pieces)."""
+    encoding = handle.tokenizer.tk.encode(text)
+    special = set(handle.tokenizer.special_ids)
+    scored = [(i, span) for i, span in zip(encoding.ids, encoding.offsets) if i not in special]
+    if [i for i, _ in scored] != [t["id"] for t in result["tokens"]]:
+        return None
+    spans = [span for _, span in scored]
+    if any(b < a or a < prev for (a, b), (_, prev) in zip(spans, [(0, 0)] + spans)):  # not left to right
+        return None
+    return spans
+
+
+def build() -> tuple[gr.Textbox, gr.Button]:
+    """The tab's components and events, inside the caller's `gr.Tab`. Returns (mask token box, Insert button), which
+    `switch_tabs` updates after a load."""
+    gr.Markdown(f"An encoder reads the whole text at once and predicts what is hidden under each **{MASK_TOKEN}** "
+                "from both sides. **Pseudo-log-likelihood** masks every token in turn and scores it the same way: "
+                "how well the sentence fits what the model learned.")
+    text = gr.Textbox(label="Text", lines=3, max_lines=12, value=DEFAULT_TEXT, elem_id="fx-mask-text",
+                      info=f"several {MASK_TOKEN}s are allowed; each is predicted from the same text")
+    token = gr.Textbox(value=mask_token(current.handle), visible=False, elem_id="fx-mask-token")
+    with gr.Row(equal_height=True):
+        insert = gr.Button(f"Insert {MASK_TOKEN}", size="sm", scale=1, elem_id="fx-mask-insert")
+        top_k = gr.Slider(1, 20, value=DEFAULT_TOP_K, step=1, label="Top-k", scale=3, elem_id="fx-mask-top-k")
+    with gr.Row():
+        run_fill = gr.Button("Fill", variant="primary", elem_id="fx-mask-fill")
+        run_pll = gr.Button("Pseudo-log-likelihood", elem_id="fx-pll-run")
+    bars = gr.HTML("<div class='fx-empty'>Each mask's candidates appear here as bars.</div>", elem_id="fx-mask-bars")
+    heat = gr.HTML("<div class='fx-empty'>The sentence's tokens appear here coloured by their log-probability."
+                   "</div>", elem_id="fx-pll-view")
+
+    # Insert at the cursor, in the browser: nothing to ask the server.
+    insert.click(None, [text, token], [text], api_visibility="private", js="""(text, token) => {
+        const box = document.querySelector('#fx-mask-text textarea');
+        const at = box && box.selectionStart != null ? box.selectionStart : text.length;
+        const end = box && box.selectionEnd != null ? box.selectionEnd : at;
+        return text.slice(0, at) + token + text.slice(end);
+    }""")
+    options = dict(show_progress="minimal", **MODEL_EVENTS, **deployment.event_options())
+    gr.on([run_fill.click], fill, [text, top_k], [bars], api_name="fill_mask", **options)
+    run_pll.click(pseudo_log_likelihood, [text], [heat], api_name="pseudo_log_likelihood", **options)
+    return token, insert

@@ -1,0 +1,180 @@
+"""The Fill-mask tab's handlers on a tiny random BERT (built by transformers in the test): two masks' bars carry
+handle.fill_mask's candidates and probabilities, the heat line carries pseudo_log_likelihood's values; the tabs
+follow the model (encoder -> Fill-mask, causal Transformer -> Chat + Completion, LSTM -> Completion); bad input is
+a plain error and the app keeps serving. And the Finetune plot's overlay of the last runs."""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import gradio as gr
+import pytest
+import torch
+
+from backend.config import ModelConfig
+from backend.fill_mask import MASK_TOKEN
+from backend.loading import save_pretrained
+from backend.lstm import LSTMLM
+from backend.tokenizer import Tokenizer
+from playground import render
+from playground.errors import user_errors
+from playground.state import current
+from playground.tabs import chat, completion, fill_mask
+from tests.backend.test_encoder import _config, _perturb, _tokenizer
+from tests.backend.tiny import make_tiny, save_tokenizer
+from tests.playground.serve import PANEL
+
+TWO_MASKS = f"The capital of France is {MASK_TOKEN}, a {MASK_TOKEN} city."
+SENTENCE = "A list comprehension builds a new list."
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from transformers import BertForMaskedLM
+
+    root = tmp_path_factory.mktemp("fill-mask")
+    tok = _tokenizer(root / "bert")
+    torch.manual_seed(0)
+    _perturb(BertForMaskedLM(_config(len(tok)))).save_pretrained(root / "bert")
+    make_tiny("llama", root / "llama")
+    (root / "lstm").mkdir()
+    save_tokenizer(root / "lstm")
+    tokenizer = Tokenizer.from_folder(root / "lstm")
+    lstm = LSTMLM(ModelConfig(family="lstm", vocab_size=tokenizer.vocab_size, n_layer=1, d_model=32, max_seq_len=128))
+    lstm.init_weights()
+    save_pretrained(lstm, tokenizer, root / "lstm")
+    return {name: str(root / name) for name in ("bert", "llama", "lstm")}
+
+
+def unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
+
+
+def test_two_masks_fill_with_the_backends_candidates_and_probabilities(folders):
+    current.load(folders["bert"])
+    page = fill_mask.fill(TWO_MASKS, 4)
+    expected = current.handle.fill_mask(TWO_MASKS, top_k=4)
+    shown = [[(unescape(t), float(p)) for t, p in re.findall(r"data-token='([^']*)' data-prob='([^']*)'", m)]
+             for m in re.split(r"<div class='fx-mask' data-mask='\d+'>", page)[1:]]
+    assert len(shown) == 2 == len(expected)
+    for got, want in zip(shown, expected):
+        assert [t for t, _ in got] == [c["token"] for c in want]
+        assert [p for _, p in got] == [c["prob"] for c in want]  # exactly: the page carries repr(float)
+        widths = [float(w) for w in re.findall(r"width:([\d.]+)%", page)]
+        assert widths  # drawn as bars
+    assert page.count("class='fx-cand'") == 8
+
+
+def test_the_heat_line_carries_each_tokens_pseudo_log_likelihood(folders):
+    current.load(folders["bert"])
+    page = fill_mask.pseudo_log_likelihood(SENTENCE)
+    expected = current.handle.pseudo_log_likelihood(SENTENCE)
+    values = [float(v) for v in re.findall(r"data-logprob='([^']*)'", page)]
+    assert values == [t["logprob"] for t in expected["tokens"]]
+    assert float(re.search(r"data-pll='([^']*)'", page).group(1)) == expected["pll"]
+    titles = re.findall(r"title='([^']*)'", page)
+    assert [float(re.search(r"log p = (-?[\d.]+)", t).group(1)) for t in titles] == \
+        [round(t["logprob"], 3) for t in expected["tokens"]]
+    # the line is the user's own text, each scored token one span, coloured by its value
+    text = re.sub(r"<[^>]+>", "", re.search(r"<div class='fx-text'>(.*?)</div>", page).group(1))
+    assert unescape(text) == SENTENCE
+    colours = set(re.findall(r"class='fx-pll-tok'[^>]*style='background:([^']*)'", page))
+    assert len(colours) >= 2
+
+
+def tab_flags():
+    tabs = fill_mask.switch_tabs()
+    return [t.constructor_args["visible"] for t in tabs[:3]], tabs[3]
+
+
+def test_the_tabs_follow_the_model(folders):
+    current.load(folders["bert"])
+    assert tab_flags() == ([False, False, True], MASK_TOKEN)
+    current.load(folders["llama"])
+    assert tab_flags()[0] == [True, True, False]
+    current.load(folders["lstm"])
+    assert tab_flags()[0] == [False, True, False]  # no chat template: Completion only
+
+
+def test_the_app_builds_with_the_tabs_of_the_loaded_model(folders):
+    from playground.ui import build_app
+
+    for name, visible in (("bert", {"Chat": False, "Completion": False, "Fill-mask": True}),
+                          ("llama", {"Chat": True, "Completion": True, "Fill-mask": False})):
+        current.load(folders[name])
+        config = build_app().get_config_file()
+        tabs = {c["props"].get("label"): c["props"].get("visible") for c in config["components"]
+                if c.get("type") == "tabitem"}
+        assert {k: tabs[k] for k in visible} == visible, tabs
+
+
+def expect_plain(call, words):
+    with pytest.raises(gr.Error) as e:
+        result = call()
+        if hasattr(result, "__next__"):
+            list(result)
+    assert words in e.value.message and "Traceback" not in e.value.message
+
+
+def test_bad_inputs_are_plain_errors_and_the_app_keeps_serving(folders, monkeypatch):
+    current.load(folders["bert"])
+    expect_plain(lambda: fill_mask.fill("No mask in this text.", 5), f"the text has no {MASK_TOKEN}")
+    expect_plain(lambda: fill_mask.fill("   ", 5), "the text is empty")
+    # an encoder asked to complete or chat (the API, or a tab left open from before the load)
+    expect_plain(lambda: completion.complete("The", **PANEL), "it does not generate text")
+    expect_plain(lambda: chat.chat("Hi", [], "", **PANEL), "it does not generate text")
+    # public caps, before anything is tokenized
+    monkeypatch.setenv("FORNAX_PUBLIC", "1")
+    expect_plain(lambda: fill_mask.fill(TWO_MASKS, 50), "top-k is 50")
+    expect_plain(lambda: fill_mask.pseudo_log_likelihood("word " * 300), "the text's length in characters is 1,500")
+    monkeypatch.setenv("FORNAX_PUBLIC", "0")
+    assert len(fill_mask.fill(TWO_MASKS, 3)) > 0  # still serving
+    # an LSTM asked for a chat template (Chat, Continue), and fill-mask on a model that predicts the next token
+    current.load(folders["lstm"])
+    expect_plain(lambda: chat.chat("Hi", [], "", **PANEL), "no chat template")
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    expect_plain(lambda: chat.continue_reply(history, "", **PANEL), "no chat template")
+    expect_plain(lambda: fill_mask.fill(TWO_MASKS, 5), "fill-mask needs an encoder")
+    text, _, stats = list(completion.complete("The", **{**PANEL, "max_new_tokens": 3}))[-1]
+    assert "tok/s" in stats  # the LSTM still completes
+
+
+# --- the Finetune plot: the last runs overlaid ---
+def write_job(root, job_id, started, preset, losses, out=None, mode="pretrain", status="done"):
+    job = root / job_id
+    job.mkdir(parents=True)
+    state = dict(id=job_id, status=status, step=len(losses), total_steps=len(losses), started=started,
+                 updated=started + 1, out_dir=out or str(root / f"out-{job_id}"), samples=[], metrics={},
+                 config=dict(mode=mode, preset=preset, model="default", task="text"),
+                 train_loss=[[s + 1, v] for s, v in enumerate(losses)],
+                 val_loss=[[len(losses), losses[-1] + 0.1, 2.0]])
+    (job / "state.json").write_text(json.dumps(state))
+    return state
+
+
+def test_the_loss_plot_overlays_the_last_three_runs(tmp_path, monkeypatch):
+    from playground.tabs import finetune
+
+    monkeypatch.setenv("FORNAX_CACHE", str(tmp_path))
+    root = finetune.manager().root
+    now = time.time()
+    runs = [write_job(root, f"job{i}", now + i, preset, [5.0 - i, 4.0 - i])
+            for i, preset in enumerate(["tiny-gpt2", "tiny-llama", "tiny-lstm", "tiny-bert"])]
+    # a job continued by a resume: the resumed one (same folder) carries its losses; it is shown once
+    resumed = write_job(root, "job4", now + 4, "tiny-bert", [1.0, 0.9, 0.8], out=runs[3]["out_dir"])
+    plot = finetune.runs_plot(None)
+    frame, colours = plot.constructor_args["value"], plot.constructor_args["color_map"]
+    series = sorted(set(frame["split"]))
+    assert len(series) == 6 and any("tiny-lstm · pretrain" in s for s in series)
+    assert not any("tiny-gpt2" in s for s in series)  # the oldest of four is left out
+    assert sorted(colours) == series and len(set(colours.values())) == 6  # each series its own colour
+    for state in (runs[1], runs[2], resumed):  # every point of each run, under its label
+        label = render.run_label(state)
+        train = frame[frame.split == f"{label} · train"]
+        assert list(zip(train.step, train.loss)) == [tuple(p) for p in state["train_loss"]]
+        val = frame[frame.split == f"{label} · validation"]
+        assert list(zip(val.step, val.loss)) == [tuple(p[:2]) for p in state["val_loss"]]
+    assert "tiny-bert · pretrain" in render.run_label(resumed)

@@ -281,8 +281,13 @@ def loss_frame(state: dict | None) -> pd.DataFrame | None:
     return pd.DataFrame(rows, columns=["step", "loss", "split"]).astype({"step": "int64", "loss": "float64"})
 
 
-RUN_COLOURS = [("#6366f1", "#a5b4fc"), ("#f59e0b", "#fcd34d"), ("#10b981", "#6ee7b7"),  # newest first:
-               ("#ef4444", "#fca5a5"), ("#8b5cf6", "#c4b5fd")]                          # (validation, train)
+# The loss plot overlays the last runs, one slot each: (slot, validation colour, train colour), newest first. The
+# series are named by slot, not by run, and every slot is always in the data: Gradio 6.31's plot fixes its colour
+# domain from the data it is first drawn with and then only swaps the data, so a series named later would never be
+# drawn. The legend naming each slot's run is HTML (runs_legend_html).
+RUN_SLOTS = [("latest", "#6366f1", "#a5b4fc"), ("previous", "#f59e0b", "#fcd34d"), ("earlier", "#10b981", "#6ee7b7")]
+RUNS_COLOR_MAP = {f"{slot} · {split}": colour for slot, dark, light in RUN_SLOTS
+                  for split, colour in (("validation", dark), ("train", light))}
 
 
 def run_label(state: dict) -> str:
@@ -294,24 +299,37 @@ def run_label(state: dict) -> str:
     return f"{what} · {cfg.get('mode', '?')} · {when}"
 
 
-def runs_frame(states: list[dict]) -> tuple[pd.DataFrame | None, dict[str, str]]:
-    """Several runs' train and validation losses on one plot (oldest first in `states`), as (frame, colour map):
-    series '<run label> · train' / '· validation', one hue per run (validation dark, train light), newest in the
-    first hue. Each run names both of its series from the start (see loss_frame), so the colour map changes, and
-    the plot is redrawn with new series, only when a run is added."""
-    frames, colours = [], {}
-    for age, state in enumerate(reversed(states)):
-        frame = loss_frame(state)
+def runs_frame(states: list[dict]) -> pd.DataFrame | None:
+    """The last runs' train and validation losses on one plot (`states` newest first, at most len(RUN_SLOTS)):
+    series '<slot> · train' / '<slot> · validation'; a slot with no run (or no point yet) is named by a NaN point."""
+    frames = [loss_frame(state) for state in states[:len(RUN_SLOTS)]]
+    if all(f is None for f in frames):
+        return None
+    first = min(int(f["step"].min()) for f in frames if f is not None)
+    rows = []
+    for (slot, _, _), frame in zip(RUN_SLOTS, frames + [None] * len(RUN_SLOTS)):
         if frame is None:
-            continue
-        label = run_label(state)
-        frame["split"] = label + " · " + frame["split"]
-        dark, light = RUN_COLOURS[age % len(RUN_COLOURS)]
-        colours.update({f"{label} · validation": dark, f"{label} · train": light})
-        frames.insert(0, frame)
-    if not frames:
-        return None, {}
-    return pd.concat(frames, ignore_index=True), colours
+            frame = pd.DataFrame([(first, float("nan"), s) for s in ("train", "validation")],
+                                 columns=["step", "loss", "split"])
+        rows.append(frame.assign(split=slot + " · " + frame["split"]))
+    return pd.concat(rows, ignore_index=True).astype({"step": "int64", "loss": "float64"})
+
+
+def runs_legend_html(states: list[dict]) -> str:
+    """Which run each slot of the loss plot shows (`states` newest first), with its colours and last losses."""
+    if not states:
+        return ""
+    rows = []
+    for (slot, dark, light), state in zip(RUN_SLOTS, states):
+        last = [f"{split} {points[-1][1]:.3f}" for split, points in (("validation", state.get("val_loss")),
+                                                                     ("train", state.get("train_loss"))) if points]
+        rows.append(f"<span class='fx-run' data-slot='{slot}' data-job='{html.escape(state.get('id', ''))}'>"
+                    f"<span class='fx-swatch' style='background:{dark}' title='validation'></span>"
+                    f"<span class='fx-swatch' style='background:{light}' title='train'></span>"
+                    f"<b>{html.escape(run_label(state))}</b> <span class='fx-run-slot'>{slot}</span>"
+                    f"{' · ' + ' · '.join(last) if last else ''}</span>")
+    return (f"<div class='fx-runs'>{''.join(rows)}<span class='fx-run-slot'>dark: validation · light: train"
+            f"</span></div>")
 
 
 def job_status_html(state: dict | None, someone_else: bool = False) -> str:
@@ -382,6 +400,10 @@ JOB_CSS = """
                                  vertical-align: top; white-space: pre-wrap; }
 .fx-sample-prompt { font-weight: 600; width: 22%; }
 .fx-step { font-size: 11px; color: var(--body-text-color-subdued); margin-top: 4px; }
+.fx-runs { display: flex; flex-wrap: wrap; gap: 4px 18px; font-size: 12.5px; align-items: center; }
+.fx-run { display: inline-flex; gap: 4px; align-items: center; }
+.fx-swatch { display: inline-block; width: 14px; height: 4px; border-radius: 2px; }
+.fx-run-slot { color: var(--body-text-color-subdued); }
 """
 
 

@@ -25,6 +25,12 @@ def tabs_for(info: dict | None) -> dict[str, bool]:
     return dict(chat=family not in ("bert", "lstm"), completion=family != "bert", fill_mask=family == "bert")
 
 
+def tab_visible(shown: bool) -> bool | str:
+    """A tab's `visible`: "hidden" rather than False keeps it mounted, because Gradio 6.31 unmounts a tab made
+    invisible and then shows it again with the props it was built with."""
+    return True if shown else "hidden"
+
+
 def mask_token(handle: backend.ModelHandle | None) -> str:
     """The mask token the loaded tokenizer has (what the Insert button types)."""
     if handle is not None and handle.tokenizer.token_to_id(MASK_TOKEN) is None:
@@ -37,8 +43,7 @@ def switch_tabs():
     handle = current.handle
     shown = tabs_for(current.info())
     token = mask_token(handle)
-    return (gr.Tab(visible=shown["chat"]), gr.Tab(visible=shown["completion"]), gr.Tab(visible=shown["fill_mask"]),
-            token, gr.Button(value=f"Insert {token}" if token else "Insert mask", interactive=bool(token)))
+    return (*(gr.Tab(visible=tab_visible(shown[t])) for t in ("chat", "completion", "fill_mask")), token, gr.Button(value=f"Insert {token}" if token else "Insert mask", interactive=bool(token)))
 
 
 def top_k_value(top_k) -> int:

@@ -25,7 +25,7 @@ from ..errors import refusal, user_errors
 from ..state import current
 
 POLL_S = 1.0
-RUNS_SHOWN = 3                    # the loss plot overlays this visitor's last runs (LSTM vs Transformer, say)
+RUNS_SHOWN = len(render.RUN_SLOTS)  # the loss plot overlays this visitor's last runs (LSTM vs Transformer, say)
 PRESET_NOTES = {"tiny-llama": "Transformer (Llama)", "tiny-gpt2": "Transformer (GPT-2)",
                 "tiny-bert": "encoder, masked-LM", "tiny-lstm": "LSTM baseline"}
 _manager: JobManager | None = None
@@ -118,32 +118,26 @@ def someone_elses_active_job(request: gr.Request | None) -> str | None:
     return None
 
 
-def recent_runs(owner: str | None, newest: dict | None = None) -> list[dict]:
-    """The states of this visitor's last RUNS_SHOWN jobs that have losses to plot, oldest first (`newest`: the
-    latest job's state, already read). A job continued by a resume is left out: the resumed job (same output
-    folder) carries its losses over."""
+def recent_runs(owner: str | None) -> list[dict]:
+    """The states of this visitor's last runs, newest first, at most RUNS_SHOWN: the latest job always (a job just
+    started keeps its slot while it has no loss yet), earlier ones if they have losses to plot. A job continued by a
+    resume is left out: the resumed job (same output folder) carries its losses over."""
     runs: list[dict] = []
     for job_id in reversed(manager().jobs()):
         if not manager().may_control(job_id, owner):
             continue
         try:
-            state = newest if newest is not None and newest.get("id") == job_id else manager().state(job_id)
+            state = manager().state(job_id)
         except backend.FornaxError:
             continue
-        if not (state.get("train_loss") or state.get("val_loss")):
+        if runs and not (state.get("train_loss") or state.get("val_loss")):
             continue
         if any(r.get("out_dir") == state.get("out_dir") for r in runs):
             continue
         runs.append(state)
         if len(runs) == RUNS_SHOWN:
             break
-    return runs[::-1]
-
-
-def runs_plot(owner: str | None, newest: dict | None = None) -> gr.LinePlot:
-    """The loss curves of the last runs on one plot (with the colour map of the series shown)."""
-    frame, colours = render.runs_frame(recent_runs(owner, newest))
-    return gr.LinePlot(frame, color_map=colours or None)
+    return runs
 
 
 def poll(request: gr.Request = None):
@@ -153,15 +147,15 @@ def poll(request: gr.Request = None):
     job_id = manager().latest(owner)
     if job_id is None:
         other = someone_elses_active_job(request)
-        return (render.job_status_html(None, someone_else=other is not None), runs_plot(owner),
+        return (render.job_status_html(None, someone_else=other is not None), None,
                 render.job_samples_html(None), "")
     try:
         state = manager().state(job_id)
     except backend.FornaxError as e:  # e.g. a state file a crash left unreadable: say so, keep polling
-        return (f"<div class='fx-job-error'>{html.escape(str(e))}</div>", runs_plot(owner),
+        return (f"<div class='fx-job-error'>{html.escape(str(e))}</div>", render.runs_frame(recent_runs(owner)),
                 render.job_samples_html(None), "")
     done = state["status"] == "done" and Path(state["out_dir"]).is_dir()
-    return (render.job_status_html(state), runs_plot(owner, state), render.job_samples_html(state),
+    return (render.job_status_html(state), render.runs_frame(recent_runs(owner)), render.job_samples_html(state),
             state["out_dir"] if done else "")
 
 
@@ -175,9 +169,19 @@ def watching(request: gr.Request = None) -> gr.Timer:
     return gr.Timer(active=active or someone_elses_active_job(request) is not None)
 
 
+def runs_legend(request: gr.Request = None) -> str:
+    """Which run each colour of the loss plot is."""
+    return render.runs_legend_html(recent_runs(deployment.job_owner(request)))
+
+
+def legend_and_watch(request: gr.Request = None):
+    return runs_legend(request), watching(request)
+
+
 def poll_and_watch(request: gr.Request = None):
-    """A poll, and whether to keep polling (for the timer and for a page that has just been (re)loaded)."""
-    return (*poll(request), watching(request))
+    """A poll, the plot's legend, and whether to keep polling (for the timer and for a page that has just been
+    (re)loaded)."""
+    return (*poll(request), runs_legend(request), watching(request))
 
 
 def result_folder(folder: str, request: gr.Request = None):
@@ -252,11 +256,13 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
             with gr.Row():
                 steps = gr.Number(value=100, precision=0, label="Steps", elem_id="fx-train-steps")
                 lr = gr.Number(value=0, label="Learning rate", info=f"0 = {DEFAULT_LR['lora']:g} for lora")
-                batch_size = gr.Number(value=8, precision=0, label="Batch size")
+                batch_size = gr.Number(value=8, precision=0, label="Batch size", elem_id="fx-train-batch")
             with gr.Row():
-                seq_len = gr.Number(value=128, precision=0, label="Sequence length", info="0 = the model's")
+                seq_len = gr.Number(value=128, precision=0, label="Sequence length", info="0 = the model's",
+                                    elem_id="fx-train-seq-len")
                 lora_r = gr.Number(value=8, precision=0, label="LoRA rank")
-                eval_every = gr.Number(value=20, precision=0, label="Validate every", info="steps; 0 = at the end")
+                eval_every = gr.Number(value=20, precision=0, label="Validate every", info="steps; 0 = at the end",
+                                       elem_id="fx-train-eval-every")
             sample_prompts = gr.Textbox(label="Sample prompts (one per line)", lines=2,
                                         placeholder="empty: taken from the validation data")
             out = gr.Textbox(label="Output folder", placeholder="empty: a new folder under the Fornax cache", visible=not deployment.public())
@@ -268,9 +274,10 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
         score = gr.Button("Score the result", visible=False, elem_id="fx-train-score")
     score_summary = gr.Markdown("", elem_id="fx-train-score-summary")
     status = gr.HTML(render.job_status_html(None), elem_id="fx-train-status")
-    plot = gr.LinePlot(None, x="step", y="loss", color="split", title=f"Loss: the last {RUNS_SHOWN} runs",
+    plot = gr.LinePlot(None, x="step", y="loss", color="split", title=f"Loss: your last {RUNS_SHOWN} runs",
                        height=300, elem_id="fx-loss-plot", x_title="step", y_title="cross-entropy loss",
-                       color_title="run")
+                       color_title="run", color_map=render.RUNS_COLOR_MAP, colors_in_legend=[])
+    legend = gr.HTML("", elem_id="fx-runs-legend")
     samples = gr.HTML(render.job_samples_html(None), elem_id="fx-train-samples")
     result = gr.Textbox(visible=False)
 
@@ -278,14 +285,15 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
     # The page polls only while a job is active: the timer is switched on by start/resume/page load and off by
     # the first poll that finds the job ended (every open page would otherwise ask once a second, forever).
     timer = gr.Timer(POLL_S, active=False)
-    watch = dict(fn=watching, inputs=None, outputs=timer, api_visibility="private", show_progress="hidden")
+    watch = dict(fn=legend_and_watch, inputs=None, outputs=[legend, timer], api_visibility="private",
+                 show_progress="hidden")
     mode.change(mode_changed, mode, [model, preset, lora_r, lr], api_visibility="private")
     start.click(user_errors(start_job), [upload, data_path, mode, task, model, preset, steps, lr, batch_size, seq_len,
                                          lora_r, eval_every, sample_prompts, out], shown, api_name="finetune",
                 concurrency_limit=1).then(**watch)  # one start at a time (the job manager also locks)
     cancel.click(user_errors(cancel_job), None, shown, api_name="cancel_finetune", concurrency_limit=None)
     resume.click(user_errors(resume_job), None, shown, api_name="resume_finetune", concurrency_limit=1).then(**watch)
-    timer.tick(poll_and_watch, None, [*shown, timer], show_progress="hidden", api_visibility="private",
+    timer.tick(poll_and_watch, None, [*shown, legend, timer], show_progress="hidden", api_visibility="private",
                concurrency_limit=None)
     load_result.click(user_errors(result_folder), result, source, api_visibility="private").success(
         load_fn, [source, dtype], load_outputs, show_progress_on=status, **model_events)
@@ -293,5 +301,5 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
                   show_progress="hidden")
     score.click(user_errors(score_result), None, [score_summary, *(history_outputs or [gr.State(), gr.State()])],
                 api_name="score_finetune", show_progress_on=score_summary, **model_events)
-    return poll_and_watch, [*shown, timer]
+    return poll_and_watch, [*shown, legend, timer]
 

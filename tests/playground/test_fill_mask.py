@@ -87,7 +87,7 @@ def test_the_heat_line_carries_each_tokens_pseudo_log_likelihood(folders):
 
 def tab_flags():
     tabs = fill_mask.switch_tabs()
-    return [t.constructor_args["visible"] for t in tabs[:3]], tabs[3]
+    return [t.constructor_args["visible"] is True for t in tabs[:3]], tabs[3]  # (else "hidden": see tab_visible)
 
 
 def test_the_tabs_follow_the_model(folders):
@@ -106,7 +106,7 @@ def test_the_app_builds_with_the_tabs_of_the_loaded_model(folders):
                           ("llama", {"Chat": True, "Completion": True, "Fill-mask": False})):
         current.load(folders[name])
         config = build_app().get_config_file()
-        tabs = {c["props"].get("label"): c["props"].get("visible") for c in config["components"]
+        tabs = {c["props"].get("label"): c["props"].get("visible") is True for c in config["components"]
                 if c.get("type") == "tabitem"}
         assert {k: tabs[k] for k in visible} == visible, tabs
 
@@ -150,7 +150,7 @@ def write_job(root, job_id, started, preset, losses, out=None, mode="pretrain", 
                  updated=started + 1, out_dir=out or str(root / f"out-{job_id}"), samples=[], metrics={},
                  config=dict(mode=mode, preset=preset, model="default", task="text"),
                  train_loss=[[s + 1, v] for s, v in enumerate(losses)],
-                 val_loss=[[len(losses), losses[-1] + 0.1, 2.0]])
+                 val_loss=[[len(losses), losses[-1] + 0.1, 2.0]] if losses else [])
     (job / "state.json").write_text(json.dumps(state))
     return state
 
@@ -165,16 +165,25 @@ def test_the_loss_plot_overlays_the_last_three_runs(tmp_path, monkeypatch):
             for i, preset in enumerate(["tiny-gpt2", "tiny-llama", "tiny-lstm", "tiny-bert"])]
     # a job continued by a resume: the resumed one (same folder) carries its losses; it is shown once
     resumed = write_job(root, "job4", now + 4, "tiny-bert", [1.0, 0.9, 0.8], out=runs[3]["out_dir"])
-    plot = finetune.runs_plot(None)
-    frame, colours = plot.constructor_args["value"], plot.constructor_args["color_map"]
-    series = sorted(set(frame["split"]))
-    assert len(series) == 6 and any("tiny-lstm · pretrain" in s for s in series)
-    assert not any("tiny-gpt2" in s for s in series)  # the oldest of four is left out
-    assert sorted(colours) == series and len(set(colours.values())) == 6  # each series its own colour
-    for state in (runs[1], runs[2], resumed):  # every point of each run, under its label
-        label = render.run_label(state)
-        train = frame[frame.split == f"{label} · train"]
+    newest_first = [resumed, runs[2], runs[1]]
+    assert [r["id"] for r in finetune.recent_runs(None)] == [r["id"] for r in newest_first]
+    _, frame, *_ = finetune.poll()
+    assert sorted(set(frame["split"])) == sorted(render.RUNS_COLOR_MAP)  # every slot named, always
+    for (slot, _, _), state in zip(render.RUN_SLOTS, newest_first):  # every point of each run, in its slot
+        train = frame[frame.split == f"{slot} · train"]
         assert list(zip(train.step, train.loss)) == [tuple(p) for p in state["train_loss"]]
-        val = frame[frame.split == f"{label} · validation"]
+        val = frame[frame.split == f"{slot} · validation"]
         assert list(zip(val.step, val.loss)) == [tuple(p[:2]) for p in state["val_loss"]]
-    assert "tiny-bert · pretrain" in render.run_label(resumed)
+    legend = finetune.runs_legend()
+    assert re.findall(r"data-slot='(\w+)' data-job='(\w+)'", legend) == [("latest", "job4"), ("previous", "job2"),
+                                                                         ("earlier", "job1")]
+    assert "tiny-lstm · pretrain" in legend and "tiny-gpt2" not in legend  # the oldest of four is left out
+    # a job just started keeps the newest slot before its first loss; an older job without losses is skipped
+    write_job(root, "job4f", now + 4.5, "tiny-llama", [], status="failed")
+    write_job(root, "job5", now + 5, "tiny-lstm", [], status="running")
+    assert [r["id"] for r in finetune.recent_runs(None)] == ["job5", "job4", "job2"]
+    assert frame_slot_is_empty(finetune.poll()[1], "latest")
+
+
+def frame_slot_is_empty(frame, slot):
+    return frame[frame.split.str.startswith(slot)]["loss"].isna().all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gradio as gr
 
 import backend
+from backend import limits
 from backend.fill_mask import MASK_TOKEN
 
 from .. import deployment, render
@@ -107,7 +108,8 @@ def build() -> tuple[gr.Textbox, gr.Button]:
     token = gr.Textbox(value=mask_token(current.handle), visible=False, elem_id="fx-mask-token")
     with gr.Row(equal_height=True):
         insert = gr.Button(f"Insert {MASK_TOKEN}", size="sm", scale=1, elem_id="fx-mask-insert")
-        top_k = gr.Slider(1, 20, value=DEFAULT_TOP_K, step=1, label="Top-k", scale=3, elem_id="fx-mask-top-k")
+        top_k = gr.Slider(1, limits.current().max_fill_mask_top_k, value=DEFAULT_TOP_K, step=1, label="Top-k",
+                          scale=3, elem_id="fx-mask-top-k")
     with gr.Row():
         run_fill = gr.Button("Fill", variant="primary", elem_id="fx-mask-fill")
         run_pll = gr.Button("Pseudo-log-likelihood", elem_id="fx-pll-run")
@@ -123,6 +125,6 @@ def build() -> tuple[gr.Textbox, gr.Button]:
         return text.slice(0, at) + token + text.slice(end);
     }""")
     options = dict(show_progress="minimal", **MODEL_EVENTS, **deployment.event_options())
-    gr.on([run_fill.click], fill, [text, top_k], [bars], api_name="fill_mask", **options)
+    run_fill.click(fill, [text, top_k], [bars], api_name="fill_mask", **options)
     run_pll.click(pseudo_log_likelihood, [text], [heat], api_name="pseudo_log_likelihood", **options)
     return token, insert

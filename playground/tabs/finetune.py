@@ -1,5 +1,6 @@
-"""The Finetune tab: start a training job (backend.training.JobManager runs it in its own process), watch it live,
-cancel or resume it, and load the result into Chat/Completion.
+"""The Finetune tab: start a training job (backend.training.JobManager runs it in its own process), watch it live
+(its loss curves overlaid on the last runs', so an LSTM and a Transformer trained alike compare at a glance),
+cancel or resume it, and load the result into the playground.
 
 The page holds no training state: while a job is active it reads the job's state.json through the JobManager each
 second, so a reload (or a second browser) shows the same job where it is, and a job outlives the page that started
@@ -270,7 +271,7 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
         start = gr.Button("Start training", variant="primary", elem_id="fx-train-start")
         cancel = gr.Button("Cancel", variant="stop", elem_id="fx-train-cancel")
         resume = gr.Button("Resume the last job", elem_id="fx-train-resume")
-        load_result = gr.Button("Load the result into Chat / Completion", elem_id="fx-train-load")
+        load_result = gr.Button("Load the result", elem_id="fx-train-load")
         score = gr.Button("Score the result", visible=False, elem_id="fx-train-score")
     score_summary = gr.Markdown("", elem_id="fx-train-score-summary")
     status = gr.HTML(render.job_status_html(None), elem_id="fx-train-status")

@@ -28,6 +28,11 @@ CATALOGUE = [
     ("public", "/complete", dict(prompt="The", **{**PANEL, "max_new_tokens": 100_000}), "max_new_tokens is 100,000"),
     ("public", "/chat", dict(**CHAT, **{**PANEL, "num_samples": 12}), "num_samples is 12"),
     ("public", "/complete", dict(prompt="The", **{**PANEL, "stop": ["\\n"] * 9}), "the number of stop strings is 9"),
+    # encoders (a causal model is loaded here)
+    ("private", "/fill_mask", dict(text="The [MASK] is here.", top_k=5), "fill-mask needs an encoder"),
+    ("private", "/fill_mask", dict(text="The [MASK] is here.", top_k=2.5), "top-k must be a whole number"),
+    ("public", "/fill_mask", dict(text="The [MASK] is here.", top_k=50), "greater than maximum value 20"),
+    ("public", "/pseudo_log_likelihood", dict(text="word " * 400), "the text's length in characters is 2,000"),
     # models
     ("private", "/load", dict(source="  ", dtype="auto"), "type a model to load"),
     ("private", "/load", dict(source="/no/such/model", dtype="auto"), "no model at"),

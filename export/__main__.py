@@ -50,7 +50,7 @@ def cmd_verify(args):
     model = build_model(*read_hf_folder(src))
     report = verify_any(folder, model, Tokenizer.from_folder(src))
     save_report(folder, report)
-    print(format_any(report, meta.get("quant", "")))
+    print(format_any(report, {"none": "fp32"}.get(meta.get("quant"), meta.get("quant", ""))))
 
 
 def cmd_bench(args):

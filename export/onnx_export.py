@@ -190,6 +190,8 @@ def export(source: str, out: str | os.PathLike, quant: str = "none", verify: boo
             if quant != "none":
                 say(0.5, f"quantising to {quant}")
                 method = quantize_model(source, folder, model, fp32, tmp / MODEL_FILE, quant)
+                if cfg.family == "lstm":  # MatMulNBits takes MatMuls only
+                    method += " (the output layer; the LSTM node's own weights stay fp32)"
                 check_graph(tmp / MODEL_FILE)
                 sizes[quant] = _size(tmp / MODEL_FILE)
                 for f in tmp.glob("model_fp32.onnx*"):

@@ -206,7 +206,8 @@ def mask_bars_html(text: str, mask: str, masks: list[list[dict]]) -> str:
     if len(pieces) == len(masks) + 1:  # every typed mask became one mask token: show the text filled in
         best = html.escape(pieces[0]) + "".join(
             f"<mark style='background:hsla({MASK_HUES[i % len(MASK_HUES)]}, 80%, 55%, .3)'>"
-            f"{html.escape(m[0]['token'])}</mark>{html.escape(piece)}" for i, (m, piece) in enumerate(zip(masks, pieces[1:])))
+            f"{html.escape(m[0]['token'])}</mark>{html.escape(piece)}"
+            for i, (m, piece) in enumerate(zip(masks, pieces[1:])))
         best = f"<div class='fx-mask-best'>{best}</div>"
     charts = []
     for i, candidates in enumerate(masks):
@@ -248,7 +249,8 @@ def pll_html(text: str, result: dict, spans: list[tuple[int, int]] | None) -> st
         parts.append(html.escape(text[at:]))
     least = min(tokens, key=lambda t: t["logprob"])
     legend = (f"<div class='fx-legend'><span>log-probability with the token masked</span><span class='fx-scale'>"
-              f"</span><span>≤ −{PLL_FLOOR:g} → 0</span><span class='fx-hint'>hover a token for its value</span></div>")
+              f"</span><span>≤ −{PLL_FLOOR:g} → 0</span>"
+              f"<span class='fx-hint'>hover a token for its value</span></div>")
     total = (f"<div class='fx-summary fx-pll-total' data-pll='{result['pll']!r}'>pseudo-log-likelihood "
              f"<b>{result['pll']:.3f}</b> over {len(tokens)} tokens · pseudo-perplexity "
              f"{result['pseudo_perplexity']:.2f} · least likely <code>{html.escape(visible(least['token']))}</code> "

@@ -36,7 +36,8 @@ def build_app() -> gr.Blocks:
                 with gr.Tabs(selected=first):
                     tabs = {}
                     for tab_id, label in TABS:  # filled below, once the panel they all read exists
-                        with gr.Tab(label, id=tab_id, visible=fill_mask.tab_visible(shown.get(tab_id, True))) as tabs[tab_id]:
+                        visible = fill_mask.tab_visible(shown.get(tab_id, True))
+                        with gr.Tab(label, id=tab_id, visible=visible) as tabs[tab_id]:
                             pass
             with gr.Column(scale=1, min_width=280, elem_id="fx-params"):
                 panel = params.build(info)

@@ -44,7 +44,8 @@ def switch_tabs():
     handle = current.handle
     shown = tabs_for(current.info())
     token = mask_token(handle)
-    return (*(gr.Tab(visible=tab_visible(shown[t])) for t in ("chat", "completion", "fill_mask")), token, gr.Button(value=f"Insert {token}" if token else "Insert mask", interactive=bool(token)))
+    tabs = [gr.Tab(visible=tab_visible(shown[t])) for t in ("chat", "completion", "fill_mask")]
+    return (*tabs, token, gr.Button(value=f"Insert {token}" if token else "Insert mask", interactive=bool(token)))
 
 
 def top_k_value(top_k) -> int:

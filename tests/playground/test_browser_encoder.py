@@ -2,9 +2,6 @@
 Completion for the Fill-mask tab; two masks fill into bars carrying the model's own probabilities; the
 pseudo-log-likelihood heat line; a causal model brings Chat back. Then a tiny Transformer and an LSTM pretrained on
 the same text, one after the other: the loss plot shows both runs' curves."""
-import html
-import re
-
 import pytest
 import torch
 

@@ -4,6 +4,7 @@ follow the model (encoder -> Fill-mask, causal Transformer -> Chat + Completion,
 a plain error and the app keeps serving. And the Finetune plot's overlay of the last runs."""
 from __future__ import annotations
 
+import html
 import json
 import re
 import time
@@ -18,7 +19,6 @@ from backend.loading import save_pretrained
 from backend.lstm import LSTMLM
 from backend.tokenizer import Tokenizer
 from playground import render
-from playground.errors import user_errors
 from playground.state import current
 from playground.tabs import chat, completion, fill_mask
 from tests.backend.test_encoder import _config, _perturb, _tokenizer
@@ -47,25 +47,20 @@ def folders(tmp_path_factory):
     return {name: str(root / name) for name in ("bert", "llama", "lstm")}
 
 
-def unescape(text: str) -> str:
-    import html
-
-    return html.unescape(text)
-
-
 def test_two_masks_fill_with_the_backends_candidates_and_probabilities(folders):
     current.load(folders["bert"])
     page = fill_mask.fill(TWO_MASKS, 4)
     expected = current.handle.fill_mask(TWO_MASKS, top_k=4)
-    shown = [[(unescape(t), float(p)) for t, p in re.findall(r"data-token='([^']*)' data-prob='([^']*)'", m)]
-             for m in re.split(r"<div class='fx-mask' data-mask='\d+'>", page)[1:]]
-    assert len(shown) == 2 == len(expected)
-    for got, want in zip(shown, expected):
-        assert [t for t, _ in got] == [c["token"] for c in want]
-        assert [p for _, p in got] == [c["prob"] for c in want]  # exactly: the page carries repr(float)
-        widths = [float(w) for w in re.findall(r"width:([\d.]+)%", page)]
-        assert widths  # drawn as bars
-    assert page.count("class='fx-cand'") == 8
+    charts = re.split(r"<div class='fx-mask' data-mask='\d+'>", page)[1:]
+    assert len(charts) == 2 == len(expected)
+    for chart, want in zip(charts, expected):
+        got = [(html.unescape(t), float(p)) for t, p in re.findall(r"data-token='([^']*)' data-prob='([^']*)'", chart)]
+        assert got == [(c["token"], c["prob"]) for c in want]  # exactly: the page carries repr(float)
+        widths = [float(w) for w in re.findall(r"width:([\d.]+)%", chart)]  # each bar as long as its probability
+        assert widths == [round(max(0.5, 100 * c["prob"]), 1) for c in want]
+    # the text with the best candidates filled in
+    best = html.unescape(re.sub(r"<[^>]+>", "", re.search(r"<div class='fx-mask-best'>(.*?)</div>", page).group(1)))
+    assert best == TWO_MASKS.replace(MASK_TOKEN, "{}").format(*(m[0]["token"] for m in expected))
 
 
 def test_the_heat_line_carries_each_tokens_pseudo_log_likelihood(folders):
@@ -80,7 +75,7 @@ def test_the_heat_line_carries_each_tokens_pseudo_log_likelihood(folders):
         [round(t["logprob"], 3) for t in expected["tokens"]]
     # the line is the user's own text, each scored token one span, coloured by its value
     text = re.sub(r"<[^>]+>", "", re.search(r"<div class='fx-text'>(.*?)</div>", page).group(1))
-    assert unescape(text) == SENTENCE
+    assert html.unescape(text) == SENTENCE
     colours = set(re.findall(r"class='fx-pll-tok'[^>]*style='background:([^']*)'", page))
     assert len(colours) >= 2
 

@@ -1,7 +1,7 @@
 """The Fill-mask tab's handlers on a tiny random BERT (built by transformers in the test): two masks' bars carry
 handle.fill_mask's candidates and probabilities, the heat line carries pseudo_log_likelihood's values; the tabs
 follow the model (encoder -> Fill-mask, causal Transformer -> Chat + Completion, LSTM -> Completion); bad input is
-a plain error and the app keeps serving. And the Finetune plot's overlay of the last runs."""
+a plain error and the app keeps serving (the OpenAI API too). And the Finetune plot's overlay of the last runs."""
 from __future__ import annotations
 
 import html
@@ -182,3 +182,21 @@ def test_the_loss_plot_overlays_the_last_three_runs(tmp_path, monkeypatch):
 
 def frame_slot_is_empty(frame, slot):
     return frame[frame.split.str.startswith(slot)]["loss"].isna().all()
+
+
+def test_the_openai_api_refuses_an_encoder_and_an_lstm_chat_plainly(folders):
+    from fastapi.testclient import TestClient
+
+    from playground.openai_api import server
+
+    chat_body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    with TestClient(server()) as client:
+        current.load(folders["bert"])
+        for path, body, words in (("/v1/chat/completions", chat_body, "does not chat"),
+                                  ("/v1/completions", {"prompt": "The", "max_tokens": 3}, "does not generate text")):
+            r = client.post(path, json=body)
+            assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+        current.load(folders["lstm"])
+        r = client.post("/v1/chat/completions", json=chat_body)
+        assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"], r.text
+        assert client.post("/v1/completions", json={"prompt": "The", "max_tokens": 3}).status_code == 200

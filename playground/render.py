@@ -60,6 +60,9 @@ def model_card(info: dict | None) -> str:
              ("Weight memory", human_bytes(info["weight_bytes"])), ("Load time", f"{info['load_seconds']:.2f} s"),
              ("Chat template", "the model's" if info["chat_template"] == "model" else "generic fallback"),
              ("Backends", ", ".join(info["backends"]))]
+    if info["family"] in ("bert", "lstm"):  # an encoder fills masks, an LSTM completes: neither chats
+        tiles = [(k, "none: does not chat") if k == "Chat template" else (k, v) for k, v in tiles
+                 if not (k == "Heads / KV heads" and info["family"] == "lstm")]
     grid = "".join(f"<div class='fx-tile'><div class='fx-tile-label'>{k}</div>"
                    f"<div class='fx-tile-value'>{html.escape(str(v))}</div></div>" for k, v in tiles)
     return (f"<div class='fx-card'><div class='fx-card-name'>{html.escape(info['name'])}</div>"

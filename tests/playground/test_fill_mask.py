@@ -92,6 +92,8 @@ def test_the_tabs_follow_the_model(folders):
     assert tab_flags()[0] == [True, True, False]
     current.load(folders["lstm"])
     assert tab_flags()[0] == [False, True, False]  # no chat template: Completion only
+    card = render.model_card(current.info())
+    assert "does not chat" in card and "Heads" not in card  # (an LSTM has no attention heads)
 
 
 def test_the_app_builds_with_the_tabs_of_the_loaded_model(folders):

@@ -149,3 +149,21 @@ def test_trimming_never_drops_the_system_prompt_or_the_last_message(handle, monk
     msgs = sent_without(0)
     kept, dropped = chat_tab.fit(msgs, 0, 2, len, trim=True)
     assert dropped == TURNS and kept == [msgs[0], msgs[-1]]
+
+
+def test_continue_over_the_context_with_trim_keeps_the_reply_it_extends(handle):
+    started = "It is"
+    history = HISTORY + [{"role": "user", "content": MESSAGE}, {"role": "assistant", "content": started}]
+    reply_ids = handle.tokenizer.encode(started, add_special_tokens=False)
+
+    def prompt_ids(k: int) -> list[int]:  # the template up to the reply's start, then the reply so far
+        return handle.tokenizer.encode_chat(sent_without(k), add_generation_prompt=True) + reply_ids
+    context = handle.config.max_seq_len
+    dropped = next(k for k in range(TURNS) if len(prompt_ids(k)) + BUDGET <= context)
+    assert dropped > 0
+    with pytest.raises(gr.Error, match="nothing was sent"):
+        next(chat_tab.continue_reply(history, SYSTEM, *panel(BUDGET), tree=None, trim=False))
+    shown, stats, _ = list(chat_tab.continue_reply(history, SYSTEM, *panel(BUDGET), tree=None, trim=True))[-1]
+    assert f"the {dropped} oldest turn" in stats
+    want = handle.generate(prompt_ids(dropped), **backend_params(BUDGET)).text
+    assert message_text(shown[-1]["content"]) == started + want and len(shown) == len(history)

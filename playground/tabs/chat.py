@@ -398,8 +398,8 @@ def build(panel: Panel) -> gr.Button:
         nxt = gr.Button("▶", size="sm", elem_id="fx-next", min_width=40)
     with gr.Row(equal_height=True):
         context = gr.HTML("", elem_id="fx-gauge")
-        trim = gr.Checkbox(False, label="trim oldest turns to fit", elem_id="fx-trim", scale=0, min_width=200,
-                           info="when the chat outgrows the context, send it without its oldest turns")
+        # Off: a chat over the context is refused; on: sent without its oldest turns (the page keeps them).
+        trim = gr.Checkbox(False, label="trim oldest turns to fit", elem_id="fx-trim", scale=0, min_width=200)
     with gr.Row():
         export_button = gr.Button("Export chat", size="sm", elem_id="fx-export-chat")
         import_button = gr.UploadButton("Import chat", size="sm", file_types=[".json"], elem_id="fx-import-chat")

@@ -156,11 +156,12 @@ class Stream:
 PREFILL_CHUNK = 512  # prompts longer than this are ingested in chunks, reporting progress after each
 
 
-def prefill(runner: Runner, prompt_ids: list[int], batch: int, chunk: int = PREFILL_CHUNK,
+def prefill(runner: Runner, prompt_ids: list[int], batch: int, chunk: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Fill the cache with the prompt (the same for every sample) -> last position's logits (B, V). A long prompt
     goes in chunks at increasing positions (the cache holds what came before), with progress(done, total) after
     each; a prompt within one chunk keeps the one-shot shape."""
+    chunk = chunk or PREFILL_CHUNK  # read at call time, so a test can make chunks small
     ids = torch.tensor([prompt_ids] * batch, device=runner.device)  # (B, P)
     P = ids.shape[1]
     for start in range(0, P, chunk):

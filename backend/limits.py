@@ -67,7 +67,7 @@ class Limits:
                       max_template_output_chars=200_000, template_time_s=2.0, max_finetune_steps=2000,
                       max_batch_size=16, max_lora_r=64, max_export_params=600_000_000, event_time_limit_s=600.0,
                       cache_bytes=20 * 1024**3, kernel_lab_cpu_elements=40_000,
-                      kernel_lab_gpu_elements=16 * 1024**2, max_fill_mask_chars=1000, max_fill_mask_top_k=20)
+                      kernel_lab_gpu_elements=16 * 1024**2, max_fill_mask_chars=500, max_fill_mask_top_k=20)
 
 
 def current() -> Limits:

@@ -68,10 +68,10 @@ def test_two_paths_race_into_their_columns_with_both_in_the_charts(tiny):
     index = int(differ[0]) if differ.size else (None if len(a) == len(b) else n)
     marked = re.search(r"data-diverges-at='(\d*)'", compare).group(1)
     assert marked == ("" if index is None else str(index))
-    if index is not None:
-        d = divergence(tiny.tokenizer, a.tolist(), b.tolist())
-        assert d.agreed + d.rest == tiny.tokenizer.decode(b.tolist(), skip_special_tokens=True)
-        assert "<mark class='fx-race-diff'>" in compare
+    assert index is not None  # this tiny model's int4 export leaves eager early (its parity report: 7 / 64 greedy)
+    d = divergence(tiny.tokenizer, a.tolist(), b.tolist())
+    assert d.agreed + d.rest == tiny.tokenizer.decode(b.tolist(), skip_special_tokens=True)
+    assert "<mark class='fx-race-diff'>" in compare
 
 
 def test_first_divergence_edges():

@@ -94,7 +94,8 @@ class Board:
             return [*self.columns(), None, None, "<div class='fx-empty'>racing…</div>", summary]
         if not final:
             return [*self.columns(), gr.skip(), gr.skip(), gr.skip(), summary]
-        decode, prefill = speed_frames(self.results)
+        order = [label(p) for p in self.results]  # bars in race order, not alphabetical
+        decode, prefill = (gr.BarPlot(value=frame, sort=order) for frame in speed_frames(self.results))
         return [*self.columns(), decode, prefill, comparison_html(self.results), summary]
 
 
@@ -213,8 +214,8 @@ def build(panel: Panel, tab: gr.Tab) -> gr.Button:
         columns = [gr.Textbox(lines=8, max_lines=16, interactive=False, visible=False, elem_id=f"fx-race-col-{i}",
                               elem_classes="fx-race-col") for i in range(MAX_PATHS)]
     with gr.Row():
-        decode = gr.BarPlot(x="path", y="tok/s", title="decode tok/s", elem_id="fx-race-decode", height=240)
-        prefill = gr.BarPlot(x="path", y="tok/s", title="prefill tok/s", elem_id="fx-race-prefill", height=240)
+        decode, prefill = (gr.BarPlot(x="path", y="tok/s", title=f"{phase} tok/s", y_lim=[0, None], height=240,
+                                      elem_id=f"fx-race-{phase}") for phase in ("decode", "prefill"))
     compare = gr.HTML("<div class='fx-empty'>After a race, each path's text is compared with the first path's "
                       "here.</div>", elem_id="fx-race-compare")
     tab.select(refresh_paths, paths, paths, api_visibility="private", queue=False)

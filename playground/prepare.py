@@ -67,6 +67,7 @@ def wait(timeout: float | None = None) -> bool:
 
 def _say(st: Status, message: str) -> None:
     st.message = message
+    print(f"playground: {message}", flush=True)  # the terminal that started it follows along
 
 
 def _prepare(handle: backend.ModelHandle, st: Status, max_kl: float, quants: tuple[str, ...]) -> None:

@@ -107,7 +107,7 @@ class ModelHandle:
         if input_ids.shape[-1] > self.config.max_seq_len:
             raise GenerationError(f"{input_ids.shape[-1]} tokens exceed the context of {self.config.max_seq_len}")
         if self.config.family == "bert":
-            return self.runners["eager"].full_logits(input_ids, attention_mask).to(dtype)
+            return self.runners[self.backend].full_logits(input_ids, attention_mask).to(dtype)  # eager or onnx
         if attention_mask is not None:
             raise GenerationError("attention_mask is for encoders; a causal model's logits take unpadded ids")
         if self.model is None:

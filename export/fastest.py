@@ -16,6 +16,7 @@ from backend.handle import ModelHandle
 
 from .attach import runner_name
 from .cache import cached_export, export_folder, is_cached
+from .onnx_export import quants_for
 
 # llama.cpp's own quantization of the default model keeps mean KL(fp32 || quantized) at about 0.003 on held-out text
 # (issue #12): an export no worse than that is as faithful as what people already run.
@@ -23,13 +24,13 @@ FAITHFUL_KL = 0.0030
 FAST_QUANTS = ("int4", "int8")  # fastest first
 
 
-def parity_kl(report: dict) -> float:
+def parity_kl(report: dict) -> float | None:
     """The KL a parity report gives against eager fp32: on held-out text where the report has it, else on the
-    fixed text of export/verify.py."""
+    fixed text of export/verify.py; None for a report without one (an LSTM's)."""
     heldout = report.get("heldout")
     if isinstance(heldout, dict) and heldout.get("mean_kl") is not None:
         return float(heldout["mean_kl"])
-    return float(report["mean_kl"])
+    return float(report["mean_kl"]) if report.get("mean_kl") is not None else None
 
 
 def read_parity(folder: Path) -> dict | None:
@@ -70,6 +71,10 @@ def fastest_faithful(handle: ModelHandle, max_kl: float = FAITHFUL_KL, quants: t
     if handle.model is None:
         result.problems["onnx"] = "the model was loaded from an ONNX export: it runs on ONNX Runtime already"
         return result
+    if handle.config.family == "bert":
+        result.problems["onnx"] = "an encoder does not generate"
+        return result
+    quants = tuple(q for q in quants if q in quants_for(handle.config.family))  # an LSTM has no int4
     cached = [q for q in quants if is_cached(handle.source, q)]
     for quant in cached + [q for q in quants if q not in cached]:
         name = runner_name(quant)
@@ -84,10 +89,10 @@ def fastest_faithful(handle: ModelHandle, max_kl: float = FAITHFUL_KL, quants: t
                 result.problems[name] = str(e)
                 continue
         report = read_parity(folder)
-        if report is None:
-            result.problems[name] = "its export has no parity report"
+        kl = parity_kl(report) if report is not None else None
+        if kl is None:
+            result.problems[name] = "its parity report gives no KL against eager"
             continue
-        kl = parity_kl(report)
         if kl <= max_kl:
             result.quant, result.kl, result.folder = quant, kl, folder
             return result

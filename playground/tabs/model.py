@@ -8,6 +8,7 @@ import gradio as gr
 
 from backend.runners import PREPARABLE
 from export.attach import ONNX_BACKENDS, attach_onnx
+from export.onnx_export import quants_for
 
 from .. import deployment, prepare, render
 from ..errors import refusal, user_errors
@@ -50,7 +51,9 @@ def backend_dropdown(model_info: dict | None, value: str | None = None, **layout
     `value`, else on the path prepared at start-up (playground/prepare.py) when it is ready, else the first one."""
     ready = model_info["prepared"] if model_info else []
     offered = [n for n in model_info["backends"] if n not in ready] if model_info else []
-    on_demand = offered + ([n for n in ONNX_BACKENDS if n not in ready] if "eager" in ready else [])
+    exportable = quants_for(model_info["family"]) if model_info else ()  # encoders, LSTMs: no int4
+    on_demand = offered + ([n for n, q in ONNX_BACKENDS.items() if n not in ready and q in exportable]
+                           if "eager" in ready else [])
     if value not in ready:
         value = prepare.preferred(model_info) or (ready[0] if ready else None)
     return gr.Dropdown(choices=render.backend_choices(ready, on_demand), value=value, **layout)

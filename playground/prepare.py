@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import backend
 from export.attach import attach_onnx
@@ -37,6 +37,7 @@ class Status:
     message: str = ""             # the status line under the Backend selector ("" when preparation is off)
     backend: str | None = None    # the prepared runner's name, once it is attached
     source: str | None = None     # ...to the model loaded from this source
+    lines: list[str] = field(default_factory=list)  # every status line so far, in order
 
 
 status = Status()
@@ -67,6 +68,7 @@ def wait(timeout: float | None = None) -> bool:
 
 def _say(st: Status, message: str) -> None:
     st.message = message
+    st.lines.append(message)
     print(f"playground: {message}", flush=True)  # the terminal that started it follows along
 
 

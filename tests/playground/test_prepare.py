@@ -3,13 +3,12 @@ exports and their real parity reports: the Backend selector switches to the firs
 is within the bound, a visitor who picked a backend keeps it, and with a bound below every export's KL the selector
 stays on eager and the status line says why."""
 import json
-import time
 
 import gradio as gr
 import pytest
 
 from export.cache import export_folder
-from export.fastest import FAITHFUL_KL
+from export.fastest import FAITHFUL_KL, parity_kl
 from playground import create_app, prepare
 from playground.tabs import model, params
 from tests.backend.tiny import make_tiny
@@ -23,15 +22,10 @@ def tiny(tmp_path, monkeypatch):
 
 
 def follow() -> list[str]:
-    """The status lines the preparation shows until it is done."""
-    seen = []
-    deadline = time.monotonic() + 300
-    while prepare.status.active and time.monotonic() < deadline:
-        if not seen or seen[-1] != prepare.status.message:
-            seen.append(prepare.status.message)
-        time.sleep(0.02)
-    assert prepare.wait(timeout=1), "the preparation did not finish in 300 s"
-    return seen + [prepare.status.message]
+    """The status lines the preparation showed, once it is done."""
+    assert prepare.wait(timeout=300), "the preparation did not finish in 300 s"
+    assert prepare.status.lines[-1] == prepare.status.message
+    return prepare.status.lines
 
 
 def report_kl(source: str, quant: str) -> float:
@@ -58,6 +52,8 @@ def test_the_selector_opens_on_a_faithful_export_and_not_on_an_unfaithful_one(ti
     # the same exports (now cached) against a bound below both their KLs: not faithful enough, stays on eager
     create_app(tiny, prepare="fast", prepare_max_kl=min(kls.values()) / 2)
     shown = follow()
+    assert any(line.startswith("checking the cached onnx-int4") for line in shown)
+    assert not any("exporting" in line for line in shown)  # cached exports are read, not made again
     assert prepare.status.backend is None
     assert shown[-1].startswith("staying on eager") and "onnx-int4" in shown[-1] and "onnx-int8" in shown[-1]
     assert model.refresh()[2].value == "eager"
@@ -72,3 +68,9 @@ def test_prepare_is_off_in_the_tests_and_the_flag_is_checked(monkeypatch):
     assert prepare.mode(None) == "fast"  # what a user gets
     with pytest.raises(ValueError, match="fast or none"):
         prepare.mode("fastest")
+
+
+def test_the_held_out_kl_decides_where_the_report_has_it():
+    assert parity_kl({"mean_kl": 0.01, "heldout": {"mean_kl": 0.002}}) == 0.002
+    assert parity_kl({"mean_kl": 0.01}) == 0.01
+    assert parity_kl({"kind": "lstm", "top1_agreement": 1.0}) is None  # no KL: never taken as faithful

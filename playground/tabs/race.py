@@ -79,8 +79,8 @@ def race_params(greedy: bool, max_new_tokens, temperature, top_k, top_p, min_p, 
 class Board:
     """What the page shows: a column per path (label with its speed, text), the charts, the comparison."""
 
-    def __init__(self, paths: list[str]):
-        self.paths = paths
+    def __init__(self, paths: list[str], tokenizer):
+        self.paths, self.tokenizer = paths, tokenizer
         self.labels = [f"{label(p)} · waiting" for p in paths]
         self.texts = [""] * len(paths)
         self.results = {}  # path -> GenerationResult
@@ -96,7 +96,7 @@ class Board:
             return [*self.columns(), gr.skip(), gr.skip(), gr.skip(), summary]
         order = [label(p) for p in self.results]  # bars in race order, not alphabetical
         decode, prefill = (gr.BarPlot(value=frame, sort=order) for frame in speed_frames(self.results))
-        return [*self.columns(), decode, prefill, comparison_html(self.results), summary]
+        return [*self.columns(), decode, prefill, comparison_html(self.results, self.tokenizer), summary]
 
 
 def speed_frames(results: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -106,19 +106,18 @@ def speed_frames(results: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
             pd.DataFrame({"path": [r[0] for r in rows], "tok/s": [r[2] for r in rows]}))
 
 
-def comparison_html(results: dict) -> str:
+def comparison_html(results: dict, tokenizer) -> str:
     """Each path's text against the first path's: the shared part plain, the rest from the first differing token
     on highlighted."""
     if not results:
         return "<div class='fx-empty'>no path finished</div>"
-    handle = current.handle
     (first, ref), *others = results.items()
     ref_ids = ref.completions[0].token_ids
     rows = [f"<tr><th>{html.escape(label(first))}</th><td>the reference · {len(ref_ids)} tokens</td>"
             f"<td class='fx-race-text'>{html.escape(ref.text)}</td></tr>"]
     for name, result in others:
         ids = result.completions[0].token_ids
-        d = divergence(handle.tokenizer, ref_ids, ids)
+        d = divergence(tokenizer, ref_ids, ids)
         where = (f"identical ({len(ids)} tokens)" if d.index is None else
                  f"differs from token {d.index + 1} of {len(ids)}")
         rows.append(f"<tr data-diverges-at='{'' if d.index is None else d.index}'><th>{html.escape(label(name))}</th>"
@@ -153,7 +152,7 @@ def race(prompt: str, paths: list[str], greedy: bool, backend_name: str, max_new
     try:
         with current.using() as handle:
             order = ordered_paths(paths, handle.backends())
-            board = Board(order)
+            board = Board(order, handle.tokenizer)
             how = "greedy" if greedy else f"temperature {params['temperature']}"
             summary = f"{how} · seed {params['seed']} · up to {params['max_new_tokens']} new tokens per path"
             for i, name in enumerate(order):

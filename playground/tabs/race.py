@@ -101,9 +101,10 @@ class Board:
 
 def speed_frames(results: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode and prefill tok/s per path, for the two bar charts (paths in race order)."""
+    # (not a column called "path": gradio_client takes any {"path": ...} in a result for a file to download)
     rows = [(label(p), r.timings.decode_tok_s, r.timings.prefill_tok_s) for p, r in results.items()]
-    return (pd.DataFrame({"path": [r[0] for r in rows], "tok/s": [r[1] for r in rows]}),
-            pd.DataFrame({"path": [r[0] for r in rows], "tok/s": [r[2] for r in rows]}))
+    return (pd.DataFrame({"backend": [r[0] for r in rows], "tok/s": [r[1] for r in rows]}),
+            pd.DataFrame({"backend": [r[0] for r in rows], "tok/s": [r[2] for r in rows]}))
 
 
 def comparison_html(results: dict, tokenizer) -> str:
@@ -213,7 +214,7 @@ def build(panel: Panel, tab: gr.Tab) -> gr.Button:
         columns = [gr.Textbox(lines=8, max_lines=16, interactive=False, visible=False, elem_id=f"fx-race-col-{i}",
                               elem_classes="fx-race-col") for i in range(MAX_PATHS)]
     with gr.Row():
-        decode, prefill = (gr.BarPlot(x="path", y="tok/s", title=f"{phase} tok/s", y_lim=[0, None], height=240,
+        decode, prefill = (gr.BarPlot(x="backend", y="tok/s", title=f"{phase} tok/s", y_lim=[0, None], height=240,
                                       elem_id=f"fx-race-{phase}") for phase in ("decode", "prefill"))
     compare = gr.HTML("<div class='fx-empty'>After a race, each path's text is compared with the first path's "
                       "here.</div>", elem_id="fx-race-compare")

@@ -52,7 +52,7 @@ def test_two_paths_race_into_their_columns_with_both_in_the_charts(tiny):
     assert all(not column(u)[2] for u in cols[2:])  # the unused columns stay hidden
     for chart in (decode, prefill):
         frame = pd.DataFrame(chart.value["data"], columns=chart.value["columns"])
-        assert list(frame["path"]) == [race.label("eager"), race.label("onnx-int4")]
+        assert list(frame["backend"]) == [race.label("eager"), race.label("onnx-int4")]
         assert (frame["tok/s"] > 0).all()
     assert "greedy" in summary and "stopped" not in summary
     # streamed: an earlier update showed eager's column part-way, before its final speed was known
@@ -119,3 +119,20 @@ def test_bad_input_and_public_caps_are_plain_errors(tiny, monkeypatch):
     monkeypatch.setenv("FORNAX_MAX_NEW_TOKENS", "16")
     with pytest.raises(gr.Error, match="max_new_tokens"):
         list(race.race(PROMPT, ["eager"], True, "eager", 17, *PANEL[2:]))
+
+
+def test_a_race_over_gradio_client(tiny):
+    """/race as an API client calls it: each column's text and both charts come back (a chart is not mistaken for
+    a file to download)."""
+    from gradio_client import Client
+
+    from playground import build_app
+    from tests.playground.serve import serving
+
+    with serving(build_app()) as url:
+        out = Client(url, verbose=False).predict(prompt=PROMPT, paths=["eager", "onnx-int4"], greedy=True,
+                                                 max_new_tokens=12, api_name="/race")
+    for update, name in zip(out, ["eager", "onnx-int4"]):
+        assert update["value"] == tiny.generate(PROMPT, backend=name, max_new_tokens=12, temperature=0).text
+    for chart in out[race.MAX_PATHS:race.MAX_PATHS + 2]:
+        assert [row[0] for row in chart["value"]["data"]] == [race.label("eager"), race.label("onnx-int4")]

@@ -109,13 +109,14 @@ def speed_frames(results: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def comparison_html(results: dict, tokenizer) -> str:
     """Each path's text against the first path's: the shared part plain, the rest from the first differing token
-    on highlighted."""
+    on highlighted. Every row is its tokens decoded the same way (a column's streamed text may hold back a
+    half character at the end)."""
     if not results:
         return "<div class='fx-empty'>no path finished</div>"
     (first, ref), *others = results.items()
     ref_ids = ref.completions[0].token_ids
     rows = [f"<tr><th>{html.escape(label(first))}</th><td>the reference · {len(ref_ids)} tokens</td>"
-            f"<td class='fx-race-text'>{html.escape(ref.text)}</td></tr>"]
+            f"<td class='fx-race-text'>{html.escape(divergence(tokenizer, ref_ids, ref_ids).agreed)}</td></tr>"]
     for name, result in others:
         ids = result.completions[0].token_ids
         d = divergence(tokenizer, ref_ids, ids)

@@ -53,6 +53,7 @@ def main(argv=None):
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
     except OSError as e:  # typically the port is taken
         raise SystemExit(f"playground: cannot serve on {args.host}:{args.port}: {e}. Try another --port.")
+    print("playground: stopped")  # Ctrl-C: uvicorn has shut down gracefully (and swallowed the interrupt)
 
 
 if __name__ == "__main__":

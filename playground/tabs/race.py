@@ -15,7 +15,7 @@ from backend.compare import divergence
 from .. import deployment, render
 from ..errors import refusal, user_errors
 from ..state import MODEL_EVENTS, current
-from ..streaming import Generation, StopFlag, hold_stop, release_stop, session_key, start_stream
+from ..streaming import StopFlag, hold_stop, release_stop, session_key, start_stream
 from .params import Panel, sampling_kwargs
 
 MAX_PATHS = 6                     # columns built up front (hidden until used): every path a model can have
@@ -165,14 +165,14 @@ def race(prompt: str, paths: list[str], greedy: bool, backend_name: str, max_new
                                 ignore_eos=True, should_stop=race_flag.is_set)
                 if race_flag.is_set():
                     break
-                stream, _ = start_stream(handle, prompt, name, params, request)
-                run = Generation(stream, 1, request)
+                run, _ = start_stream(handle, prompt, name, params, request)
                 for texts in run.updates():
                     rate = run.live_tok_s()
                     board.texts[i] = texts[0]
                     board.labels[i] = f"{label(name)} · " + (f"≈ {rate:.0f} tok/s" if rate else "prefill…")
-                    yield board.updates(f"*{name}: generating…* · {summary}")
+                    yield board.updates(f"*{name}:* {run.status()} · {summary}")
                 board.texts[i] = run.texts[0]
+                stream = run.stream
                 if stream.result is not None:
                     board.results[name] = stream.result
                     board.labels[i] = done_label(name, stream.result)

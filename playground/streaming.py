@@ -65,6 +65,7 @@ class Generation:
         self.stopped = False
         self.started = time.perf_counter()
         self.ttft_s: float | None = None
+        self.pieces, self.first_piece_at = 0, None  # text deltas so far (about one per token): a live speed
         self.ingesting = False  # the prompt's prefill is running (in _first_delta's worker)
         self.flag = _stop_flags.setdefault(self.key, StopFlag())  # made by start_stream, which the engine asks
 
@@ -84,8 +85,10 @@ class Generation:
             first = yield from self._first_delta(deltas)
             for delta in itertools.chain(first, deltas):
                 self.texts[delta.index] += delta.text
+                self.pieces += 1
                 if self.ttft_s is None:
-                    self.ttft_s = time.perf_counter() - self.started
+                    self.first_piece_at = time.perf_counter()
+                    self.ttft_s = self.first_piece_at - self.started
                 if self.flag.is_set():  # Stop: the engine ends at its next token and flushes; Clear: show nothing
                     self.stopped = True
                     if self.flag.discard:
@@ -100,6 +103,13 @@ class Generation:
             if _stop_flags.get(self.key) is self.flag:
                 del _stop_flags[self.key]
         yield self.texts
+
+    def live_tok_s(self) -> float | None:
+        """Decode speed so far, counting text deltas as tokens (a token that completes no character shows later):
+        for the page while the run goes on; the run's own timings replace it at the end."""
+        if self.first_piece_at is None or self.pieces < 2:
+            return None
+        return (self.pieces - 1) / max(time.perf_counter() - self.first_piece_at, 1e-9)
 
     def _first_delta(self, deltas):
         """The first delta (the prompt's prefill and the first token), taken in a worker thread: the engine reports
@@ -152,6 +162,19 @@ def start_stream(handle: backend.ModelHandle, prompt_or_messages, backend_name: 
                            **params, **extra)
     _stop_flags[session_key(request)] = flag
     return Generation(stream, params["num_samples"], request, progress), name
+
+
+def hold_stop(request: gr.Request | None, flag: StopFlag) -> StopFlag:
+    """Make `flag` the one Stop sets for this session while no stream of it runs: between the runs of a job that
+    streams several (the Race tab), so a Stop there is not lost."""
+    _stop_flags[session_key(request)] = flag
+    return flag
+
+
+def release_stop(request: gr.Request | None, flag: StopFlag) -> None:
+    key = session_key(request)
+    if _stop_flags.get(key) is flag:
+        del _stop_flags[key]
 
 
 def stop(request: gr.Request = None):

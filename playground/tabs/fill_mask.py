@@ -1,8 +1,8 @@
-"""The Fill-mask tab, shown instead of Chat and Completion while an encoder (BERT-style masked LM) is loaded: each
-[MASK]'s top-k candidates as bars, and a sentence's pseudo-log-likelihood as a per-token heat line.
+"""The Fill-mask tab, shown instead of Chat, Completion and Race while an encoder (BERT-style masked LM) is loaded:
+each [MASK]'s top-k candidates as bars, and a sentence's pseudo-log-likelihood as a per-token heat line.
 
-`switch_tabs` decides which generation tabs the loaded model can use: a causal Transformer gets Chat and Completion,
-an LSTM Completion only (it has no chat template), an encoder Fill-mask only.
+`switch_tabs` decides which generation tabs the loaded model can use: a causal Transformer gets Chat, Completion and
+Race, an LSTM Completion and Race (it has no chat template), an encoder Fill-mask only.
 """
 from __future__ import annotations
 
@@ -20,10 +20,14 @@ DEFAULT_TEXT = f"The capital of France is {MASK_TOKEN}. It is a {MASK_TOKEN} cit
 DEFAULT_TOP_K = 5
 
 
+SWITCHED = ("chat", "completion", "race", "fill_mask")  # the tabs shown or hidden by what the model can do
+
+
 def tabs_for(info: dict | None) -> dict[str, bool]:
-    """Which of the generation tabs the model described by `info` can use."""
+    """Which of the SWITCHED tabs the model described by `info` can use."""
     family = (info or {}).get("family")
-    return dict(chat=family not in ("bert", "lstm"), completion=family != "bert", fill_mask=family == "bert")
+    generates = family != "bert"
+    return dict(chat=family not in ("bert", "lstm"), completion=generates, race=generates, fill_mask=not generates)
 
 
 def tab_visible(shown: bool) -> bool | str:
@@ -44,7 +48,7 @@ def switch_tabs():
     handle = current.handle
     shown = tabs_for(current.info())
     token = mask_token(handle)
-    tabs = [gr.Tab(visible=tab_visible(shown[t])) for t in ("chat", "completion", "fill_mask")]
+    tabs = [gr.Tab(visible=tab_visible(shown[t])) for t in SWITCHED]
     return (*tabs, token, gr.Button(value=f"Insert {token}" if token else "Insert mask", interactive=bool(token)))
 
 

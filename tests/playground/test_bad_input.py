@@ -28,6 +28,11 @@ CATALOGUE = [
     ("public", "/complete", dict(prompt="The", **{**PANEL, "max_new_tokens": 100_000}), "max_new_tokens is 100,000"),
     ("public", "/chat", dict(**CHAT, **{**PANEL, "num_samples": 12}), "num_samples is 12"),
     ("public", "/complete", dict(prompt="The", **{**PANEL, "stop": ["\\n"] * 9}), "the number of stop strings is 9"),
+    ("private", "/race", dict(prompt="", paths=["eager"], greedy=True, **PANEL), "the prompt is empty"),
+    ("private", "/race", dict(prompt="The", paths=[], greedy=True, **PANEL), "tick at least one path"),
+    ("private", "/race", dict(prompt="The", paths=["no-such-path"], greedy=True, **PANEL), "no-such-path"),
+    ("public", "/race", dict(prompt="The", paths=["eager"], greedy=False, **{**PANEL, "max_new_tokens": 100_000}),
+     "max_new_tokens is 100,000"),
     # encoders (a causal model is loaded here)
     ("private", "/fill_mask", dict(text="The [MASK] is here.", top_k=5), "fill-mask needs an encoder"),
     ("private", "/fill_mask", dict(text="The [MASK] is here.", top_k=2.5), "top-k must be a whole number"),

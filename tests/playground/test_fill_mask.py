@@ -20,7 +20,7 @@ from backend.lstm import LSTMLM
 from backend.tokenizer import Tokenizer
 from playground import render
 from playground.state import current
-from playground.tabs import chat, completion, fill_mask
+from playground.tabs import chat, completion, fill_mask, race
 from tests.backend.test_encoder import _config, _perturb, _tokenizer
 from tests.backend.tiny import make_tiny, save_tokenizer
 from tests.playground.serve import PANEL
@@ -81,17 +81,19 @@ def test_the_heat_line_carries_each_tokens_pseudo_log_likelihood(folders):
 
 
 def tab_flags():
+    """(chat, completion, race, fill-mask) shown, and the Insert button's token, after a load."""
     tabs = fill_mask.switch_tabs()
-    return [t.constructor_args["visible"] is True for t in tabs[:3]], tabs[3]  # (else "hidden": see tab_visible)
+    assert fill_mask.SWITCHED == ("chat", "completion", "race", "fill_mask")
+    return [t.constructor_args["visible"] is True for t in tabs[:4]], tabs[4]  # (else "hidden": see tab_visible)
 
 
 def test_the_tabs_follow_the_model(folders):
     current.load(folders["bert"])
-    assert tab_flags() == ([False, False, True], MASK_TOKEN)
+    assert tab_flags() == ([False, False, False, True], MASK_TOKEN)
     current.load(folders["llama"])
-    assert tab_flags()[0] == [True, True, False]
+    assert tab_flags() == ([True, True, True, False], "")
     current.load(folders["lstm"])
-    assert tab_flags()[0] == [False, True, False]  # no chat template: Completion only
+    assert tab_flags()[0] == [False, True, True, False]  # no chat template: Completion and Race
     card = render.model_card(current.info())
     assert "does not chat" in card and "Heads" not in card  # (an LSTM has no attention heads)
 
@@ -99,8 +101,8 @@ def test_the_tabs_follow_the_model(folders):
 def test_the_app_builds_with_the_tabs_of_the_loaded_model(folders):
     from playground.ui import build_app
 
-    for name, visible in (("bert", {"Chat": False, "Completion": False, "Fill-mask": True}),
-                          ("llama", {"Chat": True, "Completion": True, "Fill-mask": False})):
+    for name, visible in (("bert", {"Chat": False, "Completion": False, "Race": False, "Fill-mask": True}),
+                          ("llama", {"Chat": True, "Completion": True, "Race": True, "Fill-mask": False})):
         current.load(folders[name])
         config = build_app().get_config_file()
         tabs = {c["props"].get("label"): c["props"].get("visible") is True for c in config["components"]
@@ -122,6 +124,7 @@ def test_bad_inputs_are_plain_errors_and_the_app_keeps_serving(folders, monkeypa
     expect_plain(lambda: fill_mask.fill("   ", 5), "the text is empty")
     # an encoder asked to complete or chat (the API, or a tab left open from before the load)
     expect_plain(lambda: completion.complete("The", **PANEL), "it does not generate text")
+    expect_plain(lambda: race.race("The", ["eager"], True, **PANEL), "it does not generate text")
     expect_plain(lambda: chat.chat("Hi", [], "", **PANEL), "a bert model has no chat template; use Fill-mask")
     # public caps, before anything is tokenized
     monkeypatch.setenv("FORNAX_PUBLIC", "1")

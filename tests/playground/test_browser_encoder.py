@@ -101,6 +101,11 @@ def test_an_encoder_fills_two_masks_into_bars_and_scores_a_sentence(page):
     assert page.inner_text("#fx-pll-view .fx-text") == sentence
     wait_for_text(page, "#fx-pll-view", f"{scored['pll']:.3f}")
 
+    # a page opened (or reloaded) after the load shows the tabs of the model loaded now, not of the one at start-up
+    page.reload()
+    tab(page, "Fill-mask").wait_for(state="visible", timeout=30_000)
+    assert not tab(page, "Chat").is_visible()
+
     # a causal model: Chat and Completion come back, Fill-mask goes
     load(page, str(root / "llama"))
     tab(page, "Chat").wait_for(state="visible", timeout=30_000)

@@ -18,8 +18,6 @@ from ..state import MODEL_EVENTS, current
 
 DEFAULT_TEXT = f"The capital of France is {MASK_TOKEN}. It is a {MASK_TOKEN} city."
 DEFAULT_TOP_K = 5
-
-
 SWITCHED = ("chat", "completion", "race", "fill_mask")  # the tabs shown or hidden by what the model can do
 
 
@@ -53,19 +51,26 @@ def switch_tabs():
 
 
 def top_k_value(top_k) -> int:
+    """The top-k an API client sent, as a count (the slider sends 5.0; 2.5 or "five" is refused)."""
     try:
         value = int(top_k)
+        if value == float(top_k):
+            return value
     except (TypeError, ValueError):
-        raise refusal(f"top-k must be a whole number, got {top_k!r}") from None
-    if value != top_k and not isinstance(top_k, str):  # 2.5 is not a count
-        raise refusal(f"top-k must be a whole number, got {top_k!r}")
-    return value
+        pass
+    raise refusal(f"top-k must be a whole number, got {top_k!r}")
+
+
+def text_value(text) -> str:
+    if text is not None and not isinstance(text, str):
+        raise refusal(f"the text must be a string, got {type(text).__name__}")
+    return text or ""
 
 
 @user_errors
 def fill(text: str, top_k: int):
     """Each [MASK]'s top-k candidates with their probabilities, as bars (HTML)."""
-    text = text or ""
+    text = text_value(text)
     top_k = top_k_value(top_k)
     deployment.check_fill_mask(len(text), top_k)
     if not text.strip():
@@ -78,7 +83,7 @@ def fill(text: str, top_k: int):
 @user_errors
 def pseudo_log_likelihood(text: str):
     """Each token's log-probability with it masked, as a heat line over the text, and the total (HTML)."""
-    text = text or ""
+    text = text_value(text)
     deployment.check_fill_mask(len(text))
     if not text.strip():
         raise refusal("the text is empty: write a sentence to score")

@@ -122,6 +122,8 @@ def test_bad_inputs_are_plain_errors_and_the_app_keeps_serving(folders, monkeypa
     current.load(folders["bert"])
     expect_plain(lambda: fill_mask.fill("No mask in this text.", 5), f"the text has no {MASK_TOKEN}")
     expect_plain(lambda: fill_mask.fill("   ", 5), "the text is empty")
+    expect_plain(lambda: fill_mask.fill(TWO_MASKS, 2.5), "top-k must be a whole number")
+    expect_plain(lambda: fill_mask.pseudo_log_likelihood(["a list"]), "the text must be a string")
     # an encoder asked to complete or chat (the API, or a tab left open from before the load)
     expect_plain(lambda: completion.complete("The", **PANEL), "it does not generate text")
     expect_plain(lambda: race.race("The", ["eager"], True, **PANEL), "it does not generate text")

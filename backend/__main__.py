@@ -1,5 +1,5 @@
-"""CLI: python -m backend info|generate|chat|fill-mask|bench|finetune|bench-train|evaluate|cache (each verb is one
-plain function)."""
+"""CLI: python -m backend info|generate|chat|fill-mask|bench|race|finetune|bench-train|evaluate|cache (each verb is
+one plain function)."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +96,19 @@ def cmd_bench(args):
     run_bench(model=args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
               csv_path=args.csv, skip_transformers=args.skip_transformers,
               backends=[b for b in args.backends.replace(",", " ").split() if b], onnx=args.onnx)
+
+
+def cmd_race(args):
+    from .race import QUICK_CONFIGS, QUICK_FIDELITY_TOKENS, race_paths, run_race
+
+    select = [s for s in (args.paths or "").replace(",", " ").split() if s] or None
+    paths = race_paths(args.model, args.onnx or [], args.llama_python, args.genai_python, select)
+    opts = dict(repeats=args.repeats)
+    if args.quick:  # a smoke run writes no docs/ files unless asked to
+        opts.update(repeats=1, configs=QUICK_CONFIGS, fidelity_tokens=QUICK_FIDELITY_TOKENS)
+    default = lambda given, path: given if given is not None else ("" if args.quick else path)  # noqa: E731
+    run_race(args.model, paths, threads=args.threads, text=args.text, csv_path=default(args.csv, "docs/race.csv"),
+             png_path=default(args.png, "docs/race.png"), **opts)
 
 
 # finetune flags -> TrainConfig fields (None = not given: the --config file's value or the default)
@@ -241,6 +254,22 @@ def main(argv=None):
     p.add_argument("--backends", default="eager,compiled,onnx", help="our paths to time (comma-separated)")
     p.add_argument("--onnx", default=None, help="an fp32 export folder (default: the export cache's, if any)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("race", help="every Fornax path and the peers (transformers, llama.cpp, onnxruntime-genai) on "
+                                    "the same token ids: speed, bandwidth, memory and fidelity")
+    p.add_argument("--model", default="default")
+    p.add_argument("--onnx", action="append", help="an export folder (python -m export); repeatable: fp32, int8, int4")
+    p.add_argument("--llama-python", default=None, help="the interpreter of a virtualenv with llama-cpp-python")
+    p.add_argument("--genai-python", default=None, help="the interpreter of a virtualenv with onnxruntime-genai")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="round-robin repeats; the table shows medians")
+    p.add_argument("--paths", default=None, help="only these (comma-separated): eager, compiled, onnx (or onnx-int4 "
+                                                 "...), triton, compiled+triton, transformers, llama.cpp, genai")
+    p.add_argument("--text", default=None, help="fidelity text file (default: a Python docs topic)")
+    p.add_argument("--csv", default=None, help="one row per path x configuration x batch (default docs/race.csv; "
+                                               "--quick: none; '' = none)")
+    p.add_argument("--png", default=None, help="a chart (default docs/race.png; needs matplotlib; '' = none)")
+    p.add_argument("--quick", action="store_true", help="smoke run: one small configuration, one repeat")
+    p.set_defaults(func=cmd_race)
     p = sub.add_parser("finetune", help="train: LoRA or full finetuning of a model, or pretraining from scratch",
                        description="Data: .txt (plain text), .jsonl ({'text'} / {'messages'} / {'text','label'} per "
                                    "line) or .csv (text,label). See backend/training/data.py.")

@@ -263,7 +263,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="round-robin repeats; the table shows medians")
     p.add_argument("--paths", default=None, help="only these (comma-separated): eager, compiled, onnx (or onnx-int4 "
-                                                 "...), triton, compiled+triton, transformers, llama.cpp, genai")
+                                                 "...), eager-cuda, compiled-cuda, triton, compiled+triton, "
+                                                 "transformers, llama.cpp, genai")
     p.add_argument("--text", default=None, help="fidelity text file (default: a Python docs topic)")
     p.add_argument("--csv", default=None, help="one row per path x configuration x batch (default docs/race.csv; "
                                                "--quick: none; '' = none)")

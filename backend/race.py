@@ -25,10 +25,10 @@ import datetime
 import hashlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from .bench_common import bench_text, memory_read_gb_s, peak_rss_mb, run_child
 from .cache_dir import cache_root
 from .errors import FornaxError
 from .loading import default_gguf_path, load, resolve
+from .race_report import print_table, rows_of, write_csv, write_png
 from .scoring.agreement import agreement_sums, summarize
 
 CONFIGS = ((128, 128), (512, 256))        # (prompt tokens, new tokens)
@@ -58,7 +59,7 @@ class RaceError(FornaxError):
 
 @dataclass
 class RacePath:
-    key: str              # what --paths selects: eager, compiled, onnx-int4, triton, transformers, llama.cpp, genai
+    key: str              # what --paths selects: eager, compiled, onnx-int4, triton, ..., llama.cpp, genai
     label: str
     engine: str           # fornax | transformers | llama | genai
     source: str           # a model source, an export folder, an HF folder, a GGUF file or a genai model folder
@@ -82,13 +83,6 @@ def held_out_text(path: str | None = None) -> str:
     from pydoc_data.topics import topics
 
     return topics["execmodel"]
-
-
-def first_divergence(reference: list[int], rows: list[list[int]]) -> int:
-    """Greedy tokens identical to the reference before the first difference, the least over the rows."""
-    def one(row):
-        return next((i for i, (a, b) in enumerate(zip(reference, row)) if a != b), min(len(reference), len(row)))
-    return min(one(row) for row in rows)
 
 
 def fidelity(teacher: torch.Tensor, got: torch.Tensor, ids: list[int]) -> dict:
@@ -125,6 +119,18 @@ def fornax_job(job: dict) -> dict:
     return {"ttft_s": t.ttft_s, "prefill_tok_s": t.prefill_tok_s, "decode_tok_s": t.decode_tok_s,
             "weight_bytes": t.weight_bytes, "tokens": [c.token_ids for c in result.completions],
             "peak_rss_mb": peak_rss_mb()}
+
+
+def cuda_read_gb_s() -> float:
+    """The GPU's streaming read bandwidth: the floor for the CUDA paths."""
+    x = torch.ones(1024**3 // 4, device="cuda")  # 1 GB
+    x.sum()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        x.sum()
+    torch.cuda.synchronize()
+    return 10 * x.numel() * 4 / (time.perf_counter() - t) / 1e9
 
 
 def peer_env(threads: int) -> dict:
@@ -202,11 +208,16 @@ def race_paths(model: str, onnx: list[str] = (), llama_python: str | None = None
     keeps every export). Eager always runs: it is the reference for fidelity and greedy divergence."""
     paths = [RacePath("eager", "fornax eager", "fornax", model, "fp32", backend="eager"),
              RacePath("compiled", "fornax compiled", "fornax", model, "fp32", backend="compiled")]
-    paths += [onnx_path(folder) for folder in onnx]
+    for folder in onnx:
+        p = onnx_path(folder)
+        if any(q.key == p.key for q in paths):  # two exports of one precision: the folder names tell them apart
+            p.key, p.label = f"{p.key}-{Path(folder).name}", f"{p.label} ({Path(folder).name})"
+        paths.append(p)
     cuda = torch.cuda.is_available()
-    for name in ("triton", "compiled+triton"):
-        paths.append(RacePath(name, f"fornax {name}", "fornax", model, "fp32", backend=name,
-                              device="cuda", status="" if cuda else "no CUDA GPU here"))
+    for key, backend in (("eager-cuda", "eager"), ("compiled-cuda", "compiled"), ("triton", "triton"),
+                         ("compiled+triton", "compiled+triton")):
+        paths.append(RacePath(key, f"fornax {key}", "fornax", model, "fp32", backend=backend, device="cuda",
+                              status="" if cuda else "no CUDA GPU here"))
     gguf = gguf_file(model)
     folder = str(resolve(model))
     paths.append(RacePath("transformers", "transformers eager", "transformers", folder, "fp32",
@@ -269,8 +280,6 @@ def run_race(model: str = "default", paths: list[RacePath] | None = None, thread
              configs=CONFIGS, batches=BATCHES, fidelity_tokens: int = FIDELITY_TOKENS, text: str | None = None,
              csv_path: str | None = None, png_path: str | None = None, isolate: bool = True) -> list[dict]:
     """Race `paths` (default: race_paths(model)) and return one row per path x configuration x batch."""
-    from .race_report import print_table, rows_of, write_csv, write_png
-
     paths = paths if paths is not None else race_paths(model)
     floor = memory_read_gb_s(threads)
     print(f"[race] memory read {floor:.1f} GB/s with {threads} threads; greedy; each measurement in its own process",
@@ -302,7 +311,7 @@ def run_race(model: str = "default", paths: list[RacePath] | None = None, thread
     live = [p for p in live if not p.status]
     with tempfile.TemporaryDirectory() as work:
         for p in live:
-            out = str(Path(work) / f"{len(p.fidelity)}-{p.key}.npy")
+            out = str(Path(work) / f"{p.key}.npy")
             result, error = measure(p, {"what": "logits", "ids": held_out, "out": out, "threads": threads}, isolate)
             if result is None:
                 p.status = f"failed: {error}"
@@ -328,6 +337,8 @@ def run_race(model: str = "default", paths: list[RacePath] | None = None, thread
 
     meta = dict(model=model, threads=threads, repeats=repeats, read_gb_s=floor, date=str(datetime.date.today()),
                 torch=torch.__version__)
+    if any(p.device == "cuda" for p in live):
+        meta["cuda_read_gb_s"] = cuda_read_gb_s()
     rows = rows_of(paths, configs, batches, reference, meta)
     print_table(rows)
     if csv_path:
@@ -335,11 +346,3 @@ def run_race(model: str = "default", paths: list[RacePath] | None = None, thread
     if png_path:
         write_png(png_path, rows)
     return rows
-
-
-def summary(runs: list[dict], reference: list[int]) -> dict:
-    """Medians over the repeats; greedy divergence from the first repeat's tokens."""
-    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
-    return {"ttft_s": med("ttft_s"), "prefill_tok_s": med("prefill_tok_s"), "decode_tok_s": med("decode_tok_s"),
-            "peak_rss_mb": med("peak_rss_mb"), "weight_bytes": runs[0]["weight_bytes"],
-            "greedy_match": first_divergence(reference, runs[0]["tokens"])}

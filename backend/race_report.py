@@ -1,8 +1,20 @@
-"""The race's results: one row per path x configuration x batch, as a printed table, a CSV and a PNG."""
+"""The race's results: one row per path x configuration x batch, as a printed table, a CSV and a PNG.
+
+CSV columns: date, model; path, precision; status ("ok", or why the path did not run: "not installed (...)",
+"no CUDA GPU here", "failed: ..."); prompt_tokens, new_tokens, batch, threads, repeats; then medians over the
+repeats: ttft_ms, prefill_tok_s, decode_tok_s (all sequences of the batch together), peak_rss_mb (the measuring
+process's VmHWM); weight_mb (bytes one decode step reads: the weights), gb_s (weight_mb x decode steps per second),
+pct_of_floor (gb_s / read_gb_s: how close decoding comes to the machine's read bandwidth), read_gb_s; fidelity
+against eager fp32 teacher-forced on held-out text: top1_agreement, mean_kl (KL(eager || path) per position);
+greedy_match of greedy_tokens (tokens identical to eager's greedy tokens before the first difference, the least
+over the batch); decode_vs_* and prefill_vs_* (this path's tok/s over the peer's, same configuration and batch;
+empty when that peer did not run); torch (the version).
+"""
 from __future__ import annotations
 
 import csv
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -14,11 +26,24 @@ COLUMNS = ["date", "model", "path", "precision", "status", "prompt_tokens", "new
 PEER_COLUMNS = {"transformers": "transformers", "llama.cpp": "llama_cpp", "genai": "genai"}
 
 
+def first_divergence(reference: list[int], rows: list[list[int]]) -> int:
+    """Greedy tokens identical to the reference before the first difference, the least over the rows."""
+    def one(row):
+        return next((i for i, (a, b) in enumerate(zip(reference, row)) if a != b), min(len(reference), len(row)))
+    return min(one(row) for row in rows)
+
+
+def summary(runs: list[dict], reference: list[int]) -> dict:
+    """Medians over the repeats; greedy divergence from the first repeat's tokens."""
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    return {"ttft_s": med("ttft_s"), "prefill_tok_s": med("prefill_tok_s"), "decode_tok_s": med("decode_tok_s"),
+            "peak_rss_mb": med("peak_rss_mb"), "weight_bytes": runs[0]["weight_bytes"],
+            "greedy_match": first_divergence(reference, runs[0]["tokens"])}
+
+
 def rows_of(paths, configs, batches, reference: dict, meta: dict) -> list[dict]:
     """Every path's medians per (configuration, batch), its bandwidth figures, fidelity and ratios to the peers.
     A path that did not run (not installed, no CUDA, failed) still gets its rows, with the reason as status."""
-    from .race import summary
-
     rows = []
     for P, N in configs:
         for B in batches:

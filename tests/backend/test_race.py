@@ -10,9 +10,8 @@ import sys
 import pytest
 import torch
 
-from backend.race import (RacePath, RaceError, bench_text, first_divergence, held_out_text, onnx_path, probe,
-                          race_paths, run_race)
-from backend.race_report import COLUMNS
+from backend.race import RacePath, RaceError, bench_text, held_out_text, onnx_path, probe, race_paths, run_race
+from backend.race_report import COLUMNS, first_divergence
 from tests.backend.tiny import make_tiny
 
 P, N, T = 8, 12, 40   # prompt tokens, new tokens, fidelity tokens (the tiny models hold 128 positions)

@@ -24,6 +24,7 @@ COLUMNS = ["date", "model", "path", "precision", "status", "prompt_tokens", "new
            "decode_vs_transformers", "prefill_vs_transformers", "decode_vs_llama_cpp", "prefill_vs_llama_cpp",
            "decode_vs_genai", "prefill_vs_genai", "torch"]
 PEER_COLUMNS = {"transformers": "transformers", "llama.cpp": "llama_cpp", "genai": "genai"}
+PEER_LABELS = {"transformers eager", "llama.cpp", "onnxruntime-genai"}
 
 
 def first_divergence(reference: list[int], rows: list[list[int]]) -> int:
@@ -138,11 +139,15 @@ def write_png(path: str, rows: list[dict]) -> bool:
         names = [f"{r['path']}\n{r['precision']}" for r in here]
         for i, (metric, title) in enumerate((("decode_tok_s", "decode"), ("prefill_tok_s", "prefill"))):
             ax = axes[i][j]
-            ax.barh(names, [r[metric] for r in here], color="#4c72b0")
+            bars = ax.barh(names, [r[metric] for r in here],
+                           color=["#dd8452" if r["path"] in PEER_LABELS else "#4c72b0" for r in here])
+            ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+            ax.margins(x=0.15)
             ax.invert_yaxis()
             ax.set_title(f"{title} tok/s, {P}+{N}, batch {B}", fontsize=9)
             ax.tick_params(labelsize=7)
-    fig.suptitle(f"Fornax race: {ran[0]['model']}, {ran[0]['threads']} threads, median of {ran[0]['repeats']}",
+    fig.suptitle(f"Fornax race (blue) and peers (orange): {ran[0]['model']}, {ran[0]['threads']} threads, "
+                 f"median of {ran[0]['repeats']}",
                  fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -292,9 +292,13 @@ def run_race(model: str = "default", paths: list[RacePath] | None = None, thread
     torch.set_num_threads(threads)
     handle = load(model, dtype="float32", device="cpu")
     prompt_text = handle.tokenizer.encode(bench_text(), add_special_tokens=False)
-    held_out = handle.tokenizer.encode(held_out_text(text), add_special_tokens=False)[:fidelity_tokens]
+    held_out = handle.tokenizer.encode(held_out_text(text), add_special_tokens=False)
+    held_out = held_out[:min(fidelity_tokens, handle.config.max_seq_len)]
     if len(held_out) < 2:
         raise RaceError("the fidelity text is shorter than two tokens")
+    longest = max(P for P, _ in configs)
+    if len(prompt_text) < longest:
+        raise RaceError(f"the benchmark text has {len(prompt_text)} tokens, fewer than the {longest}-token prompt")
     with torch.inference_mode():
         teacher = handle.model(torch.tensor([held_out]))[0].float()           # (T, V)
         reference = {(P, N): handle.generate(prompt_text[:P], max_new_tokens=N, temperature=0,
@@ -326,6 +330,8 @@ def run_race(model: str = "default", paths: list[RacePath] | None = None, thread
                 job = {"what": "time", "prompt_ids": prompt_text[:P], "new_tokens": N, "batch": B,
                        "threads": threads}
                 for p in live:
+                    if p.status:  # failed earlier: its rows say why
+                        continue
                     result, error = measure(p, job, isolate)
                     if result is None:
                         p.runs.setdefault((P, N, B), [])

@@ -24,7 +24,7 @@ COLUMNS = ["date", "model", "path", "precision", "status", "prompt_tokens", "new
            "decode_vs_transformers", "prefill_vs_transformers", "decode_vs_llama_cpp", "prefill_vs_llama_cpp",
            "decode_vs_genai", "prefill_vs_genai", "torch"]
 PEER_COLUMNS = {"transformers": "transformers", "llama.cpp": "llama_cpp", "genai": "genai"}
-PEER_LABELS = {"transformers eager", "llama.cpp", "onnxruntime-genai"}
+PEER_LABELS = {"transformers": "transformers eager", "llama.cpp": "llama.cpp", "genai": "onnxruntime-genai"}
 
 
 def first_divergence(reference: list[int], rows: list[list[int]]) -> int:
@@ -85,7 +85,7 @@ def _cell(value, fmt: str) -> str:
 
 
 def print_table(rows: list[dict], out=sys.stdout) -> None:
-    head = (f"{'path':20s} {'precision':12s} {'TTFT ms':>8s} {'prefill':>8s} {'decode':>7s} {'GB/s':>5s} "
+    head = (f"{'path':22s} {'precision':12s} {'TTFT ms':>8s} {'prefill':>8s} {'decode':>7s} {'GB/s':>5s} "
             f"{'%floor':>6s} {'RSS MB':>6s} {'top-1':>6s} {'KL':>8s} {'greedy':>7s}  decode (prefill) vs peers")
     current = None
     for r in rows:
@@ -96,12 +96,13 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
                   f"threads, median of {r['repeats']} (tok/s; floor: memory read {r['read_gb_s']} GB/s)", file=out)
             print(head, file=out)
         if r["status"] != "ok":
-            print(f"{r['path']:20s} {r['precision']:12s} {r['status']}", file=out)
+            print(f"{r['path']:22s} {r['precision']:12s} {r['status']}", file=out)
             continue
         greedy = f"{r['greedy_match']}/{r['greedy_tokens']}" if r["greedy_match"] != "" else "-"
         ratios = "  ".join(f"{peer} {r[f'decode_vs_{name}']:.2f}x ({r[f'prefill_vs_{name}']:.2f}x)"
-                           for peer, name in PEER_COLUMNS.items() if r[f"decode_vs_{name}"] != "")
-        print(f"{r['path']:20s} {r['precision']:12s} {_cell(r['ttft_ms'], '8.0f')} {_cell(r['prefill_tok_s'], '8.0f')} "
+                           for peer, name in PEER_COLUMNS.items()
+                           if r[f"decode_vs_{name}"] != "" and r["path"] != PEER_LABELS[peer])
+        print(f"{r['path']:22s} {r['precision']:12s} {_cell(r['ttft_ms'], '8.0f')} {_cell(r['prefill_tok_s'], '8.0f')} "
               f"{_cell(r['decode_tok_s'], '7.1f')} {_cell(r['gb_s'], '5.1f')} {_cell(r['pct_of_floor'], '5.0f')}% "
               f"{_cell(r['peak_rss_mb'], '6.0f')} {_cell(r['top1_agreement'], '6.3f')} {_cell(r['mean_kl'], '8.1e')} "
               f"{greedy:>7s}  {ratios}", file=out)
@@ -140,7 +141,7 @@ def write_png(path: str, rows: list[dict]) -> bool:
         for i, (metric, title) in enumerate((("decode_tok_s", "decode"), ("prefill_tok_s", "prefill"))):
             ax = axes[i][j]
             bars = ax.barh(names, [r[metric] for r in here],
-                           color=["#dd8452" if r["path"] in PEER_LABELS else "#4c72b0" for r in here])
+                           color=["#dd8452" if r["path"] in PEER_LABELS.values() else "#4c72b0" for r in here])
             ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
             ax.margins(x=0.15)
             ax.invert_yaxis()

@@ -176,7 +176,10 @@ def onnx_path(folder: str) -> RacePath:
             pass
     quant = meta.get("quant", "none")
     precision = "fp32" if quant in ("none", None) else str(quant)
-    return RacePath(f"onnx-{precision}", f"onnx {precision}", "fornax", str(folder_path), precision, backend="onnx")
+    method = str(meta.get("quant_method") or "")   # how export/ quantized: the GGUF's own blocks, or its quantizer
+    detail = "GGUF blocks" if method.startswith("GGUF blocks") else method.rsplit(", ", 1)[-1] if method else ""
+    return RacePath(f"onnx-{precision}", f"onnx {precision}", "fornax", str(folder_path),
+                    f"{precision} {detail}".strip(), backend="onnx")
 
 
 def gguf_file(model: str) -> Path | None:

@@ -85,7 +85,7 @@ def _cell(value, fmt: str) -> str:
 
 
 def print_table(rows: list[dict], out=sys.stdout) -> None:
-    head = (f"{'path':22s} {'precision':12s} {'TTFT ms':>8s} {'prefill':>8s} {'decode':>7s} {'GB/s':>5s} "
+    head = (f"{'path':22s} {'precision':16s} {'TTFT ms':>8s} {'prefill':>8s} {'decode':>7s} {'GB/s':>5s} "
             f"{'%floor':>6s} {'RSS MB':>6s} {'top-1':>6s} {'KL':>8s} {'greedy':>7s}  decode (prefill) vs peers")
     current = None
     for r in rows:
@@ -96,13 +96,13 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
                   f"threads, median of {r['repeats']} (tok/s; floor: memory read {r['read_gb_s']} GB/s)", file=out)
             print(head, file=out)
         if r["status"] != "ok":
-            print(f"{r['path']:22s} {r['precision']:12s} {r['status']}", file=out)
+            print(f"{r['path']:22s} {r['precision']:16s} {r['status']}", file=out)
             continue
         greedy = f"{r['greedy_match']}/{r['greedy_tokens']}" if r["greedy_match"] != "" else "-"
         ratios = "  ".join(f"{peer} {r[f'decode_vs_{name}']:.2f}x ({r[f'prefill_vs_{name}']:.2f}x)"
                            for peer, name in PEER_COLUMNS.items()
                            if r[f"decode_vs_{name}"] != "" and r["path"] != PEER_LABELS[peer])
-        print(f"{r['path']:22s} {r['precision']:12s} {_cell(r['ttft_ms'], '8.0f')} {_cell(r['prefill_tok_s'], '8.0f')} "
+        print(f"{r['path']:22s} {r['precision']:16s} {_cell(r['ttft_ms'], '8.0f')} {_cell(r['prefill_tok_s'], '8.0f')} "
               f"{_cell(r['decode_tok_s'], '7.1f')} {_cell(r['gb_s'], '5.1f')} {_cell(r['pct_of_floor'], '5.0f')}% "
               f"{_cell(r['peak_rss_mb'], '6.0f')} {_cell(r['top1_agreement'], '6.3f')} {_cell(r['mean_kl'], '8.1e')} "
               f"{greedy:>7s}  {ratios}", file=out)

@@ -156,17 +156,22 @@ class Stream:
 PREFILL_CHUNK = 512  # prompts longer than this are ingested in chunks, reporting progress after each
 
 
-def prefill(runner: Runner, prompt_ids: list[int], batch: int, chunk: int = PREFILL_CHUNK,
-            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def prefill(runner: Runner, prompt_ids: list[int], batch: int, chunk: int | None = None,
+            progress: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
     """Fill the cache with the prompt (the same for every sample) -> last position's logits (B, V). A long prompt
     goes in chunks at increasing positions (the cache holds what came before), with progress(done, total) after
-    each; a prompt within one chunk keeps the one-shot shape."""
+    each; a prompt within one chunk keeps the one-shot shape. None when should_stop() turned true between chunks
+    (Stop during a long prompt's ingestion need not wait for the whole prompt)."""
+    chunk = chunk or PREFILL_CHUNK  # read at call time, so a test can make chunks small
     ids = torch.tensor([prompt_ids] * batch, device=runner.device)  # (B, P)
     P = ids.shape[1]
     for start in range(0, P, chunk):
         logits = runner.forward(ids[:, start:start + chunk], start)  # (B, V) at the chunk's last position
         if progress is not None:
             progress(min(start + chunk, P), P)
+        if start + chunk < P and should_stop is not None and should_stop():
+            return None
     return logits
 
 
@@ -211,8 +216,12 @@ def run_generation(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], 
     t0 = time.perf_counter()
     runner.start(B, P + params.max_new_tokens)
     t_forward = time.perf_counter()
-    logits = prefill(runner, prompt_ids, B, progress=prefill_progress)  # (B, V)
+    logits = prefill(runner, prompt_ids, B, progress=prefill_progress, should_stop=should_stop)  # (B, V)
     timings = Timings(prompt_tokens=P, batch=B, weight_bytes=runner.weight_bytes)
+    if logits is None:  # stopped while the prompt was being ingested: no token was sampled
+        timings.prefill_s = timings.ttft_s = time.perf_counter() - t0
+        return GenerationResult([Completion("", [], [], "cancelled") for _ in range(B)], list(prompt_ids),
+                                timings, seed)
     clock = _Clock()
     texts = [TextAssembler(tokenizer, params.stop) for _ in range(B)]
     tokens: list[list[TokenInfo]] = [[] for _ in range(B)]

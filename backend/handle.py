@@ -107,7 +107,7 @@ class ModelHandle:
         if input_ids.shape[-1] > self.config.max_seq_len:
             raise GenerationError(f"{input_ids.shape[-1]} tokens exceed the context of {self.config.max_seq_len}")
         if self.config.family == "bert":
-            return self.runners["eager"].full_logits(input_ids, attention_mask).to(dtype)
+            return self.runners[self.backend].full_logits(input_ids, attention_mask).to(dtype)  # eager or onnx
         if attention_mask is not None:
             raise GenerationError("attention_mask is for encoders; a causal model's logits take unpadded ids")
         if self.model is None:
@@ -119,7 +119,7 @@ class ModelHandle:
     def stream(self, prompt_or_messages: str | list[dict] | list[int], backend: str | None = None,
                should_stop=None, prefill_progress=None, **params) -> Stream:
         """Stream text deltas (`Delta(index, text)`); `.result` holds the GenerationResult once exhausted.
-        `should_stop()` is asked before each new token: when true the run ends there, with its timings.
+        `should_stop()` is asked before each new token and between prompt chunks: when true the run ends there.
         `prefill_progress(done, total)` follows a long prompt's chunked prefill."""
         if self.config.family == "bert":
             raise GenerationError("this is an encoder (BERT-style): it fills masks, it does not generate text; "

@@ -70,11 +70,12 @@ def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None 
 
 def load_onnx(folder: Path, source: str, t0: float) -> ModelHandle:
     """A handle over an exported graph (python -m export): runs on ONNX Runtime, no PyTorch weights."""
-    from .runners.onnx import OnnxRunner, read_onnx_config
+    from .runners.onnx import read_onnx_config
+    from .runners.onnx_encoder_lstm import onnx_runner
 
     cfg = read_onnx_config(folder)
     tokenizer = Tokenizer.from_folder(folder)
-    runner = OnnxRunner(folder / "model.onnx", cfg)
+    runner = onnx_runner(folder, cfg)  # by family: causal LM with KV cache, encoder, or LSTM with its state
     return ModelHandle(None, tokenizer, source, load_seconds=time.perf_counter() - t0, runners={"onnx": runner},
                        backend="onnx", config=cfg)
 

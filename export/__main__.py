@@ -1,4 +1,7 @@
-"""CLI: python -m export --model SOURCE --out DIR [--quant none|int8|int4]   |   python -m export verify DIR"""
+"""CLI: python -m export --model SOURCE --out DIR [--quant none|int8|int4]   |   python -m export verify DIR
+
+The model's family picks the graph: a causal LM (KV cache), an encoder (optimum's layout) or the LSTM (its state as
+inputs/outputs); encoders and LSTMs take none or int8."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +16,7 @@ def cmd_export(args):
     from tqdm import tqdm
 
     from .onnx_export import export
-    from .verify import format_report
+    from .parity import format_any
 
     bar = tqdm(total=100, desc="export", unit="%", bar_format="{l_bar}{bar}| {postfix}")
 
@@ -28,14 +31,15 @@ def cmd_export(args):
     if info.get("quant_method"):
         print(f"weights: {info['quant_method']}")
     if "report" in info:
-        print(format_report(info["report"], "fp32" if args.quant == "none" else args.quant))
+        print(format_any(info["report"], "fp32" if args.quant == "none" else args.quant))
 
 
 def cmd_verify(args):
     from backend.loading import build_model, read_hf_folder, resolve
     from backend.tokenizer import Tokenizer
 
-    from .verify import format_report, save_report, verify_export
+    from .parity import format_any, verify_any
+    from .verify import save_report
 
     folder = Path(args.folder)
     meta = json.loads((folder / "fornax.json").read_text()) if (folder / "fornax.json").exists() else {}
@@ -44,16 +48,21 @@ def cmd_verify(args):
         raise FornaxError("which model was exported? pass --model SOURCE")
     src = resolve(source)
     model = build_model(*read_hf_folder(src))
-    report = verify_export(folder, model, Tokenizer.from_folder(src))
+    report = verify_any(folder, model, Tokenizer.from_folder(src))
     save_report(folder, report)
-    print(format_report(report, meta.get("quant", "")))
+    print(format_any(report, {"none": "fp32"}.get(meta.get("quant"), meta.get("quant", ""))))
 
 
 def cmd_bench(args):
     from backend.bench import run_bench
+    from backend.loading import read_hf_folder, resolve
 
     from .cache import cached_export
 
+    family = read_hf_folder(resolve(args.model))[0].family
+    if family not in ("gpt2", "llama"):
+        raise FornaxError(f"the benchmark races decoding speed of causal Transformers; {args.model} is a {family} "
+                          f"model")
     rows = [("transformers eager", "transformers", "", args.model), ("fornax eager", "fornax", "eager", args.model),
             ("fornax compiled", "fornax", "compiled", args.model)]
     for quant in ("none", "int8", "int4"):

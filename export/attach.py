@@ -10,14 +10,20 @@ from pathlib import Path
 from typing import Callable
 
 from backend.handle import ModelHandle
-from backend.runners.onnx import OnnxRunner, read_onnx_config
+from backend.runners.onnx import read_onnx_config
+from backend.runners.onnx_encoder_lstm import onnx_runner
 
 from .cache import cached_export
-from .onnx_export import MODEL_FILE, ExportError
+from .onnx_export import ExportError, quants_for
 
 # runner name -> quantisation; the names are what `handle.stream(backend=...)` takes
 ONNX_BACKENDS = {"onnx-fp32": "none", "onnx-int8": "int8", "onnx-int4": "int4"}
 PRECISIONS = {"fp32": "none", "int8": "int8", "int4": "int4"}
+
+
+def precisions_for(family: str) -> list[str]:
+    """The precisions the Export tab offers for a model family (encoders and LSTMs: fp32 and int8)."""
+    return [p for p, quant in PRECISIONS.items() if quant in quants_for(family)]
 
 
 def runner_name(quant: str) -> str:
@@ -37,7 +43,7 @@ def attach_onnx(handle: ModelHandle, quant: str, progress: Callable[[float, str]
     name = runner_name(quant)
     if name not in handle.runners:
         folder = export_for(handle, quant, progress)
-        handle.add_runner(name, OnnxRunner(folder / MODEL_FILE, read_onnx_config(folder), name=name))
+        handle.add_runner(name, onnx_runner(folder, read_onnx_config(folder), name=name))
     return name
 
 

@@ -21,10 +21,18 @@ def model_key(folder: Path) -> str:
     return h.hexdigest()[:24]
 
 
+def export_folder(source: str, quant: str = "none") -> Path:
+    """Where the cached export of `source` at `quant` lives (whether it is there yet or not)."""
+    return cache_root() / "exports" / f"{model_key(resolve(source))}-v{EXPORT_VERSION}-{quant}"
+
+
+def is_cached(source: str, quant: str = "none") -> bool:
+    return (export_folder(source, quant) / MODEL_FILE).exists()
+
+
 def cached_export(source: str, quant: str = "none", progress: Callable[[float, str], None] | None = None) -> Path:
     """The export folder of `source` at `quant`, exporting it first if it is not cached yet."""
-    folder = resolve(source)
-    out = cache_root() / "exports" / f"{model_key(folder)}-v{EXPORT_VERSION}-{quant}"
+    out = export_folder(source, quant)
     if not (out / MODEL_FILE).exists():
         export(source, out, quant=quant, progress=progress)  # the source, not the folder: int4 looks for its GGUF
         cache_dir.evict(keep=(out,))  # least recently used exports, conversions and zips go past the cap

@@ -1,5 +1,5 @@
-"""Export any model `backend.load` accepts as one ONNX graph with KV cache (interface: export/graph.py), then
-optimise and quantise it."""
+"""Export any model `backend.load` accepts as one ONNX graph — a causal LM with KV cache (interface: export/graph.py),
+an encoder in optimum's layout (encoder_graph.py), the LSTM with its state (lstm_graph.py) — then quantise it."""
 from __future__ import annotations
 
 import json
@@ -24,6 +24,8 @@ from .gqa_graph import GqaGraph
 from .graph import GraphWrapper
 
 QUANTS = ("none", "int8", "int4")
+# encoders and the LSTM: no GGUF source, and int4 of a tiny model's few MatMuls is not worth a second route
+FAMILY_QUANTS = {"bert": ("none", "int8"), "lstm": ("none", "int8")}
 EXPORT_VERSION = 4  # bump when graphs change, so cached exports are made again
 OPSET = 17
 MODEL_FILE = "model.onnx"
@@ -32,6 +34,17 @@ PROTOBUF_LIMIT = 2 * 1024**3  # weights beyond this go to external data files
 
 class ExportError(FornaxError):
     """The export could not be written or checked."""
+
+
+def quants_for(family: str) -> tuple[str, ...]:
+    """The quantisations `export` offers for a model family."""
+    return FAMILY_QUANTS.get(family, QUANTS)
+
+
+def check_quant(family: str, quant: str) -> None:
+    if quant not in quants_for(family):
+        what = {"bert": "an encoder (BERT-style)", "lstm": "an LSTM"}.get(family, f"a {family} model")
+        raise ExportError(f"{quant!r} is not offered for {what}; choose one of {', '.join(quants_for(family))}")
 
 
 def check_out_dir(out: Path) -> None:
@@ -46,6 +59,8 @@ def check_out_dir(out: Path) -> None:
 def export_fp32(model, path: Path) -> None:
     """torch.onnx.export (TorchScript exporter) with dynamic batch and sequence axes."""
     cfg: ModelConfig = model.config
+    if cfg.family in FAMILY_QUANTS:
+        return _export_other(model, path)
     inputs, outputs = io_names(cfg.n_layer)
     B, S, P = 2, 3, 4  # example sizes; every axis below is dynamic
     example = [torch.randint(0, cfg.vocab_size, (B, S)), torch.ones(B, P + S, dtype=torch.long),
@@ -64,6 +79,21 @@ def export_fp32(model, path: Path) -> None:
             torch.onnx.export(graph, tuple(example), str(path), input_names=inputs,
                               output_names=outputs, dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True,
                               dynamo=False, external_data=_needs_external_data(model))
+    except OSError:
+        raise
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export failed for this model: {type(e).__name__}: {e}") from e
+
+
+def _export_other(model, path: Path) -> None:
+    """An encoder (optimum's layout) or the LSTM (state in and out) as one graph."""
+    from .encoder_graph import export_encoder
+    from .lstm_graph import export_lstm
+
+    if _needs_external_data(model):
+        raise ExportError("encoders and LSTMs over 2 GB are not exported (one protobuf file only)")
+    try:
+        (export_encoder if model.config.family == "bert" else export_lstm)(model, path, OPSET)
     except OSError:
         raise
     except Exception as e:
@@ -124,7 +154,11 @@ def quantize_model(source: str, folder: Path, model, src: Path, dst: Path, quant
 
 def write_side_files(folder: Path, cfg: ModelConfig, tokenizer: Tokenizer, info: dict) -> None:
     """What a user needs to run the graph elsewhere: HF config, generation config, tokenizer, our own config."""
-    write_hf_folder(folder, cfg, tokenizer, None, {"use_cache": True})
+    write_hf_folder(folder, cfg, tokenizer, None, {} if cfg.family in FAMILY_QUANTS else {"use_cache": True})
+    if cfg.family == "bert":
+        from .encoder_graph import name_special_tokens
+
+        name_special_tokens(folder, tokenizer)
     (folder / "fornax.json").write_text(json.dumps({"config": cfg.to_dict(), **info}, indent=2))
 
 
@@ -140,6 +174,7 @@ def export(source: str, out: str | os.PathLike, quant: str = "none", verify: boo
     say(0.05, "loading the model")
     folder = resolve(source)
     cfg, state = read_hf_folder(folder)
+    check_quant(cfg.family, quant)
     # the export holds the weights 4-5 times over (model, traced graph, serialized protos): capped per deployment
     limits.check(cfg.n_params, limits.current().max_export_params, "the parameter count of the model to export")
     tokenizer = Tokenizer.from_folder(folder)
@@ -155,6 +190,8 @@ def export(source: str, out: str | os.PathLike, quant: str = "none", verify: boo
             if quant != "none":
                 say(0.5, f"quantising to {quant}")
                 method = quantize_model(source, folder, model, fp32, tmp / MODEL_FILE, quant)
+                if cfg.family == "lstm":  # MatMulNBits takes MatMuls only
+                    method += " (the output layer; the LSTM node's own weights stay fp32)"
                 check_graph(tmp / MODEL_FILE)
                 sizes[quant] = _size(tmp / MODEL_FILE)
                 for f in tmp.glob("model_fp32.onnx*"):
@@ -163,10 +200,11 @@ def export(source: str, out: str | os.PathLike, quant: str = "none", verify: boo
                     "export_seconds": round(time.perf_counter() - t0, 1)}
             write_side_files(tmp, cfg, tokenizer, info)
             if verify:
-                from .verify import save_report, verify_export
+                from .parity import verify_any
+                from .verify import save_report
 
                 say(0.8, "checking parity against the eager model")
-                info["report"] = verify_export(tmp, model=model, tokenizer=tokenizer)
+                info["report"] = verify_any(tmp, model, tokenizer)
                 save_report(tmp, info["report"])
                 (tmp / "fornax.json").write_text(json.dumps({"config": cfg.to_dict(), **info}, indent=2))
     except OSError as e:

@@ -36,19 +36,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def create_app(model: str | None = "default", dtype: str | None = None):
-    """The app with `model` already loaded. If that load fails the app still opens, showing why in the Model tab."""
+def create_app(model: str | None = "default", dtype: str | None = None, prepare: str | None = None,
+               prepare_max_kl: float | None = None):
+    """The app with `model` already loaded. If that load fails the app still opens, showing why in the Model tab.
+    `prepare` ("fast" or "none"; default FORNAX_PREPARE, else fast): after the app is built, prepare the model's
+    fastest path that is as faithful as llama.cpp in the background (playground/prepare.py; `prepare_max_kl`
+    overrides the KL bound)."""
     import backend
 
+    from . import prepare as preparation
     from .state import current
     from .ui import build_app
 
+    fast = preparation.mode(prepare) == "fast"
     if model:
         try:
             current.load(model, dtype=dtype)
         except backend.FornaxError as e:
             print(f"playground: could not load {model!r}: {e}")
-    return build_app()
+    demo = build_app()
+    if fast and current.handle is not None:
+        bound = {} if prepare_max_kl is None else {"max_kl": prepare_max_kl}
+        preparation.start(current.handle, **bound)
+    return demo
 
 
 def __getattr__(name):

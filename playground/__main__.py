@@ -1,5 +1,5 @@
 """python -m playground [--host 127.0.0.1] [--port 7860] [--model default] [--dtype auto] [--public | --private]
-[--api-only]
+[--api-only] [--prepare fast|none]
 
 One server: the playground at / and the OpenAI-compatible API at /v1 (playground/openai_api.py)."""
 import argparse
@@ -23,6 +23,10 @@ def main(argv=None):
                       help="a local user's playground: server paths and no caps (the default on loopback)")
     parser.add_argument("--api-only", action="store_true",
                         help="serve only the OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions)")
+    parser.add_argument("--prepare", choices=["fast", "none"], default=None,
+                        help="fast (the default; FORNAX_PREPARE sets another): after start-up, prepare the model's "
+                             "fastest path as faithful as llama.cpp (a verified ONNX export) in the background and "
+                             "open the Backend selector on it; none: stay on eager")
     args = parser.parse_args(argv)
 
     from playground import choose_mode
@@ -40,7 +44,8 @@ def main(argv=None):
             current.load(model, dtype=None if args.dtype == "auto" else args.dtype)
         app = openai_api.server(None)
     else:
-        app = openai_api.server(create_app(model, dtype=None if args.dtype == "auto" else args.dtype))
+        app = openai_api.server(create_app(model, dtype=None if args.dtype == "auto" else args.dtype,
+                                           prepare=args.prepare))
     # No share tunnel, ever: it would be an outbound connection and a public URL.
     print(f"playground: http://{args.host}:{args.port}/ (OpenAI API at /v1)" if not args.api_only else
           f"playground: OpenAI API at http://{args.host}:{args.port}/v1")
@@ -48,6 +53,7 @@ def main(argv=None):
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
     except OSError as e:  # typically the port is taken
         raise SystemExit(f"playground: cannot serve on {args.host}:{args.port}: {e}. Try another --port.")
+    print("playground: stopped")  # Ctrl-C: uvicorn has shut down gracefully (and swallowed the interrupt)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,13 @@ def export_report(summary: dict, precision: str, folder: str, backend_label: str
         lines.insert(2, f"Weights: {html.escape(summary['quant_method'])}.")
     lines += [f"| model.onnx ({kind}) | {human_bytes(n)} |" for kind, n in sizes.items()]
     r = summary.get("report")
-    if r:
+    family = summary["config"].get("family")
+    if r and r.get("kind") in ("encoder", "lstm"):  # no perplexity or KV cache: their own checks
+        from export.parity import report_rows
+
+        lines += ["", "**Parity against the eager fp32 model** on fixed text:", "", "| check | value |", "|---|---|"]
+        lines += [f"| {check} | {html.escape(value)} |" for check, value in report_rows(r)]
+    elif r:
         delta = r["perplexity_onnx"] - r["perplexity_eager"]
         lines += ["", f"**Parity against the eager fp32 model** on {r['positions']} tokens of fixed text:", "",
                   "| check | value |", "|---|---|",
@@ -110,8 +116,10 @@ def export_report(summary: dict, precision: str, folder: str, backend_label: str
                   f"| greedy tokens identical | {r['greedy_match_length']} / {r['greedy_tokens']} |",
                   f"| perplexity | {r['perplexity_eager']:.3f} eager → {r['perplexity_onnx']:.3f} onnx "
                   f"({delta:+.3f}) |"]
+    loader = {"bert": "optimum's `ORTModelForMaskedLM` / `ORTModelForSequenceClassification` load",
+              "lstm": "`backend.load` runs"}.get(family, "optimum's `ORTModelForCausalLM` loads")
     lines += ["", f"Folder: `{html.escape(folder)}` — ONNX graph, `config.json`, tokenizer and `parity.json`; "
-              "optimum's `ORTModelForCausalLM` loads it as it is."]
+              f"{loader} it as it is."]
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
-"""One streamed generation as the Chat and Completion tabs run it: throttled UI updates, Stop per user, timings
-for runs that never finish."""
+"""One streamed generation as the Chat and Completion tabs run it: throttled UI updates, a long prompt's prefill
+progress, Stop per user, timings for runs that never finish."""
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -41,25 +42,53 @@ def signal_stop(request: gr.Request | None, discard: bool = False, wait_s: float
             time.sleep(0.02)
 
 
-class Generation:
-    """One streamed run: throttles UI updates, honours Stop, and measures TTFT for runs that never finish."""
+class PrefillProgress:
+    """How far the engine is into a long prompt: the engine's `prefill_progress(done, total)` writes it (after each
+    chunk), the handler reads it to show "ingesting 1,536 / 4,096 tokens" before the first token."""
 
-    def __init__(self, stream: backend.Stream, num_samples: int, request: gr.Request | None):
+    def __init__(self):
+        self.done = self.total = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+
+class Generation:
+    """One streamed run: throttles UI updates, shows a long prompt's prefill progress, honours Stop, and measures
+    TTFT for runs that never finish."""
+
+    def __init__(self, stream: backend.Stream, num_samples: int, request: gr.Request | None,
+                 progress: PrefillProgress | None = None):
         self.stream, self.key = stream, session_key(request)
+        self.progress = progress or PrefillProgress()
         self.texts = [""] * num_samples
         self.stopped = False
         self.started = time.perf_counter()
         self.ttft_s: float | None = None
+        self.pieces, self.first_piece_at = 0, None  # text deltas so far (about one per token): a live speed
+        self.ingesting = False  # the prompt's prefill is running (in _first_delta's worker)
         self.flag = _stop_flags.setdefault(self.key, StopFlag())  # made by start_stream, which the engine asks
 
+    def status(self) -> str:
+        """The stats line while the run goes: the prompt's ingestion until the first token, then "generating"."""
+        p = self.progress
+        if self.ingesting and p.total:
+            return f"*ingesting {p.done:,} / {p.total:,} tokens…*"
+        return "*generating…*"
+
     def updates(self):
-        """Yields the sample texts so far, at most every UI_UPDATE_INTERVAL_S, and once more at the end."""
+        """Yields the sample texts so far: while a long prompt is ingested each time its progress moves, then at
+        most every UI_UPDATE_INTERVAL_S, and once more at the end."""
         last = 0.0
+        deltas = iter(self.stream)
         try:
-            for delta in self.stream:
+            first = yield from self._first_delta(deltas)
+            for delta in itertools.chain(first, deltas):
                 self.texts[delta.index] += delta.text
+                self.pieces += 1
                 if self.ttft_s is None:
-                    self.ttft_s = time.perf_counter() - self.started
+                    self.first_piece_at = time.perf_counter()
+                    self.ttft_s = self.first_piece_at - self.started
                 if self.flag.is_set():  # Stop: the engine ends at its next token and flushes; Clear: show nothing
                     self.stopped = True
                     if self.flag.discard:
@@ -75,6 +104,46 @@ class Generation:
                 del _stop_flags[self.key]
         yield self.texts
 
+    def live_tok_s(self) -> float | None:
+        """Decode speed so far, counting text deltas as tokens (a token that completes no character shows later):
+        for the page while the run goes on; the run's own timings replace it at the end."""
+        if self.first_piece_at is None or self.pieces < 2:
+            return None
+        return (self.pieces - 1) / max(time.perf_counter() - self.first_piece_at, 1e-9)
+
+    def _first_delta(self, deltas):
+        """The first delta (the prompt's prefill and the first token), taken in a worker thread: the engine reports
+        a long prompt's progress from inside that one step, and the page shows it meanwhile (yields the texts each
+        time it moves). Returns [first delta], or [] for a run that produced none."""
+        got: dict = {}
+
+        def take():
+            try:
+                got["delta"] = next(deltas)
+            except StopIteration:
+                pass
+            except BaseException as e:  # noqa: BLE001 (re-raised in the handler's thread below)
+                got["error"] = e
+
+        worker = threading.Thread(target=take, name="fornax-prefill", daemon=True)
+        self.ingesting = True
+        worker.start()
+        shown = 0
+        try:
+            while worker.is_alive():
+                worker.join(UI_UPDATE_INTERVAL_S)
+                if worker.is_alive() and self.progress.done != shown:
+                    shown = self.progress.done
+                    yield self.texts
+        finally:
+            worker.join()  # abandoned mid-prefill: the stream can be closed (and its model lock freed) only after
+        if "error" in got:
+            raise got["error"]
+        if self.progress.done != shown:  # the ingestion's end ("4,096 / 4,096") before the first token shows
+            yield self.texts
+        self.ingesting = False
+        return [got["delta"]] if "delta" in got else []
+
     def stats(self, backend_name: str) -> str:
         if self.stream.result is None:
             return render.stopped_line(self.ttft_s, time.perf_counter() - self.started)
@@ -82,16 +151,30 @@ class Generation:
 
 
 def start_stream(handle: backend.ModelHandle, prompt_or_messages, backend_name: str | None, params: dict,
-                 request: gr.Request | None = None, **extra) -> tuple[backend.Stream, str]:
-    """Validates everything (raising before the first UI update) and returns the stream and the backend used.
+                 request: gr.Request | None = None, **extra) -> tuple[Generation, str]:
+    """Validates everything (raising before the first UI update) and returns the run and the backend used.
     The engine asks this session's Stop flag before every token, so Stop ends the run with its timings."""
     name = backend_name or handle.backend  # an unknown name is the backend's to reject, naming the ones it has
     if name in ONNX_BACKENDS and name not in handle.runners:
         attach_onnx(handle, ONNX_BACKENDS[name])  # an API caller picked it without the dropdown: export now
-    flag = StopFlag()
-    stream = handle.stream(prompt_or_messages, backend=name, should_stop=flag.is_set, **params, **extra)
+    flag, progress = StopFlag(), PrefillProgress()
+    stream = handle.stream(prompt_or_messages, backend=name, should_stop=flag.is_set, prefill_progress=progress,
+                           **params, **extra)
     _stop_flags[session_key(request)] = flag
-    return stream, name
+    return Generation(stream, params["num_samples"], request, progress), name
+
+
+def hold_stop(request: gr.Request | None, flag: StopFlag) -> StopFlag:
+    """Make `flag` the one Stop sets for this session while no stream of it runs: between the runs of a job that
+    streams several (the Race tab), so a Stop there is not lost."""
+    _stop_flags[session_key(request)] = flag
+    return flag
+
+
+def release_stop(request: gr.Request | None, flag: StopFlag) -> None:
+    key = session_key(request)
+    if _stop_flags.get(key) is flag:
+        del _stop_flags[key]
 
 
 def stop(request: gr.Request = None):

@@ -12,11 +12,11 @@ from backend import limits
 from . import deployment, render
 from .state import MODEL_EVENTS, current
 from .streaming import stop
-from .tabs import chat, completion, evaluate, export, finetune, kernel_lab, model, params
+from .tabs import chat, completion, evaluate, export, finetune, kernel_lab, model, params, race
 
 QUEUE_MAX_SIZE = 64               # beyond this, new requests are told the queue is full
-TABS = [("chat", "Chat"), ("completion", "Completion"), ("model", "Model"), ("evaluate", "Evaluate"),
-        ("export", "Export"), ("finetune", "Finetune"), ("kernel_lab", "Kernel lab")]
+TABS = [("chat", "Chat"), ("completion", "Completion"), ("race", "Race"), ("model", "Model"),
+        ("evaluate", "Evaluate"), ("export", "Export"), ("finetune", "Finetune"), ("kernel_lab", "Kernel lab")]
 
 
 def build_app() -> gr.Blocks:
@@ -42,6 +42,8 @@ def build_app() -> gr.Blocks:
             stop_chat = chat.build(panel)
         with tabs["completion"]:
             stop_complete = completion.build(panel)
+        with tabs["race"]:
+            stop_race = race.build(panel, tabs["race"])
         with tabs["model"]:
             model_tab = model.build(info, badge, panel.backend_name)
         with tabs["evaluate"]:
@@ -54,7 +56,8 @@ def build_app() -> gr.Blocks:
                                                    [evaluate_tab["history"], evaluate_tab["chart"]])
         with tabs["kernel_lab"]:
             kernel_lab.build()
-        gr.on([stop_chat.click, stop_complete.click], stop, None, None, api_name="stop", concurrency_limit=None)
+        gr.on([stop_chat.click, stop_complete.click, stop_race.click], stop, None, None, api_name="stop",
+              concurrency_limit=None)
         demo.load(*panel.on_load, api_visibility="private", queue=False)  # this browser's saved presets
         demo.load(model.refresh, None, [model_tab.card, badge, panel.backend_name], api_visibility="private")
         # shows the latest training job, and reattaches to it if it is running
@@ -66,7 +69,7 @@ def build_app() -> gr.Blocks:
 def launch_options() -> dict:
     """What Gradio 6 takes at launch rather than in Blocks(): look and feel, no outbound calls, and in public
     mode the upload cap (Gradio refuses a bigger file before it is written anywhere)."""
-    options = dict(css=render.CSS + render.JOB_CSS + LAYOUT_CSS + chat.GAUGE_CSS,
+    options = dict(css=render.CSS + render.JOB_CSS + LAYOUT_CSS + chat.GAUGE_CSS + race.RACE_CSS,
                    theme=gr.themes.Soft(primary_hue="indigo"),
                    share=False, footer_links=["api", "settings"])
     if deployment.public():

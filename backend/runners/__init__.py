@@ -5,6 +5,7 @@
   triton       the model with our Triton kernels swapped in (kernels/)          runners/triton.py
   compiled+triton  torch.compile of that model (CUDA graph for decode; CUDA only) runners/triton.py
   onnx-*       an ONNX export on ONNX Runtime (attached by export/attach.py)     runners/onnx.py
+               (an encoder's or an LSTM's export: runners/onnx_encoder_lstm.py)
 
 `ModelHandle.runners` holds the prepared ones; `PREPARABLE` names those a handle with PyTorch weights prepares on
 first use (`ModelHandle.runner(name)`); `ModelHandle.backends()` lists both, for the CLI and the playground.

@@ -47,21 +47,26 @@ def read_onnx_config(folder: Path) -> ModelConfig:
         raise ModelLoadError(f"{folder} has a model.onnx but no readable config.json / fornax.json: {e}") from e
 
 
+def open_session(path: Path, threads: int | None = None):
+    """An ONNX Runtime session on `path` with all graph optimisations, `threads` intra-op threads, errors only."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers())
+    except Exception as e:
+        raise ModelLoadError(f"{path} is not a loadable ONNX model: {str(e).strip()[:300]}") from e
+
+
 class OnnxRunner:
     def __init__(self, path: str | Path, config: ModelConfig, threads: int | None = None, name: str = "onnx"):
-        import onnxruntime as ort
-
         path = Path(path)
         self.path, self.config, self.name = path, config, name
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3  # errors only
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers())
-        except Exception as e:
-            raise ModelLoadError(f"{path} is not a loadable ONNX model: {str(e).strip()[:300]}") from e
+        self.session = open_session(path, threads)
         # where ORT keeps keys/values; logits always come back to the CPU, where sampling then runs
         self.ort_device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.device = torch.device("cpu")

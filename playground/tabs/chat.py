@@ -14,7 +14,7 @@ from backend import limits
 from .. import deployment
 from ..errors import refusal, user_errors
 from ..state import MODEL_EVENTS, current
-from ..streaming import Generation, signal_stop, start_stream
+from ..streaming import signal_stop, start_stream
 from . import branches, chat_files
 from .params import Panel, sampling_kwargs
 
@@ -78,12 +78,54 @@ def check(params: dict, tree: dict, system_prompt: str, extra: str = "") -> None
                               sum(len(n["content"]) for n in branches.path(tree)))
 
 
+TRIM_HINT = "tick “trim oldest turns to fit”"
+
+
+def fit(messages: list[dict], budget: int, context: int, count, trim: bool) -> tuple[list[dict], int]:
+    """`messages` (the system prompt first, if any) as they can be sent: `count(messages)` prompt tokens + `budget`
+    must fit `context`. When they would not, with `trim` the fewest oldest turns (a user message and what answers
+    it) are left out — never the system prompt, never the turn of the last user message — else a plain refusal.
+    Returns (messages to send, turns left out)."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    starts = [i for i, m in enumerate(rest) if m["role"] == "user"]
+
+    def without(k: int) -> list[dict]:  # the k oldest turns left out (and anything before the first user message)
+        return system + (rest if k == 0 else rest[starts[k]:])
+
+    def fits(k: int) -> bool:
+        return count(without(k)) + budget <= context
+
+    if fits(0):
+        return messages, 0
+    used = count(messages)
+    if not trim:
+        raise refusal(f"the chat needs {used:,} tokens + {budget:,} for the reply, but the model's context is "
+                      f"{context:,}: shorten the message, lower Max new tokens, Clear, or {TRIM_HINT}; "
+                      f"nothing was sent")
+    most = max(0, len(starts) - 1)
+    if not fits(most):
+        raise refusal(f"even without the older turns the chat needs {count(without(most)):,} tokens + {budget:,} "
+                      f"for the reply, but the model's context is {context:,}: shorten the message or lower Max "
+                      f"new tokens; nothing was sent")
+    lo, hi = 1, most  # fewer turns left out -> more tokens: the least k that fits, by bisection
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    return without(lo), lo
+
+
+def trimmed_note(dropped: int) -> str:
+    return f" · the {dropped} oldest turn{'s' if dropped > 1 else ''} left out to fit the context" if dropped else ""
+
+
 @user_errors
 def chat(message: str, history: list, system_prompt: str, backend_name: str, max_new_tokens: int,
          temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float,
          presence_penalty: float, frequency_penalty: float, stop: list, seed: int | None, num_samples: int,
-         tree: dict | None = None, request: gr.Request = None):
-    """Send `message` after `history`; streams (history with the reply, cleared input box, stats, tree)."""
+         tree: dict | None = None, trim: bool = False, request: gr.Request = None):
+    """Send `message` after `history`; streams (history with the reply, cleared input box, stats, tree). `trim`:
+    leave the oldest turns out of what is sent when the chat would not fit the context (the chat keeps them)."""
     if not message or not message.strip():
         raise refusal("the message is empty: type something to send")
     tree = synced(tree, history)
@@ -91,7 +133,7 @@ def chat(message: str, history: list, system_prompt: str, backend_name: str, max
                              presence_penalty, frequency_penalty, stop, seed, num_samples)
     check(params, tree, system_prompt, message)
     branches.append(tree, branches.node("user", message))
-    for shown, stats, tree in reply(tree, system_prompt, backend_name, params, request):
+    for shown, stats, tree in reply(tree, system_prompt, backend_name, params, request, trim=trim):
         yield shown, "", stats, tree
 
 
@@ -99,7 +141,7 @@ def chat(message: str, history: list, system_prompt: str, backend_name: str, max
 def regenerate(history: list, system_prompt: str, backend_name: str, max_new_tokens: int, temperature: float,
                top_k: int, top_p: float, min_p: float, repetition_penalty: float, presence_penalty: float,
                frequency_penalty: float, stop: list, seed: int | None, num_samples: int,
-               tree: dict | None = None, request: gr.Request = None):
+               tree: dict | None = None, trim: bool = False, request: gr.Request = None):
     """Answer the last user message again; the earlier reply stays as a sibling (the arrows move between them)."""
     tree = synced(tree, history)
     at = len(branches.path(tree)) - 1
@@ -111,14 +153,14 @@ def regenerate(history: list, system_prompt: str, backend_name: str, max_new_tok
                              presence_penalty, frequency_penalty, stop, seed, num_samples)
     check(params, tree, system_prompt)
     replace = at + 1 if at + 1 < len(branches.path(tree)) else None
-    yield from reply(tree, system_prompt, backend_name, params, request, sibling_of=replace)
+    yield from reply(tree, system_prompt, backend_name, params, request, sibling_of=replace, trim=trim)
 
 
 @user_errors
 def edit(history: list, system_prompt: str, backend_name: str, max_new_tokens: int, temperature: float,
          top_k: int, top_p: float, min_p: float, repetition_penalty: float, presence_penalty: float,
          frequency_penalty: float, stop: list, seed: int | None, num_samples: int, tree: dict | None,
-         edited: gr.EditData, request: gr.Request = None):
+         trim: bool, edited: gr.EditData, request: gr.Request = None):
     """A user message edited in place: the edit becomes a sibling of the old message (which keeps its replies)
     and is answered anew."""
     tree = synced(tree, history)
@@ -133,14 +175,14 @@ def edit(history: list, system_prompt: str, backend_name: str, max_new_tokens: i
                              presence_penalty, frequency_penalty, stop, seed, num_samples)
     check(params, tree, system_prompt, text)
     branches.branch(tree, at, branches.node("user", text))
-    yield from reply(tree, system_prompt, backend_name, params, request)
+    yield from reply(tree, system_prompt, backend_name, params, request, trim=trim)
 
 
 @user_errors
 def continue_reply(history: list, system_prompt: str, backend_name: str, max_new_tokens: int, temperature: float,
                    top_k: int, top_p: float, min_p: float, repetition_penalty: float, presence_penalty: float,
                    frequency_penalty: float, stop: list, seed: int | None, num_samples: int,
-                   tree: dict | None = None, request: gr.Request = None):
+                   tree: dict | None = None, trim: bool = False, request: gr.Request = None):
     """Extend the last reply without a new turn: the chat template up to the reply's start, then the reply's text
     with no end-of-turn, so the model carries on writing it."""
     tree = synced(tree, history)
@@ -152,32 +194,41 @@ def continue_reply(history: list, system_prompt: str, backend_name: str, max_new
     check(params, tree, system_prompt)
     last = path[-1]
     with current.using() as handle:
-        head = handle.tokenizer.encode_chat(model_messages(view(tree)[:-1], system_prompt), add_generation_prompt=True)
-        ids = head + handle.tokenizer.encode(last["content"], add_special_tokens=False)
-        stream, name = start_stream(handle, ids, backend_name, params, request)
-        run = Generation(stream, 1, request)
+        started = handle.tokenizer.encode(last["content"], add_special_tokens=False)
+
+        def count(messages: list[dict]) -> int:
+            return len(handle.tokenizer.encode_chat(messages, add_generation_prompt=True)) + len(started)
+        head, dropped = fit(model_messages(view(tree)[:-1], system_prompt), params["max_new_tokens"],
+                            handle.config.max_seq_len, count, trim)
+        ids = handle.tokenizer.encode_chat(head, add_generation_prompt=True) + started
+        run, name = start_stream(handle, ids, backend_name, params, request)
         before = view(tree)[:-1]
         for texts in run.updates():
             if run.flag.discard:
                 return
-            yield before + [text_message("assistant", last["content"] + texts[0])], "*generating…*", tree
+            shown = before + [text_message("assistant", last["content"] + texts[0])]
+            yield shown, run.status() + trimmed_note(dropped), tree
         if not run.flag.discard:
             last["content"] += run.texts[0]
-            yield view(tree), run.stats(name), tree
+            yield view(tree), run.stats(name) + trimmed_note(dropped), tree
 
 
-def reply(tree: dict, system_prompt: str, backend_name: str, params: dict, request, sibling_of: int | None = None):
+def reply(tree: dict, system_prompt: str, backend_name: str, params: dict, request, sibling_of: int | None = None,
+          trim: bool = False):
     """Stream a reply to the visible path (as a sibling of the message at `sibling_of`, else after the path);
-    yields (shown history, stats, tree). Samples 2..n are kept as siblings of sample 1 and shown as notes."""
+    yields (shown history, stats, tree). Samples 2..n are kept as siblings of sample 1 and shown as notes.
+    A chat the context cannot hold is refused before anything is sent, or (`trim`) sent without its oldest turns."""
     before = view(tree) if sibling_of is None else view(tree)[:sibling_of]
     with current.using() as handle:
-        stream, name = start_stream(handle, model_messages(before, system_prompt), backend_name, params, request)
-        run = Generation(stream, params["num_samples"], request)
-        yield before + reply_messages(run.texts), "*generating…*", tree
+        messages, dropped = fit(model_messages(before, system_prompt), params["max_new_tokens"],
+                                handle.config.max_seq_len, lambda m: len(handle.encode(m)), trim)
+        run, name = start_stream(handle, messages, backend_name, params, request)
+        note = trimmed_note(dropped)
+        yield before + reply_messages(run.texts), run.status() + note, tree
         for texts in run.updates():
             if run.flag.discard:  # Clear: any later update would put the emptied chat back on the page
                 return
-            yield before + reply_messages(texts), "*generating…*", tree
+            yield before + reply_messages(texts), run.status() + note, tree
         if run.flag.discard:
             return
         first = branches.node("assistant", run.texts[0])
@@ -189,7 +240,7 @@ def reply(tree: dict, system_prompt: str, backend_name: str, params: dict, reque
         shown = up["active"]
         up["children"] += [branches.node("assistant", t) for t in run.texts[1:]]
         up["active"] = shown
-        yield view(tree) + reply_messages(run.texts)[1:], run.stats(name), tree
+        yield view(tree) + reply_messages(run.texts)[1:], run.stats(name) + note, tree
 
 
 def focused(tree: dict | None, focus: int | None) -> int | None:
@@ -226,9 +277,10 @@ def select(tree: dict | None, event: gr.SelectData):
     return at, branch_label(tree, at)
 
 
-def gauge(message: str, history: list, system_prompt: str, max_new_tokens) -> str:
+def gauge(message: str, history: list, system_prompt: str, max_new_tokens, trim: bool = False) -> str:
     """Tokens the next turn needs (system prompt + history + this message, as the chat template renders them, + the
-    reply's budget) against the model's context, and a plain warning when it would not fit."""
+    reply's budget) against the model's context, and a plain warning when it would not fit (with `trim`: how many
+    of the oldest turns will be left out)."""
     handle = current.handle
     if handle is None:
         return ""
@@ -240,25 +292,47 @@ def gauge(message: str, history: list, system_prompt: str, max_new_tokens) -> st
     msgs = model_messages(shown, system_prompt)
     if message and message.strip():
         msgs.append({"role": "user", "content": message})
+    budget, context = int(max_new_tokens or 0), handle.config.max_seq_len
+
+    def count(m: list[dict]) -> int:
+        return len(handle.tokenizer.encode_chat(m, add_generation_prompt=True)) if m else 0
     try:
-        used = len(handle.tokenizer.encode_chat(msgs, add_generation_prompt=True)) if msgs else 0
+        used = count(msgs)
+        dropped = fit(msgs, budget, context, count, trim=True)[1] if trim and used + budget > context else 0
     except backend.FornaxError as e:  # a template that cannot render these messages: Send will say so too
         return render_gauge(None, 0, 0, str(e))
-    budget = int(max_new_tokens or 0)
-    return render_gauge(used, budget, handle.config.max_seq_len)
+    except gr.Error:  # even without the older turns it would not fit: the plain warning below says so
+        dropped = 0
+    return render_gauge(used, budget, context, dropped=dropped)
 
 
-def render_gauge(used: int | None, budget: int, context: int, problem: str | None = None) -> str:
+def render_gauge(used: int | None, budget: int, context: int, problem: str | None = None, dropped: int = 0) -> str:
     if used is None:
         return f"<div class='fx-gauge fx-over'>⚠ {problem}</div>"
     total = used + budget
     pct = min(100.0, 100.0 * total / context) if context else 0.0
-    over = total > context
-    note = (f" — ⚠ would not fit: shorten the message, clear older turns, or lower Max new tokens to "
-            f"{max(0, context - used):,}" if over else "")
-    return (f"<div class='fx-gauge{' fx-over' if over else ''}' data-used='{used}' data-total='{total}'>"
+    over = total > context and not dropped
+    if dropped:
+        note = f" — the {dropped} oldest turn{'s' if dropped > 1 else ''} will be left out to fit"
+    elif over:
+        note = (f" — ⚠ would not fit: shorten the message, clear older turns, {TRIM_HINT}, or lower Max new tokens "
+                f"to {max(0, context - used):,}")
+    else:
+        note = ""
+    return (f"<div class='fx-gauge{' fx-over' if over else ''}' data-used='{used}' data-total='{total}' "
+            f"data-dropped='{dropped}'>"
             f"<div class='fx-gauge-bar'><span style='width:{pct:.1f}%'></span></div>"
             f"context: {used:,} prompt + {budget:,} reply = {total:,} / {context:,} tokens{note}</div>")
+
+
+GAUGE_DEBOUNCE_MS = 300
+# Runs before the gauge's request: each change restarts the timer, and only the call that is still the latest when
+# it fires goes on to the server (with the latest values); the ones it replaced never resolve, so they
+# send nothing.
+GAUGE_DEBOUNCE_JS = f"""(...values) => new Promise(resolve => {{
+    const mine = window.fxGaugeCall = (window.fxGaugeCall || 0) + 1;
+    setTimeout(() => {{ if (mine === window.fxGaugeCall) resolve(values); }}, {GAUGE_DEBOUNCE_MS});
+}})"""
 
 
 GAUGE_CSS = """
@@ -322,7 +396,10 @@ def build(panel: Panel) -> gr.Button:
         prev = gr.Button("◀", size="sm", elem_id="fx-prev", min_width=40)
         label = gr.Markdown("", elem_id="fx-branch")
         nxt = gr.Button("▶", size="sm", elem_id="fx-next", min_width=40)
-    context = gr.HTML("", elem_id="fx-gauge")
+    with gr.Row(equal_height=True):
+        context = gr.HTML("", elem_id="fx-gauge")
+        # Off: a chat over the context is refused; on: sent without its oldest turns (the page keeps them).
+        trim = gr.Checkbox(False, label="trim oldest turns to fit", elem_id="fx-trim", scale=0, min_width=200)
     with gr.Row():
         export_button = gr.Button("Export chat", size="sm", elem_id="fx-export-chat")
         import_button = gr.UploadButton("Import chat", size="sm", file_types=[".json"], elem_id="fx-import-chat")
@@ -330,7 +407,7 @@ def build(panel: Panel) -> gr.Button:
                         interactive=False, elem_id="fx-chat-files")
     chat_stats = gr.Markdown(elem_classes="fx-stats", elem_id="fx-chat-stats")
 
-    inputs = [chatbot, system_prompt, *panel.inputs, tree]
+    inputs = [chatbot, system_prompt, *panel.inputs, tree, trim]
     options = dict(show_progress="minimal", **MODEL_EVENTS, **deployment.event_options())
     chat_event = gr.on([send.click, message.submit], chat, [message, *inputs], [chatbot, message, chat_stats, tree],
                        api_name="chat", **options)
@@ -347,10 +424,11 @@ def build(panel: Panel) -> gr.Button:
                         api_visibility="private", concurrency_limit=None)
     import_button.upload(import_chat, [import_button], [chatbot, tree, system_prompt, label], api_visibility="private",
                          concurrency_limit=None)
-    # The gauge follows typing: only the latest of a burst of changes runs (trigger_mode), it tokenizes only.
-    gr.on([message.change, chatbot.change, system_prompt.change, panel.inputs[1].change], gauge,
-          [message, chatbot, system_prompt, panel.inputs[1]], [context], api_visibility="private",
-          trigger_mode="always_last", show_progress="hidden", concurrency_limit=None)
+    # The gauge follows typing, debounced in the browser (GAUGE_DEBOUNCE_JS): one count per pause, not one per
+    # keystroke or per streamed token; and of a burst that still overlaps a count only the latest runs after it.
+    gr.on([message.change, chatbot.change, system_prompt.change, panel.inputs[1].change, trim.change], gauge,
+          [message, chatbot, system_prompt, panel.inputs[1], trim], [context], api_visibility="private",
+          js=GAUGE_DEBOUNCE_JS, trigger_mode="always_last", show_progress="hidden", concurrency_limit=None)
     # Clear discards a reply in flight (its Stop flag) and answers once that run has ended, so no late update can
     # put the old chat back. Not `cancels=`: in Gradio 6.31 cancelling an event that is not running broke the next
     # Send of the session.

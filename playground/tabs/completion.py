@@ -6,7 +6,7 @@ import gradio as gr
 from .. import deployment, render
 from ..errors import refusal, user_errors
 from ..state import MODEL_EVENTS, current
-from ..streaming import Generation, start_stream
+from ..streaming import start_stream
 from .params import Panel, sampling_kwargs
 
 TOP_ALTERNATIVES = 5              # alternatives per token in the Completion view
@@ -31,15 +31,14 @@ def complete(prompt: str, backend_name: str, max_new_tokens: int, temperature: f
     deployment.check_sampling(params, len(prompt))
     pending = "<div class='fx-empty'>token probabilities appear when the run finishes…</div>"
     with current.using() as handle:
-        stream, name = start_stream(handle, prompt, backend_name, params, request, top_logprobs=TOP_ALTERNATIVES)
-        run = Generation(stream, params["num_samples"], request)
-        yield "", pending, "*generating…*"
-        for texts in run.updates():
-            yield joined_samples(texts), pending, "*generating…*"
-        if stream.result is None:  # abandoned: no per-token data to colour (Stop keeps the result and its timings)
+        run, name = start_stream(handle, prompt, backend_name, params, request, top_logprobs=TOP_ALTERNATIVES)
+        yield "", pending, run.status()
+        for texts in run.updates():  # a long prompt's ingestion first ("ingesting 1,536 / 4,096 tokens"), then text
+            yield joined_samples(texts), pending, run.status()
+        if run.stream.result is None:  # abandoned: no per-token data to colour (Stop keeps the result and its timings)
             yield joined_samples(run.texts), "<div class='fx-empty'>stopped before the end</div>", run.stats(name)
         else:
-            yield joined_samples(run.texts), render.token_view(prompt, stream.result), run.stats(name)
+            yield joined_samples(run.texts), render.token_view(prompt, run.stream.result), run.stats(name)
 
 
 def build(panel: Panel) -> gr.Button:

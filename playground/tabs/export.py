@@ -1,4 +1,5 @@
-"""The Export tab: the loaded model to ONNX at fp32 / int8 / int4, the parity report, and a .zip to download."""
+"""The Export tab: the loaded model to ONNX at fp32 / int8 / int4 (encoders and LSTMs: fp32 / int8), the parity
+report, and a .zip to download."""
 from __future__ import annotations
 
 import tempfile
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from export.attach import PRECISIONS, attach_onnx, export_for, export_summary
+from export.attach import PRECISIONS, attach_onnx, export_for, export_summary, precisions_for
 from export.package import zip_export
 
 from .. import render
@@ -22,6 +23,9 @@ def export_model(precision: str, progress=gr.Progress()):
         raise refusal(f"pick a precision: {', '.join(PRECISIONS)}")
     quant = PRECISIONS[precision]
     with current.using() as handle:
+        offered = precisions_for(handle.config.family)
+        if precision not in offered:
+            raise refusal(f"{precision} is not offered for a {handle.config.family} model; pick {', '.join(offered)}")
         folder = export_for(handle, quant, progress=lambda f, m: progress(0.9 * f, desc=m))
         name = attach_onnx(handle, quant)
     progress(0.92, desc="packing the download")
@@ -32,12 +36,22 @@ def export_model(precision: str, progress=gr.Progress()):
     return report, str(archive), backend_dropdown(info, name), render.model_card(info)
 
 
+def fit_precisions(precision: str | None) -> gr.Radio:
+    """The precisions offered for the loaded model's family (the choice kept when it is still offered)."""
+    info = current.info()
+    choices = precisions_for(info["family"]) if info else list(PRECISIONS)
+    return gr.Radio(choices=choices, value=precision if precision in choices else choices[-1])
+
+
 def build(backend_name: gr.Dropdown, card: gr.HTML) -> None:
     """The tab's components and events; an export adds its backend to the panel's `backend_name` and the `card`."""
     gr.Markdown("Export the loaded model to **ONNX** for ONNX Runtime: one graph with a KV cache that optimum's "
                 "`ORTModelForCausalLM` and any ONNX Runtime client can run. int8 and int4 quantise the weights "
                 "(onnxruntime's MatMulNBits): smaller and faster on a CPU, a little less exact — the parity report "
-                "says how much. The export is checked against the PyTorch model and added to the Backend selector.")
+                "says how much. The export is checked against the PyTorch model and added to the Backend selector. "
+                "An encoder (BERT) exports in the layout of optimum's `ORTModelForMaskedLM` / "
+                "`ORTModelForSequenceClassification`, an LSTM with its state as graph inputs and outputs; "
+                "both at fp32 or int8.")
     with gr.Row(equal_height=True):
         precision = gr.Radio(list(PRECISIONS), value="int8", label="Precision", scale=3, elem_id="fx-precision")
         export_button = gr.Button("Export to ONNX", variant="primary", scale=1, elem_id="fx-export")
@@ -45,3 +59,4 @@ def build(backend_name: gr.Dropdown, card: gr.HTML) -> None:
     export_file = gr.File(label="Download (.zip)", interactive=False, elem_id="fx-export-file")
     export_button.click(export_model, precision, [export_report, export_file, backend_name, card], api_name="export",
                         **MODEL_EVENTS)
+    card.change(fit_precisions, precision, precision, api_visibility="private", queue=False)  # a model was loaded

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from .. import prepare
+from ..state import current
 from .model import backend_dropdown
 
 STOP_SUGGESTIONS = ["\\n\\n", "\\n", "User:", "###"]
@@ -76,6 +78,23 @@ def save_preset(name: str, saved: dict | None, *values):
     return saved, gr.update(choices=preset_choices(saved), value=name), ""
 
 
+def poll_preparation(chosen: bool):
+    """Timer tick while the start-up preparation runs (playground/prepare.py): its status line, and once its path
+    is ready the Backend selector opens on it, unless this visitor has picked a backend already. Stops itself."""
+    st = prepare.status
+    if st.active:
+        return st.message, gr.skip(), gr.Timer(active=True)
+    info = current.info()
+    name = prepare.preferred(info)
+    if name is None:
+        selector = gr.skip()
+    elif chosen:  # the visitor's choice stands; the prepared path just shows as ready in the list
+        selector = gr.update(choices=backend_dropdown(info).choices)
+    else:
+        selector = backend_dropdown(info, name)
+    return st.message, selector, gr.Timer(active=False)
+
+
 @dataclass
 class Panel:
     backend_name: gr.Dropdown
@@ -88,6 +107,13 @@ def build(info: dict | None) -> Panel:
     gr.Markdown("### Parameters")
     backend_name = backend_dropdown(info, label="Backend", allow_custom_value=True, elem_id="fx-backend",
                                     info="execution path of the loaded model")
+    # what the start-up preparation of the fastest faithful path is doing (empty when it is off)
+    prepare_status = gr.Markdown(prepare.status.message, elem_id="fx-prepare-status", elem_classes="fx-stats")
+    chosen = gr.State(False)  # this session picked a backend itself: never switch it for them
+    backend_name.input(lambda: True, None, chosen, api_visibility="private", queue=False)
+    timer = gr.Timer(1.0)  # turns itself off on its first tick once no preparation is running
+    timer.tick(poll_preparation, chosen, [prepare_status, backend_name, timer], api_visibility="private",
+               queue=False, show_progress="hidden")
     preset = gr.Dropdown(preset_choices(None), value="Balanced", label="Preset", elem_id="fx-preset",
                          info="moves the sliders below")
     max_new_tokens = param_slider(1, 2048, value=256, step=1, label="Max new tokens", elem_id="fx-max-new-tokens")

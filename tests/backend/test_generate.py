@@ -125,3 +125,22 @@ def test_chunked_prefill_gives_the_one_shot_logits_and_reports_progress(tmp_path
     runner.start(2, 110)
     prefill(runner, ids, 2, chunk=1000)
     torch.testing.assert_close(after_chunked, runner.forward(nxt[:, None], 100), atol=1e-4, rtol=1e-4)
+
+
+def test_stop_during_a_long_prompt_ends_between_chunks(tmp_path, monkeypatch):
+    """Stop pressed while a long prompt is ingested ends the run after the chunk in progress, not at the end."""
+    import backend
+    import backend.generate as generate
+    from tests.backend.tiny import make_tiny
+
+    make_tiny("llama", tmp_path / "m")
+    h = backend.load(str(tmp_path / "m"))
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 16)
+    seen = []
+    stream = h.stream(list(range(5, 105)), max_new_tokens=4, temperature=0,
+                      prefill_progress=lambda done, total: seen.append(done), should_stop=lambda: len(seen) >= 2)
+    assert list(stream) == []
+    assert seen == [16, 32]                       # two chunks of 16 ingested, then Stop took effect
+    assert [c.finish_reason for c in stream.result.completions] == ["cancelled"]
+    assert stream.result.completions[0].token_ids == []
+    assert h.generate("The", max_new_tokens=2, temperature=0).completions[0].token_ids  # still usable

@@ -28,6 +28,11 @@ CATALOGUE = [
     ("public", "/complete", dict(prompt="The", **{**PANEL, "max_new_tokens": 100_000}), "max_new_tokens is 100,000"),
     ("public", "/chat", dict(**CHAT, **{**PANEL, "num_samples": 12}), "num_samples is 12"),
     ("public", "/complete", dict(prompt="The", **{**PANEL, "stop": ["\\n"] * 9}), "the number of stop strings is 9"),
+    ("private", "/race", dict(prompt="", paths=["eager"], greedy=True, **PANEL), "the prompt is empty"),
+    ("private", "/race", dict(prompt="The", paths=[], greedy=True, **PANEL), "tick at least one path"),
+    ("private", "/race", dict(prompt="The", paths=["no-such-path"], greedy=True, **PANEL), "no-such-path"),
+    ("public", "/race", dict(prompt="The", paths=["eager"], greedy=False, **{**PANEL, "max_new_tokens": 100_000}),
+     "max_new_tokens is 100,000"),
     # models
     ("private", "/load", dict(source="  ", dtype="auto"), "type a model to load"),
     ("private", "/load", dict(source="/no/such/model", dtype="auto"), "no model at"),

@@ -160,7 +160,7 @@ def gauge_total(page) -> int:
     return int(page.get_attribute("#fx-gauge .fx-gauge", "data-total"))
 
 
-def test_the_gauge_moves_as_text_is_typed_and_warns_at_the_limit(page):
+def test_the_gauge_moves_as_text_is_typed_and_warns_at_the_limit(page, monkeypatch):
     page.click("#fx-clear")
     set_number(page, "fx-max-new-tokens", 8)
     page.locator("#fx-message textarea").press_sequentially("Hello", delay=20)
@@ -169,8 +169,15 @@ def test_the_gauge_moves_as_text_is_typed_and_warns_at_the_limit(page):
     short = gauge_total(page)
     messages = [{"role": "user", "content": "Hello"}]
     assert short == len(current.handle.tokenizer.encode_chat(messages, add_generation_prompt=True)) + 8
-    page.locator("#fx-message textarea").press_sequentially(" there, a much longer message now", delay=10)
+    tokenizer = current.handle.tokenizer
+    counts, encode_chat = [], tokenizer.encode_chat
+    monkeypatch.setattr(tokenizer, "encode_chat", lambda *a, **k: (counts.append(1), encode_chat(*a, **k))[1])
+    more = " there, a much longer message now"
+    page.locator("#fx-message textarea").press_sequentially(more, delay=60)  # keys faster than the debounce
     page.wait_for_function("n => +document.querySelector('#fx-gauge .fx-gauge').dataset.total > n", arg=short)
+    page.wait_for_timeout(800)
+    assert 1 <= len(counts) <= 3  # debounced: a count per pause in typing, not one per keystroke
+    monkeypatch.undo()
     assert "fx-over" not in page.get_attribute("#fx-gauge .fx-gauge", "class")
     set_number(page, "fx-max-new-tokens", 120)  # the tiny model's context is 128 tokens
     wait_for_text(page, "#fx-gauge", "would not fit")
@@ -199,3 +206,36 @@ def test_a_chat_exported_and_imported_shows_the_same_branches(page, tmp_path):
     assert bots(page).last.inner_text() == second
     page.click("#fx-prev")
     wait_for_text(page, "#fx-branch", "reply 1 of 2")
+
+
+def test_a_long_prompt_shows_its_ingestion_before_the_first_token(page, monkeypatch):
+    import re
+    import time
+
+    import backend.generate
+
+    # Chunks of 16 tokens, each taking a moment (a big model's prefill, on the tiny one), so the page can show them.
+    monkeypatch.setattr(backend.generate, "PREFILL_CHUNK", 16)
+    runner = current.handle.runner("eager")
+    forward = runner.forward
+    monkeypatch.setattr(runner, "forward", lambda ids, pos: (time.sleep(0.15) if ids.shape[1] > 1 else None,
+                                                             forward(ids, pos))[1])
+    page.click("#fx-clear")
+    page.wait_for_function("() => !document.querySelector('#fx-chatbot [data-testid=bot]')")
+    # Every text the stats line shows, recorded as the page draws it.
+    page.evaluate("""() => {
+        window.fxStatsSeen = [];
+        const stats = document.querySelector('#fx-chat-stats');
+        new MutationObserver(() => window.fxStatsSeen.push(stats.innerText)).observe(
+            stats, {childList: true, subtree: true, characterData: true});
+    }""")
+    message = "Tell me what the for statement does when the iterable is empty and when it is not. " * 2
+    send(page, message)
+    prompt_tokens = len(current.handle.encode([{"role": "user", "content": message}]))
+    seen = [tuple(int(n.replace(",", "")) for n in m.groups()) for text in page.evaluate("window.fxStatsSeen")
+            if (m := re.search(r"ingesting ([\d,]+) / ([\d,]+) tokens", text))]
+    assert prompt_tokens > 48 and len(seen) >= 2, seen
+    assert {total for _, total in seen} == {prompt_tokens}
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and done[-1] == prompt_tokens and done[0] < prompt_tokens
+    assert "ingesting" not in page.inner_text("#fx-chat-stats")  # the stats line once the reply is in

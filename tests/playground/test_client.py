@@ -219,7 +219,7 @@ def test_streaming_sends_small_diffs_at_a_throttled_rate(url):
     panel = {**PANEL, "max_new_tokens": 30, "stop": []}
     data = ["Tell me a story.", long_history, "", *(panel[k] for k in (
         "backend_name", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-        "presence_penalty", "frequency_penalty", "stop", "seed", "num_samples")), None]  # None: the branch tree
+        "presence_penalty", "frequency_penalty", "stop", "seed", "num_samples")), None, False]  # tree, trim
     joined = httpx.post(url + "gradio_api/queue/join", json=dict(data=data, fn_index=fn_index, session_hash="wire",
                                                                  event_data=None, trigger_id=None))
     assert joined.status_code == 200

@@ -38,7 +38,7 @@ runpy.run_module("playground", run_name="__main__", alter_sys=True)
 def test_help_is_instant_and_lists_the_flags():
     out = subprocess.run([sys.executable, "-m", "playground", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
-    for flag in ("--host", "--port", "--model", "--dtype"):
+    for flag in ("--host", "--port", "--model", "--dtype", "--prepare"):
         assert flag in out.stdout
 
 

@@ -18,6 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from . import compare
+
 COLUMNS = ["date", "model", "path", "precision", "status", "prompt_tokens", "new_tokens", "batch", "threads",
            "repeats", "ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "weight_mb", "gb_s",
            "pct_of_floor", "read_gb_s", "top1_agreement", "mean_kl", "greedy_match", "greedy_tokens",
@@ -29,9 +31,8 @@ PEER_LABELS = {"transformers": "transformers eager", "llama.cpp": "llama.cpp", "
 
 def first_divergence(reference: list[int], rows: list[list[int]]) -> int:
     """Greedy tokens identical to the reference before the first difference, the least over the rows."""
-    def one(row):
-        return next((i for i, (a, b) in enumerate(zip(reference, row)) if a != b), min(len(reference), len(row)))
-    return min(one(row) for row in rows)
+    found = [compare.first_divergence(reference, row) for row in rows]
+    return min(len(reference) if i is None else i for i in found)
 
 
 def summary(runs: list[dict], reference: list[int]) -> dict:

@@ -104,6 +104,10 @@ def cmd_race(args):
     select = [s for s in (args.paths or "").replace(",", " ").split() if s] or None
     paths = race_paths(args.model, args.onnx or [], args.llama_python, args.genai_python, select)
     opts = dict(repeats=args.repeats)
+    if args.configs:
+        opts["configs"] = tuple(tuple(int(n) for n in c.split("+")) for c in args.configs.split(","))
+    if args.batches:
+        opts["batches"] = tuple(int(b) for b in args.batches.split(","))
     if args.quick:  # a smoke run writes no docs/ files unless asked to
         opts.update(repeats=1, configs=QUICK_CONFIGS, fidelity_tokens=QUICK_FIDELITY_TOKENS)
     default = lambda given, path: given if given is not None else ("" if args.quick else path)  # noqa: E731
@@ -265,6 +269,8 @@ def main(argv=None):
     p.add_argument("--paths", default=None, help="only these (comma-separated): eager, compiled, onnx (or onnx-int4 "
                                                  "...), eager-cuda, compiled-cuda, triton, compiled+triton, "
                                                  "transformers, llama.cpp, genai")
+    p.add_argument("--configs", default=None, help="prompt+new tokens, comma-separated (default 128+128,512+256)")
+    p.add_argument("--batches", default=None, help="batch sizes, comma-separated (default 1,4)")
     p.add_argument("--text", default=None, help="fidelity text file (default: a Python docs topic)")
     p.add_argument("--csv", default=None, help="one row per path x configuration x batch (default docs/race.csv; "
                                                "--quick: none; '' = none)")

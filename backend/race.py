@@ -1,7 +1,8 @@
 """The race: every Fornax execution path and the peers on the same prompt token ids, one harness.
 
     python -m backend race [--model default] [--onnx DIR]... [--llama-python PY] [--genai-python PY] [--threads 2]
-                           [--repeats 3] [--configs 128+128,512+256] [--batches 1,4] [--paths eager,compiled,onnx,...] [--text FILE] [--csv F] [--png F] [--quick]
+                           [--repeats 3] [--configs 128+128,512+256] [--batches 1,4]
+                           [--paths eager,compiled,onnx,...] [--text FILE] [--csv F] [--png F] [--quick]
 
 Paths: Fornax eager and compiled; each ONNX export given by --onnx (its precision read from the folder's
 fornax.json); triton and compiled+triton where CUDA is present. Peers, when installed: transformers eager fp32 (on

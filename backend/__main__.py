@@ -129,6 +129,8 @@ def _train_config(args):
         base["sample_prompts"] = args.sample_prompt
     if args.resume:
         base["resume"] = True
+    if args.nsp:
+        base["nsp"] = True
     return TrainConfig.from_dict(base).check()
 
 
@@ -250,6 +252,8 @@ def main(argv=None):
     p.add_argument("--lora-targets", default=None, help="e.g. attn.qkv,attn.proj (default: every projection)")
     p.add_argument("--sample-prompt", action="append", help="prompt sampled during training (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--nsp", action="store_true", help="pretrain an encoder with next-sentence prediction too "
+                   "(sentence pairs from the text's own order; saved as BertForPreTraining)")
     p.add_argument("--job-dir", default=None, help="write live state to DIR/state.json; DIR/cancel stops the run")
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("bench-train", help="time our training loop against transformers' Trainer, same model and data")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import TrainError
 from ..tokenizer import Tokenizer
-from .data import MAX_VAL_RECORDS, Data, Records, stratified_val_index
+from .data import MAX_VAL_RECORDS, Data, Records, build_data, stratified_val_index
 
 METHOD = "classification head"  # how the encoder path classifies (the causal path: "label words")
 
@@ -121,3 +121,25 @@ class ClassifyHead:
         line = (f"val loss {loss:.4f}, accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
                 f"(majority {metrics['majority_baseline']:.3f})")
         return loss, math.exp(min(loss, 50.0)), {**metrics, "method": METHOD}, line
+
+
+def encoder_objective(cfg, core, tokenizer: Tokenizer, records: Records, seq_len: int):
+    """(data, objective) for an encoder: a classification head on labelled rows, else masked-LM (+ NSP) on text."""
+    if core.is_classifier:
+        if records.task != "classify":
+            raise TrainError("this encoder has a classification head: train it on labelled rows (--task classify, "
+                             "a .jsonl with 'text' and 'label' or a .csv)")
+        data = build_classify(records, tokenizer, core.config.labels, seq_len, cfg.val_fraction, cfg.seed)
+        return data, ClassifyHead(core.config.labels, pad_id(tokenizer, core.config))
+    from .mlm import MaskedLM, build_nsp
+
+    if records.task != "lm":
+        raise TrainError("pretraining an encoder is masked-LM on plain text; to classify labelled rows, finetune the "
+                         "pretrained folder: --mode full|lora --task classify --model FOLDER" if cfg.mode == "pretrain"
+                         else f"an encoder with a masked-LM head trains on plain text or labelled rows (--task "
+                              f"classify), not {records.task} data")
+    if cfg.nsp:
+        data = build_nsp(records, tokenizer, seq_len, cfg.val_fraction, cfg.seed)
+    else:
+        data = build_data(records, tokenizer, seq_len, cfg.val_fraction, cfg.seed)
+    return data, MaskedLM(tokenizer, core.config.vocab_size, cfg.seed, nsp=cfg.nsp)

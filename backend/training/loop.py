@@ -6,6 +6,8 @@ summed loss is divided by the global target count), so a step is the same comput
 micro-batches and processes. AdamW with decoupled weight decay on >= 2-D parameters only (matrices and embeddings;
 not norms, biases), linear warm-up then cosine decay to min_lr_ratio * lr, global-norm gradient clipping, bf16
 autocast on CUDA (CPU stays fp32). Periodic validation loss and perplexity, samples from fixed prompts, checkpoints.
+An encoder brings its own objective (masked LM [+ next sentence], or its classification head: see
+encoder_classify.py) for the batches, the loss and the validation; everything else is this same loop.
 """
 from __future__ import annotations
 
@@ -190,7 +192,9 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
     reporter.update(force=True, message="tokenizing the data")
     objective = None  # None: next-token loss; else an encoder's (masked LM [+ NSP], classification head)
     if core.config.family == "bert":
-        data, objective = _encoder_objective(cfg, core, tokenizer, records, seq_len)
+        from .encoder_classify import encoder_objective
+
+        data, objective = encoder_objective(cfg, core, tokenizer, records, seq_len)
     else:
         data = build_data(records, tokenizer, seq_len, cfg.val_fraction, cfg.seed)
     if core.config.family == "lstm" and (data.task == "chat" or cfg.mode == "lora"):
@@ -461,28 +465,6 @@ def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path |
     core = new_model(mcfg).to(device)
     core.init_weights()
     return core, tokenizer
-
-
-def _encoder_objective(cfg: TrainConfig, core, tokenizer: Tokenizer, records: Records, seq_len: int):
-    """(data, objective) for an encoder: a classification head on labelled rows, else masked-LM (+ NSP) on text."""
-    if core.is_classifier:
-        from .encoder_classify import ClassifyHead, build_classify, pad_id
-
-        if records.task != "classify":
-            raise TrainError("this encoder has a classification head: train it on labelled rows (--task classify, "
-                             "a .jsonl with 'text' and 'label' or a .csv)")
-        data = build_classify(records, tokenizer, core.config.labels, seq_len, cfg.val_fraction, cfg.seed)
-        return data, ClassifyHead(core.config.labels, pad_id(tokenizer, core.config))
-    from .mlm import MaskedLM, build_nsp
-
-    if records.task != "lm":
-        raise TrainError("an encoder with a masked-LM head trains on plain text (--task lm); for labelled rows use "
-                         "--task classify")
-    if cfg.nsp:
-        data = build_nsp(records, tokenizer, seq_len, cfg.val_fraction, cfg.seed)
-    else:
-        data = build_data(records, tokenizer, seq_len, cfg.val_fraction, cfg.seed)
-    return data, MaskedLM(tokenizer, core.config.vocab_size, cfg.seed, nsp=cfg.nsp)
 
 
 def new_model(cfg: ModelConfig) -> torch.nn.Module:

@@ -1,7 +1,7 @@
-"""Masked-language-model pieces for pretraining an encoder (used by the training loop for a "bert" preset): a WordPiece tokenizer
-trained by `tokenizers` the way BERT's is built, BERT's dynamic masking (15 % of the ordinary tokens are chosen;
-of those 80 % become [MASK], 10 % a random token, 10 % stay; the loss is on the chosen ones only), and
-validation: masked-LM loss and masked-token accuracy on a fixed masking of the validation blocks; optionally BERT's
+"""Masked-language-model pieces for pretraining an encoder (used by the training loop for a "bert" preset): a
+WordPiece tokenizer trained by `tokenizers` the way BERT's is built; BERT's dynamic masking (15 % of the ordinary
+tokens are chosen; of those 80 % become [MASK], 10 % a random token, 10 % stay; the loss is on the chosen ones only);
+validation masked-LM loss and masked-token accuracy on a fixed masking of the validation blocks; and optionally BERT's
 next-sentence prediction on sentence pairs built from the text's own sentence order."""
 from __future__ import annotations
 
@@ -78,8 +78,9 @@ def build_nsp(records: Records, tokenizer: Tokenizer, seq_len: int, val_fraction
         out = EncoderExamples()
         for i in range(len(part) - 1):
             j = i + 1
-            if rng.random() < 0.5:
-                j = rng.choice([k for k in range(len(part)) if k not in (i, i + 1)][:len(part)])
+            if rng.random() < 0.5:  # any sentence but A and its successor
+                j = rng.randrange(len(part) - 2)
+                j += 2 if j >= i else 0
             a, b = list(part[i]), list(part[j])
             while len(a) + len(b) > seq_len - 3:          # longest first, as BERT's truncate_seq_pair
                 (a if len(a) >= len(b) else b).pop()

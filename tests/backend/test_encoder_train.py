@@ -82,6 +82,7 @@ def test_full_finetune_of_a_masked_lm_folder_trains_a_new_head_transformers_load
     assert hf["architectures"] == ["BertForSequenceClassification"]
     assert hf["num_labels"] == 2 and hf["id2label"] == {"0": "bad", "1": "good"}
     metrics = json.loads((out / "training.json").read_text())["metrics"]
+    print(f"encoder full finetune: {metrics}")
     assert metrics["method"] == "classification head" and metrics["n"] == 30
     assert metrics["accuracy"] >= metrics["majority_baseline"] + 0.3, metrics
     accuracy, theirs, ours = _transformers_accuracy(out, _val_rows(labelled))
@@ -101,10 +102,12 @@ def test_lora_trains_adapters_and_head_only_through_the_job_manager(bert_mlm, la
     adapters = L * r * (4 * (d + d) + (d + f) + (f + d))      # q k v proj, up, down: A (r, in) + B (out, r)
     head = (d * d + d) + (d * 2 + 2)                           # pooler + classifier, trained whole
     assert state["trainable_params"] == adapters + head
+    print(f"encoder LoRA: {state['metrics']}, {state['trainable_params']} trainable")
     assert state["metrics"]["accuracy"] >= state["metrics"]["majority_baseline"] + 0.2, state["metrics"]
     from safetensors.torch import load_file
 
-    base, tuned = load_file(str(bert_mlm / "model.safetensors")), load_file(str(tmp_path / "lora" / "model.safetensors"))
+    base = load_file(str(bert_mlm / "model.safetensors"))
+    tuned = load_file(str(tmp_path / "lora" / "model.safetensors"))
     emb = "bert.embeddings.word_embeddings.weight"
     assert torch.equal(base[emb], tuned[emb])                  # frozen
     q = "bert.encoder.layer.0.attention.self.query.weight"
@@ -115,11 +118,10 @@ def test_lora_trains_adapters_and_head_only_through_the_job_manager(bert_mlm, la
 
 def test_cancelled_encoder_run_resumes_to_the_same_model(bert_mlm, labelled, tmp_path):
     straight = train(_cfg(bert_mlm, labelled, tmp_path / "straight", "lora", steps=12, lora_r=4))
-    out, steps_seen = tmp_path / "resumed", []
-    cancelled = train(_cfg(bert_mlm, labelled, out, "lora", steps=12, lora_r=4),
-                      should_stop=lambda: bool(steps_seen) and steps_seen[-1] >= 5,
-                      on_update=lambda state: steps_seen.append(state["step"]))
-    assert cancelled["status"] == "cancelled" and any(out.glob("checkpoint-*"))
+    out, asked = tmp_path / "resumed", []
+    cancelled = train(_cfg(bert_mlm, labelled, out, "lora", steps=12, lora_r=4),  # asked once before each step
+                      should_stop=lambda: asked.append(1) or len(asked) > 5)
+    assert cancelled["status"] == "cancelled" and cancelled["step"] == 5 and any(out.glob("checkpoint-*"))
     resumed = train(_cfg(bert_mlm, labelled, out, "lora", steps=12, lora_r=4, resume=True))
     assert resumed["status"] == "done" and [s for s, _ in resumed["train_loss"]] == list(range(1, 13))
     assert straight["train_loss"][-1][1] == pytest.approx(resumed["train_loss"][-1][1], rel=1e-5)
@@ -161,6 +163,9 @@ def test_encoder_classify_plain_errors(bert_mlm, labelled, tmp_path):
                                                    for r in labelled_rows(40)])
     with pytest.raises(TrainError, match="'meh'"):
         train(_cfg(clf, relabelled, tmp_path / "b", "full", steps=1))
+    with pytest.raises(TrainError, match="finetune the pretrained folder"):
+        train(TrainConfig(data=str(labelled), out=str(tmp_path / "d"), mode="pretrain", preset="tiny-bert",
+                          task="classify", steps=1, vocab_size=300, seq_len=32))
     with pytest.raises(TrainError, match="--nsp"):
         TrainConfig(data=str(text), out=str(tmp_path / "c"), model=str(bert_mlm), mode="full", nsp=True).check()
 

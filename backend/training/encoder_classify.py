@@ -6,9 +6,10 @@ cross-entropy of the class logits (B, n_labels). The validation rows are the one
 data.py) holds out — the same stratified split of the same file — so the two are scored on the same rows, by the
 same report (backend/scoring/classify.py: accuracy, macro-F1, the majority label's share).
 
-The objective interface the training loop drives (also mlm.MaskedLM's): batches(split, micro, step) -> batches;
-counts(batch) -> [loss denominators..., input tokens]; loss(module, batch, totals, device) -> the batch's share of the
-global mean; evaluate(module, val, batch_size, device) -> (loss, perplexity, metrics, log line).
+`encoder_objective` picks an encoder's data and objective for the loop. The objective interface the loop drives
+(also mlm.MaskedLM's): batches(split, micro, step) -> batches; counts(batch) -> [loss denominators..., input
+tokens]; loss(module, batch, totals, device) -> the batch's share of the global mean; evaluate(module, val,
+batch_size, device) -> (loss, perplexity, metrics, log line).
 """
 from __future__ import annotations
 
@@ -109,7 +110,10 @@ class ClassifyHead:
         return [len(batch.labels), float(batch.attention_mask.sum())]
 
     def loss(self, module, batch: EncoderBatch, totals: list[float], device) -> torch.Tensor:
-        logits = module(batch.ids.to(device), batch.attention_mask.to(device))                 # (B, n_labels)
+        from ..scoring.validation import autocast
+
+        with autocast(device):
+            logits = module(batch.ids.to(device), batch.attention_mask.to(device))             # (B, n_labels)
         return F.cross_entropy(logits.float(), batch.labels.to(device), reduction="sum") / totals[0]
 
     @torch.no_grad()

@@ -204,3 +204,25 @@ def test_nsp_pretraining_accuracy_matches_an_independent_count_in_transformers(t
     assert "masked_accuracy" in metrics
     h = backend.load(str(out))                                  # our loader reads it as a masked LM
     assert h.config.family == "bert" and len(h.fill_mask("The [MASK] statement", top_k=2)[0]) == 2
+
+    # A tiny run may still guess one class everywhere; a random wide init predicts both, so the count must really
+    # follow each pair: the same evaluation on such a model, saved and counted in transformers again.
+    from backend.config import ModelConfig
+    from backend.encoder import Encoder
+    from backend.loading import save_pretrained
+    from backend.training.mlm import MaskedLM
+
+    tokenizer = Tokenizer.from_folder(out)
+    cfg = ModelConfig.from_dict({**ModelConfig.from_name("tiny-bert").to_dict(), "vocab_size": tokenizer.vocab_size,
+                                 "nsp_head": True, "pad_token_id": tokenizer.token_to_id("[PAD]")})
+    torch.manual_seed(3)
+    wide = Encoder(cfg)
+    wide.init_weights(std=0.5)
+    metrics = MaskedLM(tokenizer, cfg.vocab_size, 0, nsp=True).evaluate(wide, pairs, 8, torch.device("cpu"))[2]
+    save_pretrained(wide.eval(), tokenizer, tmp_path / "wide")
+    model = BertForPreTraining.from_pretrained(tmp_path / "wide").eval()
+    with torch.no_grad():
+        guesses = [int(model(input_ids=pairs.ids[i][None], token_type_ids=pairs.types[i][None])
+                       .seq_relationship_logits.argmax(-1)) for i in range(len(pairs))]
+    assert len(set(guesses)) == 2
+    assert metrics["nsp_accuracy"] == pytest.approx(sum(g == y for g, y in zip(guesses, pairs.labels)) / len(pairs))

@@ -146,6 +146,8 @@ def _train_config(args):
         base["sample_prompts"] = args.sample_prompt
     if args.resume:
         base["resume"] = True
+    if args.nsp:
+        base["nsp"] = True
     return TrainConfig.from_dict(base).check()
 
 
@@ -183,10 +185,18 @@ def cmd_finetune(args):
 
 
 def cmd_bench_train(args):
+    if args.compare:  # learning curves of presets trained alike, not engine speed
+        from .bench_curves import run_curves
+
+        presets = [p for p in args.compare_presets.replace(",", " ").split() if p]
+        run_curves(presets, steps=args.steps or 200, seq_len=args.seq_len or 64, batch_size=args.batch_size or 8,
+                   lr=args.lr, eval_every=args.eval_every, data=args.data, csv_path=args.csv, png_path=args.png,
+                   threads=args.threads)
+        return
     from .bench_train import run_bench_train
 
-    run_bench_train(steps=args.steps, threads=args.threads, preset=args.preset, seq_len=args.seq_len,
-                    batch_size=args.batch_size, csv_path=args.csv, repeats=args.repeats)
+    run_bench_train(steps=args.steps or 30, threads=args.threads, preset=args.preset, seq_len=args.seq_len or 256,
+                    batch_size=args.batch_size or 8, csv_path=args.csv, repeats=args.repeats)
 
 
 def cmd_evaluate(args):
@@ -286,16 +296,25 @@ def main(argv=None):
     p.add_argument("--lora-targets", default=None, help="e.g. attn.qkv,attn.proj (default: every projection)")
     p.add_argument("--sample-prompt", action="append", help="prompt sampled during training (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--nsp", action="store_true", help="pretrain an encoder with next-sentence prediction too "
+                   "(sentence pairs from the text's own order; saved as BertForPreTraining)")
     p.add_argument("--job-dir", default=None, help="write live state to DIR/state.json; DIR/cancel stops the run")
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("bench-train", help="time our training loop against transformers' Trainer, same model and data")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=None, help="default 30 (--compare: 200)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--preset", default="small-llama")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None, help="default 256 (--compare: 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 8")
+    p.add_argument("--compare", action="store_true", help="instead: validation-loss curves of presets pretrained "
+                   "alike on the same text (LSTM vs Transformer), with the unigram baseline; see bench_curves.py")
+    p.add_argument("--compare-presets", default="tiny-lstm,tiny-llama")
+    p.add_argument("--lr", type=float, default=3e-3, help="--compare: the peak learning rate of every preset")
+    p.add_argument("--eval-every", type=int, default=10, help="--compare: validation every N steps")
+    p.add_argument("--data", default=None, help="--compare: a text file (default: 60 kB of Python's docs)")
+    p.add_argument("--png", default=None, help="--compare: write the curves to this PNG")
     p.add_argument("--repeats", type=int, default=2, help="alternated runs per engine; the best is kept")
-    p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file")
+    p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file (--compare: write it)")
     p.set_defaults(func=cmd_bench_train)
 
     p = sub.add_parser("evaluate", help="score a model: perplexity, BLEU / chrF / ROUGE / exact match, accuracy / "

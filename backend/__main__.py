@@ -1,5 +1,5 @@
-"""CLI: python -m backend info|generate|chat|fill-mask|bench|finetune|bench-train|evaluate|cache (each verb is one
-plain function)."""
+"""CLI: python -m backend info|generate|chat|fill-mask|bench|race|finetune|bench-train|evaluate|cache (each verb is
+one plain function)."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +98,23 @@ def cmd_bench(args):
               backends=[b for b in args.backends.replace(",", " ").split() if b], onnx=args.onnx)
 
 
+def cmd_race(args):
+    from .race import QUICK_CONFIGS, QUICK_FIDELITY_TOKENS, race_paths, run_race
+
+    select = [s for s in (args.paths or "").replace(",", " ").split() if s] or None
+    paths = race_paths(args.model, args.onnx or [], args.llama_python, args.genai_python, select)
+    opts = dict(repeats=args.repeats)
+    if args.configs:
+        opts["configs"] = tuple(tuple(int(n) for n in c.split("+")) for c in args.configs.split(","))
+    if args.batches:
+        opts["batches"] = tuple(int(b) for b in args.batches.split(","))
+    if args.quick:  # a smoke run writes no docs/ files unless asked to
+        opts.update(repeats=1, configs=QUICK_CONFIGS, fidelity_tokens=QUICK_FIDELITY_TOKENS)
+    default = lambda given, path: given if given is not None else ("" if args.quick else path)  # noqa: E731
+    run_race(args.model, paths, threads=args.threads, text=args.text, csv_path=default(args.csv, "docs/race.csv"),
+             png_path=default(args.png, "docs/race.png"), **opts)
+
+
 # finetune flags -> TrainConfig fields (None = not given: the --config file's value or the default)
 TRAIN_FLAGS = {
     "data": str, "out": str, "mode": str, "task": str, "model": str, "preset": str, "vocab_size": int, "steps": int,
@@ -129,6 +146,8 @@ def _train_config(args):
         base["sample_prompts"] = args.sample_prompt
     if args.resume:
         base["resume"] = True
+    if args.nsp:
+        base["nsp"] = True
     return TrainConfig.from_dict(base).check()
 
 
@@ -166,10 +185,18 @@ def cmd_finetune(args):
 
 
 def cmd_bench_train(args):
+    if args.compare:  # learning curves of presets trained alike, not engine speed
+        from .bench_curves import run_curves
+
+        presets = [p for p in args.compare_presets.replace(",", " ").split() if p]
+        run_curves(presets, steps=args.steps or 200, seq_len=args.seq_len or 64, batch_size=args.batch_size or 8,
+                   lr=args.lr, eval_every=args.eval_every, data=args.data, csv_path=args.csv, png_path=args.png,
+                   threads=args.threads)
+        return
     from .bench_train import run_bench_train
 
-    run_bench_train(steps=args.steps, threads=args.threads, preset=args.preset, seq_len=args.seq_len,
-                    batch_size=args.batch_size, csv_path=args.csv, repeats=args.repeats)
+    run_bench_train(steps=args.steps or 30, threads=args.threads, preset=args.preset, seq_len=args.seq_len or 256,
+                    batch_size=args.batch_size or 8, csv_path=args.csv, repeats=args.repeats)
 
 
 def cmd_evaluate(args):
@@ -241,6 +268,25 @@ def main(argv=None):
     p.add_argument("--backends", default="eager,compiled,onnx", help="our paths to time (comma-separated)")
     p.add_argument("--onnx", default=None, help="an fp32 export folder (default: the export cache's, if any)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("race", help="every Fornax path and the peers (transformers, llama.cpp, onnxruntime-genai) on "
+                                    "the same token ids: speed, bandwidth, memory and fidelity")
+    p.add_argument("--model", default="default")
+    p.add_argument("--onnx", action="append", help="an export folder (python -m export); repeatable: fp32, int8, int4")
+    p.add_argument("--llama-python", default=None, help="the interpreter of a virtualenv with llama-cpp-python")
+    p.add_argument("--genai-python", default=None, help="the interpreter of a virtualenv with onnxruntime-genai")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="round-robin repeats; the table shows medians")
+    p.add_argument("--paths", default=None, help="only these (comma-separated): eager, compiled, onnx (or onnx-int4 "
+                                                 "...), eager-cuda, compiled-cuda, triton, compiled+triton, "
+                                                 "transformers, llama.cpp, genai")
+    p.add_argument("--configs", default=None, help="prompt+new tokens, comma-separated (default 128+128,512+256)")
+    p.add_argument("--batches", default=None, help="batch sizes, comma-separated (default 1,4)")
+    p.add_argument("--text", default=None, help="fidelity text file (default: a Python docs topic)")
+    p.add_argument("--csv", default=None, help="one row per path x configuration x batch (default docs/race.csv; "
+                                               "--quick: none; '' = none)")
+    p.add_argument("--png", default=None, help="a chart (default docs/race.png; needs matplotlib; '' = none)")
+    p.add_argument("--quick", action="store_true", help="smoke run: one small configuration, one repeat")
+    p.set_defaults(func=cmd_race)
     p = sub.add_parser("finetune", help="train: LoRA or full finetuning of a model, or pretraining from scratch",
                        description="Data: .txt (plain text), .jsonl ({'text'} / {'messages'} / {'text','label'} per "
                                    "line) or .csv (text,label). See backend/training/data.py.")
@@ -250,16 +296,25 @@ def main(argv=None):
     p.add_argument("--lora-targets", default=None, help="e.g. attn.qkv,attn.proj (default: every projection)")
     p.add_argument("--sample-prompt", action="append", help="prompt sampled during training (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--nsp", action="store_true", help="pretrain an encoder with next-sentence prediction too "
+                   "(sentence pairs from the text's own order; saved as BertForPreTraining)")
     p.add_argument("--job-dir", default=None, help="write live state to DIR/state.json; DIR/cancel stops the run")
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("bench-train", help="time our training loop against transformers' Trainer, same model and data")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=None, help="default 30 (--compare: 200)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--preset", default="small-llama")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None, help="default 256 (--compare: 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 8")
+    p.add_argument("--compare", action="store_true", help="instead: validation-loss curves of presets pretrained "
+                   "alike on the same text (LSTM vs Transformer), with the unigram baseline; see bench_curves.py")
+    p.add_argument("--compare-presets", default="tiny-lstm,tiny-llama")
+    p.add_argument("--lr", type=float, default=3e-3, help="--compare: the peak learning rate of every preset")
+    p.add_argument("--eval-every", type=int, default=10, help="--compare: validation every N steps")
+    p.add_argument("--data", default=None, help="--compare: a text file (default: 60 kB of Python's docs)")
+    p.add_argument("--png", default=None, help="--compare: write the curves to this PNG")
     p.add_argument("--repeats", type=int, default=2, help="alternated runs per engine; the best is kept")
-    p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file")
+    p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file (--compare: write it)")
     p.set_defaults(func=cmd_bench_train)
 
     p = sub.add_parser("evaluate", help="score a model: perplexity, BLEU / chrF / ROUGE / exact match, accuracy / "

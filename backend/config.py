@@ -45,6 +45,7 @@ class ModelConfig:
     type_vocab_size: int = 2          # token-type (segment) embeddings
     pad_token_id: int | None = None
     labels: list[str] | None = None   # None: masked-LM head; else a sequence-classification head over these labels
+    nsp_head: bool = False            # masked-LM + next-sentence heads (saved as BertForPreTraining); pretraining only
 
     def __post_init__(self):
         if self.family not in FAMILIES:

@@ -4,6 +4,7 @@
     n_layer x post-LayerNorm block:  x = LN(x + Attn(x, padding mask));  x = LN(x + W2 GELU(W1 x))
     head: masked-LM   (dense -> GELU -> LayerNorm -> decoder tied to the token embeddings, + bias)  -> (B, T, V)
           or classify (pooler: tanh(dense(h[CLS])) -> linear)                                    -> (B, n_labels)
+    + optional next-sentence head for pretraining (pooler -> linear)                         -> (B, 2)
 
 GELU is the exact (erf) one, as BERT's `hidden_act="gelu"`. Weights load from HF `BertForMaskedLM` /
 `BertForSequenceClassification` folders through `HF_NAMES` (our name -> theirs).
@@ -65,6 +66,9 @@ class Encoder(nn.Module):
             self.lm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
             if cfg.tie_embeddings:
                 self.lm_head.weight = self.tok_emb.weight
+            if cfg.nsp_head:  # next-sentence prediction (BertForPreTraining's cls.seq_relationship)
+                self.pooler = nn.Linear(d, d)
+                self.nsp_head = nn.Linear(d, 2)
         else:                   # sequence-classification head
             self.pooler = nn.Linear(d, d)
             self.classifier = nn.Linear(d, len(cfg.labels))
@@ -90,13 +94,18 @@ class Encoder(nn.Module):
         return x
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Masked-LM logits (B, T, V), or class logits (B, n_labels) for a classifier."""
+                token_type_ids: torch.Tensor | None = None, nsp: bool = False):
+        """Masked-LM logits (B, T, V), or class logits (B, n_labels) for a classifier; with nsp=True (a model built
+        with nsp_head) the pair (masked-LM logits (B, T, V), next-sentence logits (B, 2))."""
         h = self.hidden(idx, attention_mask, token_type_ids)                    # (B, T, D)
         if self.is_classifier:
             return self.classifier(torch.tanh(self.pooler(h[:, 0])))           # (B, n_labels), from [CLS]
-        h = self.mlm_norm(F.gelu(self.mlm_dense(h)))
-        return self.lm_head(h) + self.lm_bias                                   # (B, T, V)
+        mlm = self.lm_head(self.mlm_norm(F.gelu(self.mlm_dense(h)))) + self.lm_bias  # (B, T, V)
+        if not nsp:
+            return mlm
+        if not self.config.nsp_head:
+            raise GenerationError("this encoder has no next-sentence head")
+        return mlm, self.nsp_head(torch.tanh(self.pooler(h[:, 0])))           # (B, 2): 0 = B follows A, 1 = random
 
     def init_weights(self, std: float = 0.02):
         """BERT's initialisation: normal(0, std) matrices and embeddings, zero biases, unit LayerNorms."""
@@ -112,6 +121,25 @@ class Encoder(nn.Module):
             nn.init.zeros_(self.lm_bias)
 
     # --- what the handle and the training loop ask of every model ---
+    @classmethod
+    def with_classifier(cls, encoder: "Encoder", labels: list[str], seed: int = 0) -> "Encoder":
+        """A sequence classifier over `labels` sharing `encoder`'s embeddings and blocks (copied); the pooler and the
+        classifier start from BERT's initialisation, as transformers does for a BertForMaskedLM folder loaded as
+        BertForSequenceClassification (a masked-LM checkpoint has no pooler)."""
+        import dataclasses
+
+        cfg = dataclasses.replace(encoder.config, labels=list(labels), nsp_head=False)
+        torch.manual_seed(seed)
+        model = cls(cfg).to(encoder.tok_emb.weight.device)
+        model.init_weights()
+        body = {k: v for k, v in encoder.state_dict().items() if k.split(".")[0] in (
+            "tok_emb", "pos_emb", "type_emb", "emb_norm", "blocks")}
+        if encoder.is_classifier:  # a classifier given new labels keeps its pooler, not its classifier
+            body.update({k: v for k, v in encoder.state_dict().items() if k.startswith("pooler.")})
+        missing, unexpected = model.load_state_dict(body, strict=False)
+        assert not unexpected and all(k.split(".")[0] in ("pooler", "classifier") for k in missing), missing
+        return model
+
     def eager_runner(self) -> "EncoderRunner":
         return EncoderRunner(self)
 
@@ -171,12 +199,14 @@ def config_from_hf(cls, hf: dict):
 
 
 def config_to_hf(cfg) -> dict:
-    out = dict(model_type="bert", architectures=[CLASSIFY_ARCHITECTURE if cfg.labels else "BertForMaskedLM"],
+    arch = CLASSIFY_ARCHITECTURE if cfg.labels else "BertForPreTraining" if cfg.nsp_head else "BertForMaskedLM"
+    out = dict(model_type="bert", architectures=[arch],
                vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
                num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff, hidden_act="gelu",
                max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
                layer_norm_eps=cfg.norm_eps, pad_token_id=cfg.pad_token_id, tie_word_embeddings=cfg.tie_embeddings)
-    if cfg.labels:
+    if cfg.labels:  # as transformers writes them (num_labels is implied by id2label)
+        out["num_labels"] = len(cfg.labels)
         out["id2label"] = {str(i): label for i, label in enumerate(cfg.labels)}
         out["label2id"] = {label: i for i, label in enumerate(cfg.labels)}
     return out
@@ -199,6 +229,8 @@ def hf_names(cfg) -> dict[str, str]:
         names["lm_bias"] = "cls.predictions.bias"
         if not cfg.tie_embeddings:
             names["lm_head.weight"] = "cls.predictions.decoder.weight"
+        if cfg.nsp_head:
+            pairs += [("pooler", "bert.pooler.dense"), ("nsp_head", "cls.seq_relationship")]
     else:
         pairs += [("pooler", "bert.pooler.dense"), ("classifier", "classifier")]
     for ours, theirs in pairs:

@@ -25,7 +25,7 @@ import backend
 from backend import limits
 from export.attach import ONNX_BACKENDS, attach_onnx
 
-from . import deployment
+from . import deployment, prepare
 from .state import current
 from .tabs.chat import message_text
 
@@ -151,7 +151,8 @@ class Run:
             if params["max_new_tokens"] is None:  # OpenAI's default: as much as the context leaves (within the cap)
                 room = handle.config.max_seq_len - len(ids)
                 params["max_new_tokens"] = max(1, min(room, limits.current().max_new_tokens))
-            name = name or handle.backend
+            name = name or prepare.preferred(handle.info()) or handle.backend  # the prepared fast path, if any
+            self.backend = name
             if name in ONNX_BACKENDS and name not in handle.runners:
                 attach_onnx(handle, ONNX_BACKENDS[name])
             self.stream = handle.stream(ids, backend=name, should_stop=lambda: deadline and time.monotonic() > deadline,
@@ -179,7 +180,9 @@ class Run:
 
     # --- responses ---
     def head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        # system_fingerprint names the execution path that answered (OpenAI: "the backend configuration")
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": f"fornax-{self.backend}"}
 
     def logprobs(self, completion: backend.generate.Completion, text_offset: int = 0) -> dict | None:
         if not self.want_logprobs:

@@ -73,6 +73,29 @@ def evaluate_classify(module: torch.nn.Module, tokenizer: Tokenizer, records: li
     return {k: report[k] for k in ("accuracy", "macro_f1", "majority_baseline", "n")}
 
 
+@torch.no_grad()
+def evaluate_encoder_classify(module: torch.nn.Module, val, labels: list[str], batch_size: int, device: torch.device,
+                              pad_id: int = 0, max_rows: int = 200) -> tuple[dict, float]:
+    """An encoder classifier's head on (at most max_rows of) its validation examples (training.encoder_classify):
+    (accuracy, macro-F1, majority_baseline and n from classification_report; the mean cross-entropy)."""
+    from .classify import classification_report
+
+    was_training = module.training
+    module.eval()
+    predicted, loss, n = [], 0.0, min(len(val), max_rows)
+    try:
+        for i in range(0, n, batch_size):
+            batch = val.batch(list(range(i, min(n, i + batch_size))), pad_id)
+            with autocast(device):
+                logits = module(batch.ids.to(device), batch.attention_mask.to(device)).float()   # (B, n_labels)
+            loss += F.cross_entropy(logits, batch.labels.to(device), reduction="sum").item()
+            predicted += logits.argmax(-1).tolist()
+    finally:
+        module.train(was_training)
+    report = classification_report([labels[k] for k in predicted], [labels[k] for k in val.labels[:n]], labels)
+    return {k: report[k] for k in ("accuracy", "macro_f1", "majority_baseline", "n")}, loss / max(1, n)
+
+
 def make_samples(model: Transformer, tokenizer: Tokenizer, prompts: list[str], task: str, step: int,
                  max_new_tokens: int, seed: int) -> list[dict]:
     """One seeded sample per prompt from the model as it is now (chat prompts are a user message)."""

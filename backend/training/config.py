@@ -51,6 +51,7 @@ class TrainConfig:
     resume: bool = False             # continue from the newest checkpoint in `out` (if there is one)
     device: str | None = None        # None = cuda if available else cpu
     kernels: str = "eager"           # eager | triton: our Triton ops + fused linear cross-entropy (training/fused.py)
+    nsp: bool = False                # pretrain an encoder (bert preset) with next-sentence prediction on sentence pairs
 
     # --- serialisation ---
     def to_dict(self) -> dict:
@@ -92,6 +93,9 @@ class TrainConfig:
         need(self.mode != "pretrain" or self.preset in PRESETS,
              f"no preset {self.preset!r}; presets: {', '.join(PRESETS)}")
         need(self.mode == "pretrain" or bool(self.model), "no model to finetune: give one (--model)")
+        need(isinstance(self.nsp, bool), f"nsp must be true or false, got {self.nsp!r}")
+        need(not self.nsp or (self.mode == "pretrain" and PRESETS[self.preset]["family"] == "bert"),
+             "next-sentence prediction (--nsp) is for pretraining an encoder: --mode pretrain --preset tiny-bert")
         need(300 <= self.vocab_size <= 65536, f"vocab_size must be in [300, 65536], got {self.vocab_size}")
         for name in ("steps", "batch_size", "grad_accum", "lora_r", "sample_tokens"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,

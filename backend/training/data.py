@@ -328,10 +328,11 @@ def classify_example(tokenizer: Tokenizer, text: str, label: str | None, seq_len
     return prompt[-room:], answer
 
 
-def _build_classify(records: Records, tokenizer: Tokenizer, seq_len: int, val_fraction: float, seed: int) -> Data:
-    # Stratified split: every label is in the validation set, in proportion.
+def stratified_val_index(items: list[tuple[str, str]], val_fraction: float, seed: int) -> list[int]:
+    """The rows of a labelled file held out for validation, every label in proportion (sorted). The causal (label
+    words) and the encoder (classification head) paths share it, so both are scored on the same rows."""
     by_label: dict[str, list[int]] = {}
-    for i, (_, label) in enumerate(records.items):
+    for i, (_, label) in enumerate(items):
         by_label.setdefault(label, []).append(i)
     rng = random.Random(seed)
     val_index = []
@@ -339,12 +340,17 @@ def _build_classify(records: Records, tokenizer: Tokenizer, seq_len: int, val_fr
         index = by_label[label]
         rng.shuffle(index)
         val_index += index[:_n_val(len(index), val_fraction)]
+    return sorted(val_index)
+
+
+def _build_classify(records: Records, tokenizer: Tokenizer, seq_len: int, val_fraction: float, seed: int) -> Data:
+    val_index = stratified_val_index(records.items, val_fraction, seed)
     val_set = set(val_index)
     train, val = Sequences(), Sequences()
     for i, (text, label) in enumerate(records.items):
         prompt, answer = classify_example(tokenizer, text, label, seq_len)
         (val if i in val_set else train).add(prompt + answer, [False] * len(prompt) + [True] * len(answer))
-    val_records = [records.items[i] for i in sorted(val_index)][:MAX_VAL_RECORDS]
+    val_records = [records.items[i] for i in val_index][:MAX_VAL_RECORDS]
     prompts = [CLASSIFY_PROMPT.format(text=t) for t, _ in (val_records or records.items)[:2]]
     counts = Counter(label for _, label in records.items)
     return Data("classify", train, val, prompts, labels=sorted(counts), val_records=val_records,

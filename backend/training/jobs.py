@@ -11,7 +11,9 @@ after a page reload (or a restart of the UI), and cancel it. One job runs at a t
 
 state.json: id, status ('starting' | 'running' | 'done' | 'failed' | 'cancelled'), step, total_steps, tokens_per_s,
 train_loss [[step, loss]], val_loss [[step, loss, perplexity]], samples [{step, prompt, text}] (step 0 = before
-training), metrics (classify: accuracy, macro_f1, majority_baseline, n, step), error (str | None), out_dir, config,
+training), metrics (classify: accuracy, macro_f1, majority_baseline, n, step, method = 'label words' for
+a causal model or 'classification head' for an encoder; encoder pretraining: masked_accuracy [, nsp_accuracy,
+nsp_pairs]), error (str | None), out_dir, config,
 started, updated (unix times); also message (what it is doing now), lr, data (a summary), pid.
 """
 from __future__ import annotations

@@ -6,6 +6,8 @@ summed loss is divided by the global target count), so a step is the same comput
 micro-batches and processes. AdamW with decoupled weight decay on >= 2-D parameters only (matrices and embeddings;
 not norms, biases), linear warm-up then cosine decay to min_lr_ratio * lr, global-norm gradient clipping, bf16
 autocast on CUDA (CPU stays fp32). Periodic validation loss and perplexity, samples from fixed prompts, checkpoints.
+An encoder brings its own objective (masked LM [+ next sentence], or its classification head: see
+encoder_classify.py) for the batches, the loss and the validation; everything else is this same loop.
 """
 from __future__ import annotations
 
@@ -188,14 +190,13 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
     if seq_len > context:
         raise TrainError(f"seq_len {seq_len} is beyond the model's context of {context} tokens")
     reporter.update(force=True, message="tokenizing the data")
-    data = build_data(records, tokenizer, seq_len, cfg.val_fraction, cfg.seed)
-    mlm = None
-    if core.config.family == "bert":  # masked-LM pretraining: the packed text, masked afresh at every step
-        from .mlm import MLM
+    objective = None  # None: next-token loss; else an encoder's (masked LM [+ NSP], classification head)
+    if core.config.family == "bert":
+        from .encoder_classify import encoder_objective
 
-        if data.task != "lm":
-            raise TrainError("an encoder pretrains on plain text (--task lm)")
-        mlm = MLM(tokenizer, core.config.vocab_size, cfg.seed)
+        data, objective = encoder_objective(cfg, core, tokenizer, records, seq_len)
+    else:
+        data = build_data(records, tokenizer, seq_len, cfg.val_fraction, cfg.seed)
     if core.config.family == "lstm" and (data.task == "chat" or cfg.mode == "lora"):
         raise TrainError("an LSTM has no chat template and no attention projections for LoRA: train it on text "
                          "(--task lm) with --mode pretrain or full")
@@ -203,7 +204,7 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
 
     core.train()
     torch.manual_seed(cfg.seed)
-    if cfg.mode == "lora":
+    if cfg.mode == "lora":  # (an encoder classifier's pooler + classifier train whole: peft's modules_to_save)
         from .lora import add_lora
 
         core.requires_grad_(False)
@@ -227,7 +228,7 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         start = int(trainer["step"])
         reporter.update(**meta["history"])
     fused = None
-    if cfg.kernels == "triton":
+    if cfg.kernels == "triton" and objective is None:  # (an encoder's objectives run eager)
         from .fused import TritonLoss
 
         fused = TritonLoss(core, device)
@@ -269,24 +270,24 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
     def evaluate(step: int):
         if not dist.main:
             return
-        if len(data.val) and mlm is not None:
-            loss, ppl, accuracy = mlm.evaluate(module, data.val, cfg.batch_size, device)
+        if len(data.val) and objective is not None:
+            loss, ppl, metrics, line = objective.evaluate(module, data.val, cfg.batch_size, device)
             reporter.state["val_loss"].append([step, loss, ppl])
-            reporter.state["metrics"] = {"step": step, "masked_accuracy": accuracy}
-            _log(bar, f"step {step}: val masked-LM loss {loss:.4f}, masked-token accuracy {accuracy:.3f}")
+            reporter.state["metrics"] = {"step": step, **metrics}
+            _log(bar, f"step {step}: {line}")
         elif len(data.val):
             loss, ppl = evaluate_loss(module, data.val, cfg.batch_size, device)
             reporter.state["val_loss"].append([step, loss, ppl])
             _log(bar, f"step {step}: val loss {loss:.4f}, perplexity {ppl:.2f}")
-        if data.task == "classify" and data.val_records:
+        if data.task == "classify" and data.val_records and objective is None:
             metrics = evaluate_classify(module, tokenizer, data.val_records, data.labels, seq_len, device)
-            reporter.state["metrics"] = {"step": step, **metrics}
+            reporter.state["metrics"] = {"step": step, **metrics, "method": "label words"}
             _log(bar, f"step {step}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
                       f"(majority {metrics['majority_baseline']:.3f})")
         reporter.update(force=True)
 
     def sample(step: int):
-        if dist.main and cfg.sample_every and prompts and mlm is None:  # (an encoder does not generate)
+        if dist.main and cfg.sample_every and prompts and core.config.family != "bert":  # (encoders do not generate)
             reporter.state["samples"] += make_samples(core, tokenizer, prompts, data.task, step, cfg.sample_tokens,
                                                       cfg.seed)
             reporter.update(force=True)
@@ -331,21 +332,29 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
             break
         t0 = time.perf_counter()
         micro = step_batches(step)
-        batches = [data.train.batch(idx, pad_id) for idx in micro]
-        if mlm is not None:  # inputs with 15 % chosen (80/10/10), targets the chosen originals
-            batches = [mlm.mask(x, step * 1000 + m) for m, (x, _) in enumerate(batches)]
-        counts = torch.tensor([sum(int((y != IGNORE).sum()) for _, y in batches),                 # targets
-                               sum(len(data.train.ids[i]) - 1 for idx in micro for i in idx)],  # input tokens
-                              dtype=torch.float64)
-        n_targets, n_tokens = dist.sum(counts).tolist()
+        if objective is not None:  # each loss term is a mean over the global batch: its totals summed first
+            batches = objective.batches(data.train, micro, step)
+            totals = dist.sum(torch.tensor([objective.counts(b) for b in batches], dtype=torch.float64).sum(0))
+            *totals, n_tokens = totals.tolist()
+            n_targets = 1.0
+        else:
+            batches = [data.train.batch(idx, pad_id) for idx in micro]
+            counts = torch.tensor([sum(int((y != IGNORE).sum()) for _, y in batches),                 # targets
+                                   sum(len(data.train.ids[i]) - 1 for idx in micro for i in idx)],  # input tokens
+                                  dtype=torch.float64)
+            n_targets, n_tokens = dist.sum(counts).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for m, (x, y) in enumerate(batches):
+        for m, batch in enumerate(batches):
             sync = contextlib.nullcontext() if dist.world == 1 or m == len(batches) - 1 else wrapped.no_sync()
             with sync:
-                if fused is not None:                                           # Triton: no (B, T, V) logits
+                if objective is not None:                                       # already divided by the totals
+                    loss = objective.loss(wrapped, batch, totals, device)
+                elif fused is not None:                                         # Triton: no (B, T, V) logits
+                    x, y = batch
                     with autocast(device):
                         loss = fused.loss_sum(wrapped, x.to(device), y.to(device))
                 else:
+                    x, y = batch
                     with autocast(device):
                         logits = wrapped(x.to(device))                          # (B, T, V)
                     loss = F.cross_entropy(logits.float().view(-1, vocab), y.to(device).view(-1),
@@ -425,10 +434,16 @@ def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path |
             raise TrainError(f"could not load the model {cfg.model!r}: {e}") from e
         if handle.model is None:
             raise TrainError(f"{cfg.model} is an exported ONNX graph; train the PyTorch model it came from")
-        if handle.config.family == "bert":
-            raise TrainError("finetuning an encoder (BERT-style) is not supported yet; pretrain one (--preset "
-                             "tiny-bert) or finetune a causal model")
-        return handle.model.contiguous_layout(), handle.tokenizer
+        model = handle.model.contiguous_layout()
+        if handle.config.family == "bert" and records.task == "classify":
+            from ..encoder import Encoder
+            from .encoder_classify import check_labels
+
+            if model.is_classifier:
+                check_labels(model.config.labels, records.labels, cfg.model)
+            else:  # a masked-LM folder gets a new head over the file's labels
+                model = Encoder.with_classifier(model, records.labels, cfg.seed)
+        return model, handle.tokenizer
     if resume_from is not None:
         tokenizer = Tokenizer.from_folder(resume_from)
         mcfg = ModelConfig.from_dict(json.loads((resume_from / "model_config.json").read_text()))
@@ -440,6 +455,7 @@ def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path |
 
             tokenizer = train_wordpiece(records.corpus, cfg.vocab_size)
             mcfg.pad_token_id = tokenizer.token_to_id("[PAD]")
+            mcfg.nsp_head = cfg.nsp
         else:
             tokenizer = _shared_tokenizer(records.corpus, cfg.vocab_size, dist)
             mcfg.eos_token_ids = [tokenizer.token_to_id(tokenizer.eos_token)]

@@ -11,11 +11,12 @@ import torch.nn as nn
 from ..errors import TrainError
 from ..model import Transformer
 
-TARGETS = ("attn.qkv", "attn.proj", "mlp.gate_up", "mlp.up", "mlp.down")
+TARGETS = ("attn.qkv", "attn.q", "attn.k", "attn.v", "attn.proj", "mlp.gate_up", "mlp.up", "mlp.down", "up", "down")
+ENCODER_HEAD = ("pooler", "classifier")  # an encoder classifier's head: new for the task, so it trains whole
 
 
 def model_targets(model: Transformer) -> list[str]:
-    """The projection names this model has (gate_up for Llama, up for GPT-2)."""
+    """The projection names this model has (gate_up for Llama, up for GPT-2; q k v proj up down for an encoder)."""
     names = {name.split(".", 2)[2] for name, m in model.named_modules()
              if name.startswith("blocks.") and isinstance(m, nn.Linear)}
     return [t for t in TARGETS if t in names]
@@ -32,14 +33,16 @@ def add_lora(model: Transformer, r: int, alpha: float, dropout: float = 0.0, tar
     if unknown:
         raise TrainError(f"LoRA target(s) {', '.join(unknown)} are not in this {model.config.family} model; "
                          f"its projections are {', '.join(have)}")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    head = list(ENCODER_HEAD) if getattr(model.config, "labels", None) else None  # peft trains a copy of these
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        modules_to_save=head)
     return get_peft_model(model, config)
 
 
 def merge_lora(peft_model) -> Transformer:
     """Fold every adapter into its base weight (W + alpha/r * B A) and return our plain Transformer."""
-    model = peft_model.merge_and_unload()
-    if model.config.tie_embeddings:
+    model = peft_model.merge_and_unload()  # (a modules_to_save head is swapped for its trained copy)
+    if model.config.tie_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.tok_emb.weight
     return model
 
@@ -48,6 +51,6 @@ def base_model(module: nn.Module) -> Transformer:
     """Our Transformer inside a PeftModel and/or a DistributedDataParallel wrapper (or the module itself)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    while not isinstance(module, Transformer):
+    while isinstance(module, DistributedDataParallel) or hasattr(module, "get_base_model"):
         module = module.module if isinstance(module, DistributedDataParallel) else module.get_base_model()
     return module

@@ -133,3 +133,28 @@ def test_lstm_refuses_chat_data_and_lora(tmp_path):
     with pytest.raises(TrainError, match="LSTM"):
         train(cfg)
 
+
+
+def test_bench_train_compare_writes_both_curves_and_the_unigram_baseline(tmp_path):
+    """`bench-train --compare` at a toy size: a CSV with each preset's validation curve at the same steps, the
+    unigram baseline equal to an independent count on the same blocks, and a PNG."""
+    import csv
+
+    from backend.__main__ import main
+
+    data = write_text(tmp_path / "docs.txt", n_chars=8000)
+    csv_path, png = tmp_path / "curves.csv", tmp_path / "curves.png"
+    assert main(["bench-train", "--compare", "--steps", "4", "--eval-every", "2", "--batch-size", "4", "--seq-len",
+                 "32", "--data", str(data), "--csv", str(csv_path), "--png", str(png), "--threads", "1"]) == 0
+    rows = list(csv.DictReader(csv_path.open()))
+    for preset in ("tiny-lstm", "tiny-llama"):
+        assert [int(r["step"]) for r in rows if r["preset"] == preset and r["split"] == "val"] == [0, 2, 4]
+        assert [int(r["step"]) for r in rows if r["preset"] == preset and r["split"] == "train"] == [1, 2, 3, 4]
+    unigram = float(next(r["loss"] for r in rows if r["preset"] == "unigram"))
+    from backend.training import TrainConfig, train
+
+    out = tmp_path / "again"  # the same tokenizer (deterministic) to count the unigram baseline independently
+    train(TrainConfig(data=str(data), out=str(out), mode="pretrain", preset="tiny-lstm", steps=1, vocab_size=384,
+                      seq_len=32, eval_every=0, sample_every=0, save_every=0, device="cpu"))
+    assert unigram == pytest.approx(_unigram_and_val_loss(out, data, 32)[1], abs=1e-4)
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

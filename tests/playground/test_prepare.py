@@ -48,6 +48,15 @@ def test_the_selector_opens_on_a_faithful_export_and_not_on_an_unfaithful_one(ti
     assert line == shown[-1] and selector.value == expected and timer.active is False
     _, kept, _ = params.poll_preparation(True)
     assert "value" not in kept and expected in [name for _, name in kept["choices"]]
+    # the OpenAI API answers on it too unless a request names another backend
+    from fastapi.testclient import TestClient
+
+    from playground.openai_api import server
+    api = TestClient(server())
+    body = {"prompt": "The", "max_tokens": 2, "temperature": 0}
+    assert api.post("/v1/completions", json=body).json()["system_fingerprint"] == f"fornax-{expected}"
+    named = api.post("/v1/completions", json={**body, "backend": "eager"}).json()
+    assert named["system_fingerprint"] == "fornax-eager"
 
     # the same exports (now cached) against a bound below both their KLs: not faithful enough, stays on eager
     create_app(tiny, prepare="fast", prepare_max_kl=min(kls.values()) / 2)

@@ -1,0 +1,149 @@
+"""Classification with an encoder's own head: `--task classify` on a BERT folder trains the pooler + classifier
+(mode full: everything; mode lora: adapters on the encoder's projections, the head trained whole).
+
+Each labelled row becomes `[CLS] text [SEP]` (cut to seq_len, [SEP] kept) and its label's index; the loss is the
+cross-entropy of the class logits (B, n_labels). The validation rows are the ones the causal path (label words,
+data.py) holds out — the same stratified split of the same file — so the two are scored on the same rows, by the
+same report (backend/scoring/classify.py: accuracy, macro-F1, the majority label's share).
+
+`encoder_objective` picks an encoder's data and objective for the loop. The objective interface the loop drives
+(also mlm.MaskedLM's): batches(split, micro, step) -> batches; counts(batch) -> [loss denominators..., input
+tokens]; loss(module, batch, totals, device) -> the batch's share of the global mean; evaluate(module, val,
+batch_size, device) -> (loss, perplexity, metrics, log line).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import TrainError
+from ..tokenizer import Tokenizer
+from .data import MAX_VAL_RECORDS, Data, Records, build_data, stratified_val_index
+
+METHOD = "classification head"  # how the encoder path classifies (the causal path: "label words")
+
+
+class EncoderBatch(NamedTuple):
+    ids: torch.Tensor                    # (B, T) right-padded
+    attention_mask: torch.Tensor         # (B, T) 1 on tokens, 0 on padding
+    token_types: torch.Tensor            # (B, T) 0 = first segment, 1 = second
+    labels: torch.Tensor                 # (B,) class index (classify) or 0 next / 1 random (next-sentence)
+
+
+@dataclass
+class EncoderExamples:
+    """Whole encoder inputs ([CLS] ... [SEP], maybe a second segment) with one label each."""
+    ids: list[torch.Tensor] = field(default_factory=list)     # each (L,) int64
+    types: list[torch.Tensor] = field(default_factory=list)   # each (L,) int64
+    labels: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, ids: list[int], label: int, types: list[int] | None = None):
+        self.ids.append(torch.tensor(ids, dtype=torch.long))
+        self.types.append(torch.tensor(types if types is not None else [0] * len(ids), dtype=torch.long))
+        self.labels.append(label)
+
+    def batch(self, index: list[int], pad_id: int = 0) -> EncoderBatch:
+        T = max(len(self.ids[i]) for i in index)
+        ids = torch.full((len(index), T), pad_id, dtype=torch.long)
+        types = torch.zeros((len(index), T), dtype=torch.long)
+        mask = torch.zeros((len(index), T), dtype=torch.long)
+        for b, i in enumerate(index):
+            n = len(self.ids[i])
+            ids[b, :n], types[b, :n], mask[b, :n] = self.ids[i], self.types[i], 1
+        return EncoderBatch(ids, mask, types, torch.tensor([self.labels[i] for i in index], dtype=torch.long))
+
+
+def pad_id(tokenizer: Tokenizer, config) -> int:
+    found = tokenizer.token_to_id("[PAD]")
+    return found if found is not None else (config.pad_token_id or 0)
+
+
+def encode_single(tokenizer: Tokenizer, text: str, seq_len: int) -> list[int]:
+    """[CLS] text [SEP] as the tokenizer builds it, cut to seq_len tokens keeping the final [SEP]."""
+    ids = tokenizer.encode(text)
+    return ids if len(ids) <= seq_len else ids[:seq_len - 1] + ids[-1:]
+
+
+def build_classify(records: Records, tokenizer: Tokenizer, labels: list[str], seq_len: int, val_fraction: float,
+                   seed: int) -> Data:
+    """Labelled rows -> EncoderExamples (train, val) over the model's `labels`."""
+    index_of = {label: i for i, label in enumerate(labels)}
+    val_index = stratified_val_index(records.items, val_fraction, seed)
+    val_set = set(val_index)
+    train, val = EncoderExamples(), EncoderExamples()
+    for i, (text, label) in enumerate(records.items):
+        (val if i in val_set else train).add(encode_single(tokenizer, text, seq_len), index_of[label])
+    counts = Counter(label for _, label in records.items)
+    return Data("classify", train, val, [], labels=list(labels),
+                val_records=[records.items[i] for i in val_index][:MAX_VAL_RECORDS],
+                summary=f"{len(records.items)} rows, labels {dict(sorted(counts.items()))} -> {len(train)} training "
+                        f"+ {len(val)} validation (encoder: [CLS] text [SEP] -> {METHOD})")
+
+
+def check_labels(model_labels: list[str], file_labels: list[str], model: str):
+    """A classifier folder trains only on the labels it has (the file may use a subset of them)."""
+    unknown = sorted(set(file_labels) - set(model_labels))
+    if unknown:
+        raise TrainError(f"the data has label(s) {', '.join(map(repr, unknown))} that the classifier {model} does not "
+                         f"have (its labels: {', '.join(map(repr, model_labels))}); train from its masked-LM "
+                         f"checkpoint or relabel the data")
+
+
+class ClassifyHead:
+    """The loop's objective for an encoder classifier: mean cross-entropy over the rows of the global batch."""
+
+    def __init__(self, labels: list[str], pad: int):
+        self.labels, self.pad = list(labels), pad
+
+    def batches(self, split: EncoderExamples, micro: list[list[int]], step: int) -> list[EncoderBatch]:
+        return [split.batch(idx, self.pad) for idx in micro]
+
+    def counts(self, batch: EncoderBatch) -> list[float]:
+        return [len(batch.labels), float(batch.attention_mask.sum())]
+
+    def loss(self, module, batch: EncoderBatch, totals: list[float], device) -> torch.Tensor:
+        from ..scoring.validation import autocast
+
+        with autocast(device):
+            logits = module(batch.ids.to(device), batch.attention_mask.to(device))             # (B, n_labels)
+        return F.cross_entropy(logits.float(), batch.labels.to(device), reduction="sum") / totals[0]
+
+    @torch.no_grad()
+    def evaluate(self, module, val: EncoderExamples, batch_size: int, device) -> tuple[float, float, dict, str]:
+        from ..scoring.validation import evaluate_encoder_classify
+
+        metrics, loss = evaluate_encoder_classify(module, val, self.labels, batch_size, device, self.pad,
+                                                  MAX_VAL_RECORDS)
+        line = (f"val loss {loss:.4f}, accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
+                f"(majority {metrics['majority_baseline']:.3f})")
+        return loss, math.exp(min(loss, 50.0)), {**metrics, "method": METHOD}, line
+
+
+def encoder_objective(cfg, core, tokenizer: Tokenizer, records: Records, seq_len: int):
+    """(data, objective) for an encoder: a classification head on labelled rows, else masked-LM (+ NSP) on text."""
+    if core.is_classifier:
+        if records.task != "classify":
+            raise TrainError("this encoder has a classification head: train it on labelled rows (--task classify, "
+                             "a .jsonl with 'text' and 'label' or a .csv)")
+        data = build_classify(records, tokenizer, core.config.labels, seq_len, cfg.val_fraction, cfg.seed)
+        return data, ClassifyHead(core.config.labels, pad_id(tokenizer, core.config))
+    from .mlm import MaskedLM, build_nsp
+
+    if records.task != "lm":
+        raise TrainError("pretraining an encoder is masked-LM on plain text; to classify labelled rows, finetune the "
+                         "pretrained folder: --mode full|lora --task classify --model FOLDER" if cfg.mode == "pretrain"
+                         else f"an encoder with a masked-LM head trains on plain text or labelled rows (--task "
+                              f"classify), not {records.task} data")
+    if cfg.nsp:
+        data = build_nsp(records, tokenizer, seq_len, cfg.val_fraction, cfg.seed)
+    else:
+        data = build_data(records, tokenizer, seq_len, cfg.val_fraction, cfg.seed)
+    return data, MaskedLM(tokenizer, core.config.vocab_size, cfg.seed, nsp=cfg.nsp)

@@ -345,6 +345,25 @@ def runs_legend_html(states: list[dict]) -> str:
             f"</span></div>")
 
 
+def classify_comparison_md(table: dict) -> str:
+    """backend.training.compare.classify_comparison's table as Markdown: one row per run, the best in bold."""
+    lines = ["| run | accuracy | macro-F1 | majority class | margin | validation rows | steps | trainable params | "
+             "tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(table["runs"]):
+        model = str(r.get("model") or "").rstrip("/\\").rsplit("/", 1)[-1]
+        name = f"{r['kind']} ({r['method']}) · {html.escape(model)} · {r.get('mode') or '?'}"
+        bold = "**" if i == table["best"] else ""
+        params = human_count(r["trainable_params"]) if r.get("trainable_params") else "—"
+        lines.append(f"| {bold}{name}{bold} | {bold}{100 * r['accuracy']:.1f} %{bold} | {r['macro_f1']:.3f} | "
+                     f"{100 * r['majority_baseline']:.1f} % | {100 * r['margin_over_majority']:+.1f} pt | {r['n']} | "
+                     f"{r.get('steps') or '—'} | {params} | {r.get('tokens_per_s') or 0:.0f} |")
+    same = ("Both were scored on the same held-out rows." if table["same_validation"] else
+            "⚠ The runs were not scored on the same held-out rows (different data, split or seed): "
+            "compare with care.")
+    labels = f" Labels: {', '.join(html.escape(str(x)) for x in table['labels'])}." if table["labels"] else ""
+    return "\n".join(lines) + f"\n\n{same}{labels}"
+
+
 def job_status_html(state: dict | None, someone_else: bool = False) -> str:
     """A job's progress and facts; with no job of one's own, whether another visitor's job is running."""
     if state is None and someone_else:

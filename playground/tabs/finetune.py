@@ -19,6 +19,8 @@ import backend
 from backend.config import PRESETS
 from backend.gguf_file import cache_root
 from backend.training import DEFAULT_LR, MODES, TASKS, JobManager, TrainConfig
+from backend.training.compare import KINDS as CLASSIFY_KINDS
+from backend.training.compare import classify_comparison
 from backend.training.jobs import ACTIVE
 
 from .. import deployment, render
@@ -216,6 +218,31 @@ def score_result(request: gr.Request = None):
     return summary, table, chart
 
 
+def compare_classifiers(request: gr.Request = None) -> str:
+    """'Compare: causal LM vs encoder': this visitor's latest finished classification run by label words (a causal
+    LM) and by a classification head (an encoder), side by side (backend.training.compare), as Markdown."""
+    owner, latest = deployment.job_owner(request), {}
+    for job_id in reversed(manager().jobs()):
+        if len(latest) == 2:
+            break
+        if not manager().may_control(job_id, owner):
+            continue
+        try:
+            state = manager().state(job_id)
+        except backend.FornaxError:
+            continue
+        kind = CLASSIFY_KINDS.get((state.get("metrics") or {}).get("method"))
+        if state.get("status") == "done" and kind and kind not in latest:
+            latest[kind] = state
+    missing = [k for k in ("causal", "encoder") if k not in latest]
+    if missing:
+        how = {"causal": "a causal LM (label words: LoRA or full on a Llama / GPT-2 model)",
+               "encoder": "an encoder (a BERT folder as the model: a classification head)"}
+        raise refusal("to compare, first finish a classification run (task classify, or a text,label file) with "
+                      + " and with ".join(how[k] for k in missing))
+    return render.classify_comparison_md(classify_comparison(latest["causal"], latest["encoder"]))
+
+
 def mode_changed(mode: str):
     """Pretraining starts from nothing: it needs a preset, not a model; LoRA rank only matters for LoRA."""
     return (gr.update(visible=mode != "pretrain"), gr.update(visible=mode == "pretrain"),
@@ -273,7 +300,9 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
         resume = gr.Button("Resume the last job", elem_id="fx-train-resume")
         load_result = gr.Button("Load the result", elem_id="fx-train-load")
         score = gr.Button("Score the result", visible=False, elem_id="fx-train-score")
+        compare = gr.Button("Compare: causal LM vs encoder", elem_id="fx-train-compare")
     score_summary = gr.Markdown("", elem_id="fx-train-score-summary")
+    comparison = gr.Markdown("", elem_id="fx-train-comparison")
     status = gr.HTML(render.job_status_html(None), elem_id="fx-train-status")
     plot = gr.LinePlot(None, x="step", y="loss", color="split", title=f"Loss: your last {RUNS_SHOWN} runs",
                        height=300, elem_id="fx-loss-plot", x_title="step", y_title="cross-entropy loss",
@@ -300,6 +329,8 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
         load_fn, [source, dtype], load_outputs, show_progress_on=status, **model_events)
     result.change(lambda folder: gr.update(visible=bool(folder)), result, score, api_visibility="private",
                   show_progress="hidden")
+    compare.click(user_errors(compare_classifiers), None, comparison, api_name="compare_classifiers",
+                  show_progress_on=comparison, concurrency_limit=None)
     score.click(user_errors(score_result), None, [score_summary, *(history_outputs or [gr.State(), gr.State()])],
                 api_name="score_finetune", show_progress_on=score_summary, **model_events)
     return poll_and_watch, [*shown, legend, timer]

@@ -50,6 +50,7 @@ CATALOGUE = [
     ("public", "/finetune", {**FORM, "data_path": "/etc/hostname"}, "upload only"),
     ("public", "/finetune", {**FORM, "data_path": "/etc/hostname", "steps": 10**9}, "steps is 1,000,000,000"),
     ("public", "/cancel_finetune", {}, "no training job of yours to cancel"),
+    ("private", "/compare_classifiers", {}, "first finish a classification run"),
     # scoring
     ("private", "/evaluate", dict(upload=None, sample="prose (perplexity, agreement)", metrics=["perplexity"],
                                   backend_name="eager", against=None, max_length=32, stride=64, max_new_tokens=8,

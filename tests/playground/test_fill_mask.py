@@ -1,7 +1,8 @@
 """The Fill-mask tab's handlers on a tiny random BERT (built by transformers in the test): two masks' bars carry
 handle.fill_mask's candidates and probabilities, the heat line carries pseudo_log_likelihood's values; the tabs
 follow the model (encoder -> Fill-mask, causal Transformer -> Chat + Completion, LSTM -> Completion); bad input is
-a plain error and the app keeps serving (the OpenAI API too). And the Finetune plot's overlay of the last runs."""
+a plain error and the app keeps serving (the OpenAI API too). And the Finetune tab's overlay of the last runs' losses
+and its side-by-side table of a causal and an encoder classification run."""
 from __future__ import annotations
 
 import html
@@ -19,6 +20,7 @@ from backend.loading import save_pretrained
 from backend.lstm import LSTMLM
 from backend.tokenizer import Tokenizer
 from playground import render
+from playground.errors import user_errors
 from playground.state import current
 from playground.tabs import chat, completion, fill_mask, race
 from tests.backend.test_encoder import _config, _perturb, _tokenizer
@@ -207,3 +209,34 @@ def test_the_openai_api_refuses_an_encoder_and_an_lstm_chat_plainly(folders):
         r = client.post("/v1/chat/completions", json=chat_body)
         assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"], r.text
         assert client.post("/v1/completions", json={"prompt": "The", "max_tokens": 3}).status_code == 200
+
+
+def test_compare_puts_a_causal_and_an_encoder_classification_run_side_by_side(folders, tmp_path, monkeypatch):
+    from backend.training import train
+    from backend.training.compare import classify_comparison
+    from playground.tabs import finetune
+    from tests.backend.test_encoder_train import _cfg
+    from tests.backend.train_util import labelled_rows, make_base, write_jsonl
+
+    monkeypatch.setenv("FORNAX_CACHE", str(tmp_path / "cache"))
+    root = finetune.manager().root
+    data = write_jsonl(tmp_path / "moods.jsonl", labelled_rows(80, seed=1))
+    with pytest.raises(gr.Error, match="first finish a classification run"):
+        user_errors(finetune.compare_classifiers)()
+    runs = {}
+    for i, (name, model) in enumerate((("causal", make_base(tmp_path / "causal-base")), ("encoder", folders["bert"]))):
+        state = train(_cfg(model, data, tmp_path / name, "full", steps=4, seq_len=32))
+        runs[name] = {**state, "id": f"job{i}", "status": "done", "started": time.time() + i}
+        (root / f"job{i}").mkdir(parents=True)
+        (root / f"job{i}" / "state.json").write_text(json.dumps(runs[name]))
+        if name == "causal":  # one kind alone: nothing to compare with yet
+            with pytest.raises(gr.Error, match="with an encoder"):
+                user_errors(finetune.compare_classifiers)()
+    page = finetune.compare_classifiers()
+    table = classify_comparison(runs["causal"], runs["encoder"])
+    rows = [line for line in page.splitlines() if line.startswith("| ") and "accuracy" not in line]
+    assert len(rows) == 2 and table["same_validation"] and "same held-out rows" in page
+    for i, (line, row) in enumerate(zip(rows, table["runs"])):
+        assert line.startswith(f"| {'**' if i == table['best'] else ''}{row['kind']} ({row['method']})")
+        assert f"{100 * row['accuracy']:.1f} %" in line and f"{row['macro_f1']:.3f}" in line
+        assert f"| {row['n']} |" in line

@@ -20,15 +20,15 @@ class GroupQueryAttention(torch.autograd.Function):
     """PyTorch reference of com.microsoft.GroupQueryAttention (no padding), exported as that one node."""
 
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, n_head: int, n_kv_head: int,
-                scale: float):
+    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, position_ids, n_head: int,
+                n_kv_head: int, scale: float):
         B, T, _ = q.shape
         P, hd = past_k.shape[2], past_k.shape[3]
         q = q.view(B, T, n_head, hd).transpose(1, 2)                 # (B, nh, T, hd)
         k = k.view(B, T, n_kv_head, hd).transpose(1, 2)              # (B, nkv, T, hd)
         v = v.view(B, T, n_kv_head, hd).transpose(1, 2)
-        rope = torch.cat([cos, cos], -1)[P:P + T], torch.cat([sin, sin], -1)[P:P + T]  # (T, hd)
-        q, k = rotate_half(q, *rope), rotate_half(k, *rope)
+        rope = torch.cat([cos, cos], -1)[position_ids], torch.cat([sin, sin], -1)[position_ids]  # (B, T, hd)
+        q, k = rotate_half(q, *(r.unsqueeze(1) for r in rope)), rotate_half(k, *(r.unsqueeze(1) for r in rope))
         k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)  # (B, nkv, P + T, hd)
         mask = torch.ones(T, P + T, dtype=torch.bool).tril(diagonal=P)
         reps = n_head // n_kv_head
@@ -37,8 +37,9 @@ class GroupQueryAttention(torch.autograd.Function):
         return y.transpose(1, 2).reshape(B, T, n_head * hd), k, v
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, n_head, n_kv_head, scale):
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, position_ids, n_head, n_kv_head, scale):
         return g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin,
+                    position_ids,
                     num_heads_i=n_head, kv_num_heads_i=n_kv_head, scale_f=scale, do_rotary_i=1,
                     rotary_interleaved_i=0, outputs=3)
 
@@ -65,7 +66,8 @@ class GqaGraph(torch.nn.Module):
             a = block.attn
             q, k, v = a.qkv(block.attn_norm(x)).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             y, pk, pv = GroupQueryAttention.apply(q, k, v, past_flat[2 * i], past_flat[2 * i + 1], seqlens_k,
-                                                  total_len, self.cos_cache, self.sin_cache, nh, nkv, 1 / math.sqrt(hd))
+                                                  total_len, self.cos_cache, self.sin_cache, position_ids, nh, nkv,
+                                                  1 / math.sqrt(hd))
             present += [pk, pv]
             x = x + a.proj(y)
             x = x + block.mlp(block.mlp_norm(x))

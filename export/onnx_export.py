@@ -24,7 +24,7 @@ from .gqa_graph import GqaGraph
 from .graph import GraphWrapper
 
 QUANTS = ("none", "int8", "int4")
-EXPORT_VERSION = 4  # bump when graphs change, so cached exports are made again
+EXPORT_VERSION = 5  # bump when graphs change, so cached exports are made again
 OPSET = 17
 MODEL_FILE = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3  # weights beyond this go to external data files
@@ -159,7 +159,8 @@ def export(source: str, out: str | os.PathLike, quant: str = "none", verify: boo
                 sizes[quant] = _size(tmp / MODEL_FILE)
                 for f in tmp.glob("model_fp32.onnx*"):
                     f.unlink()
-            info = {"source": source, "quant": quant, "quant_method": method, "opset": OPSET, "sizes_bytes": sizes,
+            info = {"source": source, "quant": quant, "quant_method": method, "opset": OPSET,
+                    "attention": "GroupQueryAttention" if cfg.family == "llama" else "generic", "sizes_bytes": sizes,
                     "export_seconds": round(time.perf_counter() - t0, 1)}
             write_side_files(tmp, cfg, tokenizer, info)
             if verify:

@@ -23,7 +23,7 @@ MODEL_FILE = "model.onnx"
 def io_names(n_layer: int) -> tuple[list[str], list[str]]:
     """The graph's inputs and outputs, in order (optimum's names): input_ids (B, S), attention_mask (B, P+S),
     position_ids (B, S), past_key_values.{i}.key/value (B, nkv, P, hd) -> logits (B, S, V), present.{i}.key/value
-    (B, nkv, P+S, hd). Graphs with fused GroupQueryAttention have no position_ids (positions come from the mask)."""
+    (B, nkv, P+S, hd). Fornax graphs before export version 5 with fused GroupQueryAttention have no position_ids."""
     past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
@@ -47,6 +47,13 @@ def read_onnx_config(folder: Path) -> ModelConfig:
         raise ModelLoadError(f"{folder} has a model.onnx but no readable config.json / fornax.json: {e}") from e
 
 
+def _attention(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "fornax.json").read_text()).get("attention")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class OnnxRunner:
     def __init__(self, path: str | Path, config: ModelConfig, threads: int | None = None, name: str = "onnx"):
         import onnxruntime as ort
@@ -68,10 +75,11 @@ class OnnxRunner:
         names = {i.name for i in self.session.get_inputs()}
         inputs, outputs = io_names(config.n_layer)
         self.past_names, self.present_names = inputs[3:], outputs[1:]
-        # Graphs with fused GroupQueryAttention read positions from the mask and can update one preallocated
-        # K/V buffer in place (past and present bound to the same memory); the generic graph concatenates.
+        # Graphs with fused GroupQueryAttention can update one preallocated K/V buffer in place (past and present
+        # bound to the same memory); the generic graph concatenates. fornax.json says which graph this is; older
+        # GQA graphs are the ones without position_ids.
         self.takes_positions = "position_ids" in names
-        self.shared_kv = not self.takes_positions
+        self.shared_kv = not self.takes_positions or _attention(path.parent) == "GroupQueryAttention"
         missing = {"input_ids", "attention_mask", *self.past_names} - names
         if missing:
             raise ModelLoadError(f"{path.name} is not a Fornax/optimum causal-LM graph: it lacks inputs "
@@ -126,6 +134,8 @@ class OnnxRunner:
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ones((B, pos + T), dtype=np.int64))
+        if self.takes_positions:
+            io.bind_cpu_input("position_ids", np.broadcast_to(np.arange(pos, pos + T, dtype=np.int64), (B, T)).copy())
         io.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
         for past, present, value in zip(self.past_names, self.present_names, self.kv):
             io.bind_ortvalue_input(past, value)

@@ -49,10 +49,8 @@ def test_graph_interface_is_the_one_optimum_reads(tiny_export):
     root, _ = tiny_export
     graph = onnx.load(str(root / "onnx" / "model.onnx"), load_external_data=False).graph
     inputs, outputs = [i.name for i in graph.input], [o.name for o in graph.output]
-    assert inputs[:2] == ["input_ids", "attention_mask"]
-    if "position_ids" in inputs:  # GPT-2; Llama's fused GroupQueryAttention takes positions from the mask
-        inputs.remove("position_ids")
-    assert inputs[2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert inputs[:5] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
+                          "past_key_values.0.value"]  # optimum's current layout, Llama's fused graph too
     assert outputs[:3] == ["logits", "present.0.key", "present.0.value"]
     past = next(i for i in graph.input if i.name == "past_key_values.0.key")
     dims = [d.dim_param or d.dim_value for d in past.type.tensor_type.shape.dim]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +30,9 @@ def test_tiny_export_matches_eager(tiny_export):
     assert report["max_abs_logit_diff"] <= 1e-3
     assert report["greedy_match_length"] == report["greedy_tokens"] == 64
     assert report["top1_agreement"] == 1.0
+    heldout = report["heldout"]  # the playground reads parity["heldout"]["mean_kl"] to pick an export
+    assert heldout["tokens"] > 64 and heldout["mean_kl"] < 1e-6 and heldout["top1_agreement"] == 1.0
+    assert heldout["text"] and json.loads((root / "onnx" / "parity.json").read_text())["heldout"] == heldout
     saved = json.loads((root / "onnx" / "fornax.json").read_text())
     assert saved["report"]["max_abs_logit_diff"] == report["max_abs_logit_diff"]
 
@@ -153,6 +157,7 @@ def test_optimum_loads_our_export_and_agrees(default_export, optimum_path, tmp_p
     done = subprocess.run([sys.executable, "-c", script, str(out), json.dumps(ours.prompt_ids)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "legacy" not in done.stderr.lower(), done.stderr[-2000:]  # position_ids in optimum's current layout
     theirs, mine = json.loads(done.stdout.strip().splitlines()[-1]), ours.completions[0].token_ids
     assert len(mine) >= 8 and theirs[:len(mine)] == mine
     assert len(mine) == 32 or theirs[len(mine)] in handle.eos_ids  # both stopped at the same end of turn
@@ -161,13 +166,13 @@ def test_optimum_loads_our_export_and_agrees(default_export, optimum_path, tmp_p
 # --- int4 from a GGUF file's own blocks ---
 
 def test_int4_of_a_q4_1_gguf_reuses_its_blocks_exactly(tmp_path, monkeypatch):
-    """Q4_1 weights re-packed for MatMulNBits (plus the block-minimum side product) compute the very weights the
-    eager model dequantized: with float activations (accuracy_level 0) the logits agree to float rounding, and
-    the shipped int4 (int8 activations) is far closer than quantizing the dequantized weights a second time."""
+    """Q4_1 weights re-packed for MatMulNBits (centred on an integer zero point per block, plus the residual side
+    product) compute the very weights the eager model dequantized: with float activations (accuracy_level 1) the
+    logits agree to float rounding, and the shipped int4 (int8 activations in most layers) is far closer than
+    quantizing the dequantized weights a second time."""
     import gguf
 
     import export.gguf_blocks as gb
-    import export.onnx_export as ox
     from backend.runners.onnx import OnnxRunner, read_onnx_config
     from tests.backend.test_loading import write_gguf
 
@@ -182,16 +187,19 @@ def test_int4_of_a_q4_1_gguf_reuses_its_blocks_exactly(tmp_path, monkeypatch):
     weights = {n: m.weight.detach().numpy() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     linears = gb.quantized_linears(path, eager.config)
     assert set(linears) == set(weights) and gb.matching(linears, weights)  # every Linear found its own blocks
+    centred = {k: gb.centred(v) for k, v in linears.items()}
+    assert gb.matching(centred, weights)
     with monkeypatch.context() as m:  # a row layout got wrong (e.g. Q/K un-permuted where the file has none)
         m.setattr(gb, "unpermute", lambda ql, n_head: ql)
         assert not gb.matching(gb.quantized_linears(path, eager.config), weights)
-    assert gb.transcode(tmp_path / "fp32" / "model.onnx", tmp_path / "exact.onnx", linears, weights,
-                        accuracy_level=0) == len(weights)
-    (tmp_path / "exact.onnx").replace(tmp_path / "fp32" / "model.onnx")
-    exact = OnnxRunner(tmp_path / "fp32" / "model.onnx", read_onnx_config(tmp_path / "fp32"))
-    torch.testing.assert_close(exact.full_logits(ids), eager.logits(ids), atol=1e-4, rtol=1e-4)
+    for level in (0, 1):  # float activations: the graph computes the dequantized weights
+        assert gb.transcode(tmp_path / "fp32" / "model.onnx", tmp_path / "exact.onnx", centred, weights,
+                            accuracy_level=level) == len(weights)
+        (tmp_path / "exact.onnx").replace(tmp_path / "fp32" / "model.onnx")
+        exact = OnnxRunner(tmp_path / "fp32" / "model.onnx", read_onnx_config(tmp_path / "fp32"))
+        torch.testing.assert_close(exact.full_logits(ids), eager.logits(ids), atol=1e-4, rtol=1e-4)
 
-    blocks = export(str(path), tmp_path / "int4", quant="int4")
+    blocks = export(str(path), tmp_path / "int4", quant="int4", float_layers=0)
     assert blocks["quant_method"].startswith("GGUF blocks of q4_1.gguf")
     monkeypatch.setattr(gb, "gguf_of", lambda source, folder: None)  # as if the GGUF were gone: re-quantize
     again = export(str(path), tmp_path / "int4-again", quant="int4")
@@ -200,6 +208,32 @@ def test_int4_of_a_q4_1_gguf_reuses_its_blocks_exactly(tmp_path, monkeypatch):
     # int8 activations on a tiny random model: 121/128 here, 0.95+ on another CPU; the claim is "closer than
     # re-quantizing", the rate only a sanity floor
     assert blocks["report"]["top1_agreement"] >= max(0.9, again["report"]["top1_agreement"])
+
+
+def test_centred_q4_1_blocks_keep_their_weights_exactly():
+    """Zero point round(-m / d) per block and residual m + d * z: the same weights (to float32 rounding) for
+    ordinary blocks, blocks whose
+    scale is 0, blocks whose minimum is far outside 0..15 scales (z clipped) and all-positive blocks; and the
+    int8-activation error term d * (q - z) is no larger than the weights themselves, where d * q was up to twice."""
+    import export.gguf_blocks as gb
+
+    rng = np.random.default_rng(0)
+    N, nblk = 6, 4
+    d = rng.uniform(0.01, 0.1, (N, nblk)).astype(np.float16).astype(np.float32)
+    m = (-d * rng.uniform(0, 15, (N, nblk))).astype(np.float16).astype(np.float32)
+    d[0, 0], d[1, 1], m[2, 2], m[3, 3] = 0.0, 1e-7, -1e4, 0.5      # d = 0, m / d huge, m far below, m > 0
+    q = rng.integers(0, 16, (N, nblk * gb.BLOCK)).astype(np.uint8)
+    ql = gb.QuantizedLinear(q, d, 0, 4, m)
+    c = gb.centred(ql)
+    assert c.zero_point.dtype == np.uint8 and c.zero_point.shape == (N, nblk) and c.zero_point.max() <= 15
+    np.testing.assert_allclose(gb.dequantize(c), gb.dequantize(ql), rtol=2e-7, atol=1e-7)  # float32 rounding
+    ordinary = np.ones((N, nblk), bool)
+    ordinary[[0, 1, 2, 3], [0, 1, 2, 3]] = False
+    assert (np.abs(c.offsets) <= d / 2 + 1e-7)[ordinary].all()
+    B, scales, zp = gb.pack(c)  # zero points packed two per byte, low nibble first, each row padded to bytes
+    assert zp.shape == (N * ((nblk + 1) // 2),)
+    assert ((zp.reshape(N, -1) & 0x0F) == c.zero_point[:, 0::2]).all()
+    assert ((zp.reshape(N, -1) >> 4) == c.zero_point[:, 1::2]).all()
 
 
 @needs_default

@@ -88,7 +88,7 @@ class OnnxRunner:
         # gathers one row only
         file_bytes = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
         self.weight_bytes = max(file_bytes - config.vocab_size * config.d_model * 4, file_bytes // 2)
-        self.batch, self.past, self.kv = 1, None, None
+        self.batch, self.past, self.kv, self.io = 1, None, None, None
 
     def start(self, batch: int, max_len: int) -> None:
         import onnxruntime as ort
@@ -99,6 +99,13 @@ class OnnxRunner:
             shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
             self.kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.ort_device)
                        for _ in self.past_names]
+            # one binding for the whole generation: each step rebinds its three small inputs only (binding 2 x
+            # n_layer caches per token was a measurable share of a small model's step)
+            self.io = self.session.io_binding()
+            self.step_logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, cfg.vocab_size), np.float32)
+            for past, present, value in zip(self.past_names, self.present_names, self.kv):
+                self.io.bind_ortvalue_input(past, value)
+                self.io.bind_ortvalue_output(present, value)  # same memory: each step writes its keys in place
 
     def _run(self, ids: np.ndarray, pos: int, past) -> tuple[np.ndarray, list]:
         import onnxruntime as ort
@@ -127,21 +134,22 @@ class OnnxRunner:
             logits = self._run_shared(ids.numpy(), pos)
         else:
             logits, self.past = self._run(ids.numpy(), pos, self.past if pos else None)
-        return torch.from_numpy(np.ascontiguousarray(logits[:, -1]))  # (B, V)
+        return torch.from_numpy(logits[:, -1].copy())  # (B, V), not a view of a buffer the next step reuses
 
     def _run_shared(self, ids: np.ndarray, pos: int) -> np.ndarray:
+        import onnxruntime as ort
+
         B, T = ids.shape
-        io = self.session.io_binding()
+        io = self.io
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ones((B, pos + T), dtype=np.int64))
         if self.takes_positions:
             io.bind_cpu_input("position_ids", np.broadcast_to(np.arange(pos, pos + T, dtype=np.int64), (B, T)).copy())
-        io.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
-        for past, present, value in zip(self.past_names, self.present_names, self.kv):
-            io.bind_ortvalue_input(past, value)
-            io.bind_ortvalue_output(present, value)  # same memory: the step writes its keys/values in place
+        logits = self.step_logits if T == 1 else \
+            ort.OrtValue.ortvalue_from_shape_and_type((B, T, self.config.vocab_size), np.float32)  # a prompt's
+        io.bind_ortvalue_output("logits", logits)
         self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
+        return logits.numpy()
 
     def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """A full forward without cache: (B, T) -> (B, T, V)."""
@@ -149,4 +157,4 @@ class OnnxRunner:
         return torch.from_numpy(logits)
 
     def free(self) -> None:
-        self.past = self.kv = None
+        self.past = self.kv = self.io = self.step_logits = None

@@ -127,8 +127,9 @@ def quantize_model(source: str, folder: Path, model, src: Path, dst: Path, quant
             level = lambda name: 1 if name.startswith("blocks.") and int(name.split(".")[1]) >= first_float \
                 else 4  # noqa: E731
             if transcode(src, dst, {k: centred(v) for k, v in linears.items()}, weights, level) == len(weights):
+                n = min(max(0, float_layers), model.config.n_layer)
                 return (f"GGUF blocks of {path.name}, re-packed for MatMulNBits (no second rounding; float "
-                        f"activations in the last {min(float_layers, model.config.n_layer)} layers)")
+                        f"activations in the last {n} layer{'' if n == 1 else 's'})")
             dst.unlink(missing_ok=True)
     quantize(src, dst, quant)
     return "onnxruntime MatMulNBits quantizer, " + ("8-bit, blocks of 16" if quant == "int8" else "4-bit, blocks of 32")

@@ -238,11 +238,13 @@ def test_centred_q4_1_blocks_keep_their_weights_exactly():
 
 @needs_default
 def test_default_model_int4_keeps_the_top1_token(tmp_path):
-    """int4 top-1 agreement with the fp32 model on the default model. MatMulNBits' int8 activations round
-    differently per CPU: 93.8 % (120 / 128) on an AVX-512 machine, 87.5 % (112 / 128) on an AVX2-only one."""
+    """int4 fidelity to the fp32 model on the default model. MatMulNBits' int8 activations round differently per
+    CPU: with centred blocks 95.3 % top-1 and held-out KL 0.0027 on an AVX-512 machine (before centring: 93.8 %
+    there, 87.5 % on an AVX2-only one, KL 0.0124); the bounds leave room for another CPU."""
     info = export("default", tmp_path / "int4", quant="int4")
     assert info["quant_method"].startswith("GGUF blocks")
-    assert info["report"]["top1_agreement"] >= 0.85 and info["report"]["mean_kl"] < 0.05
+    assert info["report"]["top1_agreement"] >= 0.9 and info["report"]["mean_kl"] < 0.01
+    assert info["report"]["heldout"]["mean_kl"] < 0.006
 
 
 @needs_default

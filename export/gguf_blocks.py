@@ -3,13 +3,15 @@
 A model that came from a GGUF file is already quantized: re-quantizing its dequantized weights adds a second
 rounding on top of the first. On SmolLM2 (Q4_1) onnxruntime's 4-bit quantizer kept 71 % top-1 agreement with the
 model it started from. Q4_1 stores each block of 32 weights as w = d * q + m (q in 0..15); MatMulNBits computes
-s * (q - z) with an integer zero point z, which cannot hold an arbitrary float minimum m. So the minimum goes into a
-small side product instead, exactly:
+s * (q - z) with an integer zero point z, which cannot hold an arbitrary float minimum m. So each block is centred
+(`centred`): z = round(-m / d), and the residual r = m + d * z (|r| <= d / 2) goes into a small side product, exactly:
 
-    x @ W = MatMulNBits(x; q, scale d, zero point 0)  +  blocksum(x) @ M      (M[b, n] = m of block b, row n)
+    x @ W = MatMulNBits(x; q, scale d, zero point z)  +  blocksum(x) @ R      (R[b, n] = r of block b, row n)
 
 where blocksum(x) sums each block of 32 inputs: for SmolLM2 a (1, 18) @ (18, N) product per matmul, against
 (1, 576) @ (576, N) for the weights. Q4_0 (w = d * (q - 8)) and Q8_0 (w = d * q) need no side product.
+(A float zero point z = -m / d, which the op's spec allows, is exact with no side product, but onnxruntime 1.31's
+CPU kernel then dequantizes the whole matrix on every call: ~40x slower per matmul.)
 Other GGUF types return None and the caller falls back to onnxruntime's quantizer.
 """
 from __future__ import annotations
@@ -219,7 +221,7 @@ def _nbits_nodes(graph, node, ql: QuantizedLinear, name: str, accuracy_level: in
                             name=f"{tag}/MatMulNBits", domain="com.microsoft", K=K, N=N, bits=ql.bits,
                             block_size=BLOCK, accuracy_level=accuracy_level)]
     if ql.offsets is not None:  # + blocksum(x) @ R, the blocks' residual offsets (one MatMul by a (K, K / 32)
-        # indicator instead of Reshape + ReduceSum: fewer nodes, but no faster here)
+        # indicator instead of Reshape + ReduceSum: fewer nodes, but measured no faster)
         graph.initializer.append(numpy_helper.from_array(np.array([0, 0, K // BLOCK, BLOCK], np.int64),
                                                          f"{tag}.block_shape"))
         graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{tag}.last_axis"))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from backend.errors import FornaxError
 
+from .onnx_export import FLOAT_LAYERS
+
 
 def cmd_export(args):
     from tqdm import tqdm
@@ -24,7 +26,8 @@ def cmd_export(args):
         bar.n = int(100 * fraction)
         bar.set_postfix_str(message)
 
-    info = export(args.model, args.out, quant=args.quant, verify=not args.no_verify, progress=progress)
+    info = export(args.model, args.out, quant=args.quant, verify=not args.no_verify, progress=progress,
+                  float_layers=args.float_layers)
     bar.close()
     sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in info["sizes_bytes"].items())
     print(f"exported {args.model} to {args.out} in {info['export_seconds']} s ({sizes})")
@@ -96,6 +99,8 @@ def main(argv=None):
         p.add_argument("--out", required=True, help="a new (or empty) folder")
         p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
         p.add_argument("--no-verify", action="store_true", help="skip the parity report")
+        p.add_argument("--float-layers", type=int, default=FLOAT_LAYERS,
+                       help="int4 from GGUF blocks: how many last layers keep float activations (slower, closer)")
         p.set_defaults(func=cmd_export)
     args = p.parse_args(argv)
     try:

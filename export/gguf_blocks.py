@@ -3,13 +3,15 @@
 A model that came from a GGUF file is already quantized: re-quantizing its dequantized weights adds a second
 rounding on top of the first. On SmolLM2 (Q4_1) onnxruntime's 4-bit quantizer kept 71 % top-1 agreement with the
 model it started from. Q4_1 stores each block of 32 weights as w = d * q + m (q in 0..15); MatMulNBits computes
-s * (q - z) with an integer zero point z, which cannot hold an arbitrary float minimum m. So the minimum goes into a
-small side product instead, exactly:
+s * (q - z) with an integer zero point z, which cannot hold an arbitrary float minimum m. So each block is centred
+(`centred`): z = round(-m / d), and the residual r = m + d * z (|r| <= d / 2) goes into a small side product, exactly:
 
-    x @ W = MatMulNBits(x; q, scale d, zero point 0)  +  blocksum(x) @ M      (M[b, n] = m of block b, row n)
+    x @ W = MatMulNBits(x; q, scale d, zero point z)  +  blocksum(x) @ R      (R[b, n] = r of block b, row n)
 
 where blocksum(x) sums each block of 32 inputs: for SmolLM2 a (1, 18) @ (18, N) product per matmul, against
 (1, 576) @ (576, N) for the weights. Q4_0 (w = d * (q - 8)) and Q8_0 (w = d * q) need no side product.
+(A float zero point z = -m / d, which the op's spec allows, is exact with no side product, but onnxruntime 1.31's
+CPU kernel then dequantizes the whole matrix on every call: ~40x slower per matmul.)
 Other GGUF types return None and the caller falls back to onnxruntime's quantizer.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ BLOCK = 32
 class QuantizedLinear:
     q: np.ndarray                 # (N, K) uint8 codes, 0..2**bits - 1
     scales: np.ndarray            # (N, K / 32) float32
-    zero_point: int               # the same for every block: 0, 8 or 128
+    zero_point: int | np.ndarray  # the same for every block (0, 8 or 128), or (N, K / 32) uint8 per block
     bits: int
     offsets: np.ndarray | None    # (N, K / 32) float32 block minima (Q4_1), else None
 
@@ -115,10 +117,28 @@ def quantized_linears(gguf_path: Path, cfg: ModelConfig) -> dict[str, QuantizedL
     return {k: v for k, v in out.items() if v is not None}
 
 
+def centred(ql: QuantizedLinear) -> QuantizedLinear:
+    """Q4_1 (w = d * q + m) as w = d * (q - z) + r with the integer zero point z = round(-m / d) per block and the
+    residual r = m + d * z, |r| <= d / 2 where 0 <= -m / d <= 15. Same weights; what changes is the error of
+    MatMulNBits' int8 activations, which multiplies the kernel's own part of the weights: d * (q - z), about w,
+    where with z = 0 it was d * q = w - m, up to twice as large as any weight of the block (4x the KL on SmolLM2).
+    llama.cpp's Q4_1 x Q8_1 dot product has the same error as the centred form."""
+    if ql.offsets is None or ql.bits != 4:
+        return ql
+    d, m = ql.scales, ql.offsets                                             # (N, K / 32)
+    with np.errstate(divide="ignore", invalid="ignore"):                    # d = 0: z = 0, r = m
+        z = np.where(np.isfinite(m / d), np.rint(-m / d), 0)
+    z = np.clip(z, 0, 2**ql.bits - 1).astype(np.uint8)
+    residual = (m + d * z).astype(np.float32)                               # d * z is exact: f16 d times z <= 15
+    return QuantizedLinear(ql.q, d, z, ql.bits, residual if residual.any() else None)
+
+
 def dequantize(ql: QuantizedLinear) -> np.ndarray:
     """The (N, K) float weights the blocks stand for."""
     N, K = ql.q.shape
-    w = (ql.q.reshape(N, K // BLOCK, BLOCK).astype(np.float32) - ql.zero_point) * ql.scales[..., None]
+    zp = np.asarray(ql.zero_point, dtype=np.float32)
+    zp = zp[..., None] if zp.ndim else zp
+    w = (ql.q.reshape(N, K // BLOCK, BLOCK).astype(np.float32) - zp) * ql.scales[..., None]
     if ql.offsets is not None:
         w = w + ql.offsets[..., None]
     return w.reshape(N, K)
@@ -140,17 +160,19 @@ def pack(ql: QuantizedLinear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     N, K = ql.q.shape
     blocks = ql.q.reshape(N, K // BLOCK, BLOCK)
     nblk = K // BLOCK
+    zp = np.broadcast_to(np.asarray(ql.zero_point, dtype=np.uint8), (N, nblk))
     if ql.bits == 4:
         B = (blocks[..., 0::2] | (blocks[..., 1::2] << 4)).astype(np.uint8)    # element 2i low nibble, 2i+1 high
-        zp = np.full((N, (nblk + 1) // 2), ql.zero_point | (ql.zero_point << 4), dtype=np.uint8)
+        zp = np.pad(zp, ((0, 0), (0, nblk % 2)))                               # rows of zero points pad to bytes
+        zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
     else:
         B = blocks.astype(np.uint8)
-        zp = np.full((N, nblk), ql.zero_point, dtype=np.uint8)
+        zp = np.ascontiguousarray(zp)
     return B, ql.scales.reshape(-1).astype(np.float32), zp.reshape(-1)
 
 
 def transcode(model_path: Path, out_path: Path, linears: dict[str, QuantizedLinear], weights: dict[str, np.ndarray],
-              accuracy_level: int = 4) -> int:
+              accuracy_level=4) -> int:
     """Replace every MatMul whose weight is one of `weights` (our Linear name -> (out, in) float array) by the
     GGUF blocks of that Linear. Returns how many were replaced; the others stay as they are."""
     model = onnx.load(str(model_path))
@@ -172,7 +194,8 @@ def transcode(model_path: Path, out_path: Path, linears: dict[str, QuantizedLine
             nodes.append(node)
             continue
         used.add(match)
-        nodes.extend(_nbits_nodes(graph, node, linears[match], match, accuracy_level))
+        level = accuracy_level(match) if callable(accuracy_level) else accuracy_level
+        nodes.extend(_nbits_nodes(graph, node, linears[match], match, level))
         replaced += 1
     del graph.node[:]
     graph.node.extend(nodes)
@@ -196,8 +219,9 @@ def _nbits_nodes(graph, node, ql: QuantizedLinear, name: str, accuracy_level: in
     main = y if ql.offsets is None else f"{tag}.nbits_out"
     out = [helper.make_node("MatMulNBits", [x, f"{tag}.B", f"{tag}.scales", f"{tag}.zp"], [main],
                             name=f"{tag}/MatMulNBits", domain="com.microsoft", K=K, N=N, bits=ql.bits,
-                            block_size=BLOCK, accuracy_level=accuracy_level if ql.bits == 4 else 4)]
-    if ql.offsets is not None:  # + blocksum(x) @ M, the blocks' minima
+                            block_size=BLOCK, accuracy_level=accuracy_level)]
+    if ql.offsets is not None:  # + blocksum(x) @ R, the blocks' residual offsets (one MatMul by a (K, K / 32)
+        # indicator instead of Reshape + ReduceSum: fewer nodes, but measured no faster)
         graph.initializer.append(numpy_helper.from_array(np.array([0, 0, K // BLOCK, BLOCK], np.int64),
                                                          f"{tag}.block_shape"))
         graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{tag}.last_axis"))

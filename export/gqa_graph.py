@@ -2,8 +2,11 @@
 
 One GQA node per layer does the rotary embedding, the K/V cache concatenation and grouped-query attention that
 otherwise take ~40 small ONNX nodes; at batch 1 those small nodes, not the weights, dominate decode time.
-Same graph interface as the generic export (optimum names, BNSH past/present), so runners need not know.
-ORT derives each row's positions from the mask (seqlens_k): rows must be unpadded or right-padded.
+Each residual add and the RMSNorm after it are one SkipSimplifiedLayerNormalization node, and SwiGLU's gate/up
+split has constant sizes: ~300 fewer nodes than the plain trace, each a few microseconds per decoded token.
+Same graph interface as the generic export (optimum's names and layout, position_ids included, BNSH past/present),
+but GQA derives positions from the mask (seqlens_k) as before and position_ids is an input for optimum's sake.
+Rows must be unpadded or right-padded.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.model import Transformer
-from backend.ops import rotate_half
+from backend.ops import rms_norm, rotate_half
 
 
 class GroupQueryAttention(torch.autograd.Function):
@@ -43,6 +46,21 @@ class GroupQueryAttention(torch.autograd.Function):
                     rotary_interleaved_i=0, outputs=3)
 
 
+class SkipRMSNorm(torch.autograd.Function):
+    """x + skip and its RMSNorm in one com.microsoft.SkipSimplifiedLayerNormalization node: the residual add of
+    every block's two halves, fused with the norm that follows it. Returns (normed, x + skip)."""
+
+    @staticmethod
+    def forward(ctx, x, skip, weight, eps: float):
+        s = x + skip
+        return rms_norm(s, weight, eps), s
+
+    @staticmethod
+    def symbolic(g, x, skip, weight, eps):
+        out = g.op("com.microsoft::SkipSimplifiedLayerNormalization", x, skip, weight, epsilon_f=eps, outputs=4)
+        return out[0], out[3]  # outputs: normed, mean (unused), inverse std (unused), x + skip
+
+
 class GqaGraph(torch.nn.Module):
     """Flat inputs/outputs like export.onnx_export.GraphWrapper, for Llama-family models."""
 
@@ -57,16 +75,21 @@ class GqaGraph(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past_flat):
         m, cfg = self.model, self.model.config
         nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)           # (B,) index of each row's last token
+        # (B,) index of each row's last token. position_ids only rides along (times 0) so the graph keeps optimum's
+        # input (the exporter drops unused inputs); positions come from the mask, as GQA's cache writes do
+        seqlens_k = (attention_mask.sum(-1) - 1 + 0 * position_ids[:, 0]).to(torch.int32)
         total_len = torch.tensor(attention_mask.shape[1], dtype=torch.int32)
         x = m.tok_emb(input_ids)                                             # (B, T, d)
+        h = m.blocks[0].attn_norm(x)
         present = []
         for i, block in enumerate(m.blocks):
             a = block.attn
-            q, k, v = a.qkv(block.attn_norm(x)).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q, k, v = a.qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             y, pk, pv = GroupQueryAttention.apply(q, k, v, past_flat[2 * i], past_flat[2 * i + 1], seqlens_k,
                                                   total_len, self.cos_cache, self.sin_cache, nh, nkv, 1 / math.sqrt(hd))
             present += [pk, pv]
-            x = x + a.proj(y)
-            x = x + block.mlp(block.mlp_norm(x))
-        return (m.lm_head(m.norm(x)), *present)
+            h, x = SkipRMSNorm.apply(a.proj(y), x, block.mlp_norm.weight, block.mlp_norm.eps)
+            gate, up = block.mlp.gate_up(h).split([cfg.d_ff, cfg.d_ff], dim=-1)  # constant sizes: one Split node
+            nxt = m.blocks[i + 1].attn_norm if i + 1 < len(m.blocks) else m.norm
+            h, x = SkipRMSNorm.apply(block.mlp.down(F.silu(gate) * up), x, nxt.weight, nxt.eps)
+        return (m.lm_head(h), *present)

@@ -1,4 +1,5 @@
-"""Parity of an export against our eager model on a fixed text: logits, KL, top-1, greedy match, perplexity."""
+"""Parity of an export against our eager model on a fixed text: logits, KL, top-1, greedy match, perplexity; and
+fidelity (KL, top-1) on a second, held-out text, which the playground reads to pick the fastest faithful export."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,8 @@ from backend.scoring.agreement import logits_agreement
 
 GREEDY_TOKENS = 64
 TEXT_TOKENS = 128
+HELDOUT_TOKENS = 256  # scored positions (the window is one token longer)
+HELDOUT_TEXT = "pydoc_data.topics['naming']"
 
 
 def fixed_text() -> str:
@@ -19,6 +22,23 @@ def fixed_text() -> str:
     from pydoc_data.topics import topics
 
     return topics["with"]
+
+
+def heldout_text() -> str:
+    """Different prose that also ships with Python (the reference on naming and binding), for fidelity numbers
+    that were not looked at while choosing the export's settings."""
+    from pydoc_data.topics import topics
+
+    return topics["naming"]
+
+
+def heldout_fidelity(model, runner, tokenizer) -> dict:
+    """Teacher-forced KL(eager || onnx) and top-1 agreement on HELDOUT_TOKENS positions of heldout_text()."""
+    window = min(HELDOUT_TOKENS + 1, model.config.max_seq_len)  # a tiny test model has a short context
+    ids = torch.tensor([tokenizer.encode(heldout_text(), add_special_tokens=False)[:window]])
+    agree = logits_agreement(model(ids)[0].float(), runner.full_logits(ids)[0].float(), ids[0])
+    return {"mean_kl": agree["mean_kl"], "top1_agreement": agree["top1_agreement"], "tokens": agree["tokens"],
+            "text": HELDOUT_TEXT}
 
 
 @torch.inference_mode()
@@ -45,6 +65,7 @@ def verify_export(folder: str | Path, model, tokenizer, text: str | None = None)
         "greedy_tokens": GREEDY_TOKENS,
         "perplexity_eager": agree["perplexity_ref"],
         "perplexity_onnx": agree["perplexity_other"],
+        "heldout": heldout_fidelity(model, runner, tokenizer),
     }
 
 
@@ -58,6 +79,8 @@ def format_report(report: dict, quant: str = "") -> str:
         f"  greedy match          {r['greedy_match_length']} / {r['greedy_tokens']} tokens",
         f"  perplexity            {r['perplexity_eager']:.3f} eager, {r['perplexity_onnx']:.3f} onnx "
         f"({r['perplexity_onnx'] - r['perplexity_eager']:+.3f})",
+        *([f"  held-out text         KL {h['mean_kl']:.2e}, top-1 {100 * h['top1_agreement']:.1f} % "
+           f"({h['tokens']} tokens of {h['text']})"] if (h := r.get("heldout")) else []),
     ])
 
 

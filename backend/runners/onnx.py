@@ -23,7 +23,7 @@ MODEL_FILE = "model.onnx"
 def io_names(n_layer: int) -> tuple[list[str], list[str]]:
     """The graph's inputs and outputs, in order (optimum's names): input_ids (B, S), attention_mask (B, P+S),
     position_ids (B, S), past_key_values.{i}.key/value (B, nkv, P, hd) -> logits (B, S, V), present.{i}.key/value
-    (B, nkv, P+S, hd). Graphs with fused GroupQueryAttention have no position_ids (positions come from the mask)."""
+    (B, nkv, P+S, hd). Fornax graphs before export version 5 with fused GroupQueryAttention have no position_ids."""
     past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
@@ -46,7 +46,6 @@ def read_onnx_config(folder: Path) -> ModelConfig:
     except (OSError, KeyError, ValueError) as e:
         raise ModelLoadError(f"{folder} has a model.onnx but no readable config.json / fornax.json: {e}") from e
 
-
 def open_session(path: Path, threads: int | None = None):
     """An ONNX Runtime session on `path` with all graph optimisations, `threads` intra-op threads, errors only."""
     import onnxruntime as ort
@@ -62,6 +61,13 @@ def open_session(path: Path, threads: int | None = None):
         raise ModelLoadError(f"{path} is not a loadable ONNX model: {str(e).strip()[:300]}") from e
 
 
+def _attention(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "fornax.json").read_text()).get("attention")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class OnnxRunner:
     def __init__(self, path: str | Path, config: ModelConfig, threads: int | None = None, name: str = "onnx"):
         path = Path(path)
@@ -73,10 +79,11 @@ class OnnxRunner:
         names = {i.name for i in self.session.get_inputs()}
         inputs, outputs = io_names(config.n_layer)
         self.past_names, self.present_names = inputs[3:], outputs[1:]
-        # Graphs with fused GroupQueryAttention read positions from the mask and can update one preallocated
-        # K/V buffer in place (past and present bound to the same memory); the generic graph concatenates.
+        # Graphs with fused GroupQueryAttention can update one preallocated K/V buffer in place (past and present
+        # bound to the same memory); the generic graph concatenates. fornax.json says which graph this is; older
+        # GQA graphs are the ones without position_ids.
         self.takes_positions = "position_ids" in names
-        self.shared_kv = not self.takes_positions
+        self.shared_kv = not self.takes_positions or _attention(path.parent) == "GroupQueryAttention"
         missing = {"input_ids", "attention_mask", *self.past_names} - names
         if missing:
             raise ModelLoadError(f"{path.name} is not a Fornax/optimum causal-LM graph: it lacks inputs "
@@ -85,7 +92,7 @@ class OnnxRunner:
         # gathers one row only
         file_bytes = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
         self.weight_bytes = max(file_bytes - config.vocab_size * config.d_model * 4, file_bytes // 2)
-        self.batch, self.past, self.kv = 1, None, None
+        self.batch, self.past, self.kv, self.io = 1, None, None, None
 
     def start(self, batch: int, max_len: int) -> None:
         import onnxruntime as ort
@@ -96,6 +103,13 @@ class OnnxRunner:
             shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
             self.kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.ort_device)
                        for _ in self.past_names]
+            # one binding for the whole generation: each step rebinds its three small inputs only (binding 2 x
+            # n_layer caches per token was a measurable share of a small model's step)
+            self.io = self.session.io_binding()
+            self.step_logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, cfg.vocab_size), np.float32)
+            for past, present, value in zip(self.past_names, self.present_names, self.kv):
+                self.io.bind_ortvalue_input(past, value)
+                self.io.bind_ortvalue_output(present, value)  # same memory: each step writes its keys in place
 
     def _run(self, ids: np.ndarray, pos: int, past) -> tuple[np.ndarray, list]:
         import onnxruntime as ort
@@ -124,19 +138,22 @@ class OnnxRunner:
             logits = self._run_shared(ids.numpy(), pos)
         else:
             logits, self.past = self._run(ids.numpy(), pos, self.past if pos else None)
-        return torch.from_numpy(np.ascontiguousarray(logits[:, -1]))  # (B, V)
+        return torch.from_numpy(logits[:, -1].copy())  # (B, V), not a view of a buffer the next step reuses
 
     def _run_shared(self, ids: np.ndarray, pos: int) -> np.ndarray:
+        import onnxruntime as ort
+
         B, T = ids.shape
-        io = self.session.io_binding()
+        io = self.io
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ones((B, pos + T), dtype=np.int64))
-        io.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
-        for past, present, value in zip(self.past_names, self.present_names, self.kv):
-            io.bind_ortvalue_input(past, value)
-            io.bind_ortvalue_output(present, value)  # same memory: the step writes its keys/values in place
+        if self.takes_positions:
+            io.bind_cpu_input("position_ids", np.broadcast_to(np.arange(pos, pos + T, dtype=np.int64), (B, T)).copy())
+        logits = self.step_logits if T == 1 else \
+            ort.OrtValue.ortvalue_from_shape_and_type((B, T, self.config.vocab_size), np.float32)  # a prompt's
+        io.bind_ortvalue_output("logits", logits)
         self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
+        return logits.numpy()
 
     def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """A full forward without cache: (B, T) -> (B, T, V)."""
@@ -144,4 +161,4 @@ class OnnxRunner:
         return torch.from_numpy(logits)
 
     def free(self) -> None:
-        self.past = self.kv = None
+        self.past = self.kv = self.io = self.step_logits = None

@@ -46,6 +46,7 @@ def read_onnx_config(folder: Path) -> ModelConfig:
     except (OSError, KeyError, ValueError) as e:
         raise ModelLoadError(f"{folder} has a model.onnx but no readable config.json / fornax.json: {e}") from e
 
+
 def open_session(path: Path, threads: int | None = None):
     """An ONNX Runtime session on `path` with all graph optimisations, `threads` intra-op threads, errors only."""
     import onnxruntime as ort

@@ -28,6 +28,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -356,3 +357,36 @@ def _build_classify(records: Records, tokenizer: Tokenizer, seq_len: int, val_fr
     return Data("classify", train, val, prompts, labels=sorted(counts), val_records=val_records,
                 summary=f"{len(records.items)} rows, labels {dict(sorted(counts.items()))} -> {len(train)} training "
                         f"+ {len(val)} validation")
+
+
+class EncoderBatch(NamedTuple):
+    ids: torch.Tensor                    # (B, T) right-padded
+    attention_mask: torch.Tensor         # (B, T) 1 on tokens, 0 on padding
+    token_types: torch.Tensor            # (B, T) 0 = first segment, 1 = second
+    labels: torch.Tensor                 # (B,) class index (classify) or 0 next / 1 random (next-sentence)
+
+
+@dataclass
+class EncoderExamples:
+    """Whole encoder inputs ([CLS] ... [SEP], maybe a second segment) with one label each."""
+    ids: list[torch.Tensor] = field(default_factory=list)     # each (L,) int64
+    types: list[torch.Tensor] = field(default_factory=list)   # each (L,) int64
+    labels: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, ids: list[int], label: int, types: list[int] | None = None):
+        self.ids.append(torch.tensor(ids, dtype=torch.long))
+        self.types.append(torch.tensor(types if types is not None else [0] * len(ids), dtype=torch.long))
+        self.labels.append(label)
+
+    def batch(self, index: list[int], pad_id: int = 0) -> EncoderBatch:
+        T = max(len(self.ids[i]) for i in index)
+        ids = torch.full((len(index), T), pad_id, dtype=torch.long)
+        types = torch.zeros((len(index), T), dtype=torch.long)
+        mask = torch.zeros((len(index), T), dtype=torch.long)
+        for b, i in enumerate(index):
+            n = len(self.ids[i])
+            ids[b, :n], types[b, :n], mask[b, :n] = self.ids[i], self.types[i], 1
+        return EncoderBatch(ids, mask, types, torch.tensor([self.labels[i] for i in index], dtype=torch.long))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..errors import TrainError
 from ..scoring.validation import autocast
 from ..tokenizer import Tokenizer
-from .data import IGNORE, MAX_VAL_SEQUENCES, Data, Records
+from .data import IGNORE, MAX_VAL_SEQUENCES, Data, EncoderExamples, Records
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -63,8 +63,6 @@ def build_nsp(records: Records, tokenizer: Tokenizer, seq_len: int, val_fraction
     sentence after it (label 0, "is next") or, half the time, by a random other sentence of the same split (label 1).
     The validation pairs come from the last val_fraction of the sentences. `[CLS] A [SEP] B [SEP]`, token types 0 then
     1, the longer side cut first to fit seq_len."""
-    from .encoder_classify import EncoderExamples
-
     sentences = split_sentences(records.corpus)
     if len(sentences) < 8:
         raise TrainError(f"{records.path.name} has {len(sentences)} sentences; next-sentence prediction needs at "

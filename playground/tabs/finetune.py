@@ -121,18 +121,22 @@ def someone_elses_active_job(request: gr.Request | None) -> str | None:
     return None
 
 
+def own_states(owner: str | None):
+    """The states of the jobs this visitor may see, newest first (a job whose state cannot be read is skipped)."""
+    for job_id in reversed(manager().jobs()):
+        if manager().may_control(job_id, owner):
+            try:
+                yield manager().state(job_id)
+            except backend.FornaxError:
+                continue
+
+
 def recent_runs(owner: str | None) -> list[dict]:
     """The states of this visitor's last runs, newest first, at most RUNS_SHOWN: the latest job always (a job just
     started keeps its slot while it has no loss yet), earlier ones if they have losses to plot. A job continued by a
     resume is left out: the resumed job (same output folder) carries its losses over."""
     runs: list[dict] = []
-    for job_id in reversed(manager().jobs()):
-        if not manager().may_control(job_id, owner):
-            continue
-        try:
-            state = manager().state(job_id)
-        except backend.FornaxError:
-            continue
+    for state in own_states(owner):
         if runs and not (state.get("train_loss") or state.get("val_loss")):
             continue
         if any(r.get("out_dir") == state.get("out_dir") for r in runs):
@@ -222,15 +226,9 @@ def compare_classifiers(request: gr.Request = None) -> str:
     """'Compare: causal LM vs encoder': this visitor's latest finished classification run by label words (a causal
     LM) and by a classification head (an encoder), side by side (backend.training.compare), as Markdown."""
     owner, latest = deployment.job_owner(request), {}
-    for job_id in reversed(manager().jobs()):
+    for state in own_states(owner):
         if len(latest) == 2:
             break
-        if not manager().may_control(job_id, owner):
-            continue
-        try:
-            state = manager().state(job_id)
-        except backend.FornaxError:
-            continue
         kind = CLASSIFY_KINDS.get((state.get("metrics") or {}).get("method"))
         if state.get("status") == "done" and kind and kind not in latest:
             latest[kind] = state

@@ -19,6 +19,16 @@ CHROMIUM = os.environ.get("FORNAX_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 LOCAL = ("http://127.0.0.1", "data:", "blob:", "about:")
+
+
+def open_page(browser, url: str, height: int = 1000):
+    """A page on the served app once its chat box is there, and the list of every request it made off this machine."""
+    page = browser.new_page(viewport={"width": 1400, "height": height})
+    outside = []
+    page.on("request", lambda r: None if r.url.startswith(LOCAL) else outside.append(r.url))
+    page.goto(url)
+    page.wait_for_selector("#fx-message textarea")
+    return page, outside
 # The panel's defaults (temperature 0.7, top-p 0.95, the rest off) with what the tests below type in.
 UI_PARAMS = dict(temperature=0.7, top_k=0, top_p=0.95, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
                  frequency_penalty=0.0, stop=[], num_samples=1)
@@ -47,11 +57,7 @@ def browser():
 @pytest.fixture(scope="module")
 def page(browser):
     with serving(create_app("default")) as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        outside = []
-        page.on("request", lambda r: None if r.url.startswith(LOCAL) else outside.append(r.url))
-        page.goto(url)
-        page.wait_for_selector("#fx-message textarea")
+        page, outside = open_page(browser, url)
         yield page, outside
         page.close()
 

@@ -11,7 +11,7 @@ from playground.render import RUN_SLOTS
 from tests.backend.test_encoder import _config, _perturb, _tokenizer
 from tests.backend.tiny import make_tiny
 from tests.playground.serve import serving
-from tests.playground.test_browser import LOCAL, browser, set_number, wait_for_text  # noqa: F401 (fixture)
+from tests.playground.test_browser import browser, open_page, set_number, wait_for_text  # noqa: F401 (fixture)
 from tests.playground.test_browser_chat import choose
 
 
@@ -27,11 +27,7 @@ def page(browser, tmp_path_factory):  # noqa: F811
     _perturb(BertForMaskedLM(_config(len(tok)))).save_pretrained(root / "bert")
     make_tiny("llama", root / "llama")
     with serving(create_app(str(root / "llama"))) as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 1400})
-        outside = []
-        page.on("request", lambda r: None if r.url.startswith(LOCAL) else outside.append(r.url))
-        page.goto(url)
-        page.wait_for_selector("#fx-message textarea")
+        page, outside = open_page(browser, url, height=1400)
         yield page, outside, root
         page.close()
     mp.undo()

@@ -8,7 +8,7 @@ from playground import create_app, current
 from playground.tabs.evaluate import SAMPLES_DIR
 from tests.backend.tiny import make_tiny
 from tests.playground.serve import serving
-from tests.playground.test_browser import LOCAL, browser, set_number, wait_for_text  # noqa: F401 (fixture)
+from tests.playground.test_browser import browser, open_page, set_number, wait_for_text  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +18,7 @@ def page(browser, tmp_path_factory):  # noqa: F811
     mp.setenv("FORNAX_SCORES_DB", str(root / "scores.sqlite"))  # a history of this test's own
     make_tiny("llama", root / "llama")
     with serving(create_app(str(root / "llama"))) as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 1400})
-        outside = []
-        page.on("request", lambda r: None if r.url.startswith(LOCAL) else outside.append(r.url))
-        page.goto(url)
-        page.wait_for_selector("#fx-message textarea")
+        page, outside = open_page(browser, url, height=1400)
         yield page, outside
         page.close()
     mp.undo()

@@ -13,7 +13,7 @@ from playground import build_app, current
 from playground.tabs.race import label
 from tests.backend.tiny import make_tiny
 from tests.playground.serve import serving
-from tests.playground.test_browser import LOCAL, browser, set_number  # noqa: F401 (a fixture)
+from tests.playground.test_browser import browser, open_page, set_number  # noqa: F401 (a fixture)
 
 PROMPT = "The quick brown fox"
 TOKENS = 24
@@ -29,11 +29,7 @@ def page(browser, tmp_path_factory):  # noqa: F811
     attach_onnx(current.handle, "int4")  # a real export, made here
     try:
         with serving(build_app()) as url:
-            page = browser.new_page(viewport={"width": 1400, "height": 1400})
-            outside = []
-            page.on("request", lambda r: None if r.url.startswith(LOCAL) else outside.append(r.url))
-            page.goto(url)
-            page.wait_for_selector("#fx-message textarea")
+            page, outside = open_page(browser, url, height=1400)
             yield page, outside
             page.close()
     finally:

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from backend.model import Transformer
 from backend.ops import rms_norm, rotate_half
 
+from .graph import LastPositions
+
 
 class GroupQueryAttention(torch.autograd.Function):
     """PyTorch reference of com.microsoft.GroupQueryAttention (no padding), exported as that one node."""
@@ -72,7 +74,8 @@ class GqaGraph(torch.nn.Module):
         self.register_buffer("cos_cache", cos[:, :half].clone(), persistent=False)  # (S, hd/2)
         self.register_buffer("sin_cache", sin[:, :half].clone(), persistent=False)
 
-    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+    def forward(self, input_ids, attention_mask, position_ids, *past_flat_and_keep):
+        *past_flat, logits_to_keep = past_flat_and_keep
         m, cfg = self.model, self.model.config
         nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # (B,) index of each row's last token. position_ids only rides along (times 0) so the graph keeps optimum's
@@ -92,4 +95,4 @@ class GqaGraph(torch.nn.Module):
             gate, up = block.mlp.gate_up(h).split([cfg.d_ff, cfg.d_ff], dim=-1)  # constant sizes: one Split node
             nxt = m.blocks[i + 1].attn_norm if i + 1 < len(m.blocks) else m.norm
             h, x = SkipRMSNorm.apply(block.mlp.down(F.silu(gate) * up), x, nxt.weight, nxt.eps)
-        return (m.lm_head(h), *present)
+        return (m.lm_head(LastPositions.apply(h, logits_to_keep)), *present)

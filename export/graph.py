@@ -3,16 +3,34 @@ in, logits and present keys/values out (optimum's interface). Export-only; the m
 
 Graph interface (the one optimum's ORTModelForCausalLM reads):
   inputs  input_ids (B, S) int64, attention_mask (B, P+S) int64, position_ids (B, S) int64,
-          past_key_values.{i}.key / .value (B, n_kv_heads, P, head_dim) float32
-  outputs logits (B, S, V) float32, present.{i}.key / .value (B, n_kv_heads, P+S, head_dim)
+          past_key_values.{i}.key / .value (B, n_kv_heads, P, head_dim) float32,
+          logits_to_keep (1,) int64, optional (default 0: every position)
+  outputs logits (B, S, V) float32 — (B, k, V) for the last k positions when logits_to_keep = k > 0 —,
+          present.{i}.key / .value (B, n_kv_heads, P+S, head_dim)
 One graph serves prefill (P = 0) and decode (S = 1). The runner's side of this contract is
-`backend.runners.onnx.GraphIO`.
+`backend.runners.onnx.io_names`. logits_to_keep = 1 is what a prompt needs: the output layer on its last position
+only (at 128 prompt tokens, the other 127 rows of the output layer were ~1/6 of a small model's prefill).
 """
 from __future__ import annotations
 
 import torch
 
 from backend.model import Transformer
+
+
+class LastPositions(torch.autograd.Function):
+    """x[:, -k:] for k > 0, else all of x: the rows the output layer runs on. One Neg + Slice in the graph, so the
+    count stays an input (a Python slice would be traced as a constant)."""
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        k = int(keep.reshape(-1)[0])
+        return x[:, x.shape[1] - k:] if k > 0 else x
+
+    @staticmethod
+    def symbolic(g, x, keep):
+        end = g.op("Constant", value_t=torch.tensor([2**63 - 1]))
+        return g.op("Slice", x, g.op("Neg", keep), end, g.op("Constant", value_t=torch.tensor([1])))
 
 
 class PastKV:
@@ -27,9 +45,10 @@ class PastKV:
 
 
 def forward_with_past(model: Transformer, idx: torch.Tensor, position_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]]):
+                      attention_mask: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]],
+                      logits_to_keep: torch.Tensor | None = None):
     """idx, position_ids (B, T); attention_mask (B, P + T) with 1 for real tokens; past [(k, v)] per layer
-    -> logits (B, T, V), present [(k, v)] per layer."""
+    -> logits (B, T, V) (the last k positions for logits_to_keep = [k > 0]), present [(k, v)] per layer."""
     B, T = idx.shape
     P = past[0][0].shape[2]
     x = model.tok_emb(idx)                                                 # (B, T, d)
@@ -49,6 +68,8 @@ def forward_with_past(model: Transformer, idx: torch.Tensor, position_ids: torch
     caches = [PastKV(k, v) for k, v in past]
     for block, cache in zip(model.blocks, caches):
         x = block(x, rope, None, cache, mask)
+    if logits_to_keep is not None:
+        x = LastPositions.apply(x, logits_to_keep)
     return model.lm_head(model.norm(x)), [(c.k, c.v) for c in caches]
 
 
@@ -59,7 +80,8 @@ class GraphWrapper(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+    def forward(self, input_ids, attention_mask, position_ids, *past_flat_and_keep):
+        *past_flat, keep = past_flat_and_keep
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
-        logits, present = forward_with_past(self.model, input_ids, position_ids, attention_mask, past)
+        logits, present = forward_with_past(self.model, input_ids, position_ids, attention_mask, past, keep)
         return (logits, *[t for kv in present for t in kv])

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from backend import limits
@@ -17,7 +18,7 @@ from backend.config import ModelConfig
 from backend.errors import FornaxError
 from backend.hf_format import write_hf_folder
 from backend.loading import build_model, read_hf_folder, resolve
-from backend.runners.onnx import io_names
+from backend.runners.onnx import LOGITS_TO_KEEP, io_names
 from backend.tokenizer import Tokenizer
 
 from .gqa_graph import GqaGraph
@@ -26,7 +27,7 @@ from .graph import GraphWrapper
 QUANTS = ("none", "int8", "int4")
 # encoders and the LSTM: no GGUF source, and int4 of a tiny model's few MatMuls is not worth a second route
 FAMILY_QUANTS = {"bert": ("none", "int8"), "lstm": ("none", "int8")}
-EXPORT_VERSION = 5  # bump when graphs change, so cached exports are made again
+EXPORT_VERSION = 6  # bump when graphs change, so cached exports are made again
 OPSET = 17
 MODEL_FILE = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3  # weights beyond this go to external data files
@@ -71,6 +72,7 @@ def export_fp32(model, path: Path) -> None:
     example = [torch.randint(0, cfg.vocab_size, (B, S)), torch.ones(B, P + S, dtype=torch.long),
                torch.arange(P, P + S).expand(B, S).contiguous()]
     example += [torch.zeros(B, cfg.n_kv_head, P, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
+    example.append(torch.zeros(1, dtype=torch.long))  # logits_to_keep
     axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
             "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
             "position_ids": {0: "batch_size", 1: "sequence_length"},
@@ -81,13 +83,25 @@ def export_fp32(model, path: Path) -> None:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape branches are constant with a mask
-            torch.onnx.export(graph, tuple(example), str(path), input_names=inputs,
+            torch.onnx.export(graph, tuple(example), str(path), input_names=[*inputs, LOGITS_TO_KEEP],
                               output_names=outputs, dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True,
                               dynamo=False, external_data=_needs_external_data(model))
     except OSError:
         raise
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed for this model: {type(e).__name__}: {e}") from e
+    _default_input(path, LOGITS_TO_KEEP, [0])
+
+
+def _default_input(path: Path, name: str, value: list[int]) -> None:
+    """Give the graph input `name` a default (an initializer of the same name): callers that do not know it —
+    optimum, onnxruntime-genai, older Fornax — need not feed it."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
+    model.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+    onnx.save(model, str(path))
 
 
 def _export_other(model, path: Path) -> None:

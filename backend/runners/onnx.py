@@ -18,12 +18,16 @@ from ..config import ModelConfig
 from ..errors import ModelLoadError
 
 MODEL_FILE = "model.onnx"
+# optional input (default 0 = every position): with 1, a prompt's logits are its last position's only (export
+# version 6 on; older graphs lack it and compute them all)
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 def io_names(n_layer: int) -> tuple[list[str], list[str]]:
     """The graph's inputs and outputs, in order (optimum's names): input_ids (B, S), attention_mask (B, P+S),
     position_ids (B, S), past_key_values.{i}.key/value (B, nkv, P, hd) -> logits (B, S, V), present.{i}.key/value
-    (B, nkv, P+S, hd). Fornax graphs before export version 5 with fused GroupQueryAttention have no position_ids."""
+    (B, nkv, P+S, hd); and the optional LOGITS_TO_KEEP, not listed. Fornax graphs before export version 5 with fused
+    GroupQueryAttention have no position_ids."""
     past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
@@ -84,6 +88,10 @@ class OnnxRunner:
         # bound to the same memory); the generic graph concatenates. fornax.json says which graph this is; older
         # GQA graphs are the ones without position_ids.
         self.takes_positions = "position_ids" in names
+        # a prompt's logits for its last position only (saves the output layer on every other one), where the graph
+        # takes logits_to_keep and its outputs come back to the CPU
+        self._prompt_last_only = self.ort_device == "cpu" and LOGITS_TO_KEEP in {
+            i.name for i in self.session.get_overridable_initializers()}
         self.shared_kv = not self.takes_positions or _attention(path.parent) == "GroupQueryAttention"
         missing = {"input_ids", "attention_mask", *self.past_names} - names
         if missing:
@@ -108,15 +116,24 @@ class OnnxRunner:
             # n_layer caches per token was a measurable share of a small model's step)
             self.io = self.session.io_binding()
             self.step_logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, cfg.vocab_size), np.float32)
-            for past, present, value in zip(self.past_names, self.present_names, self.kv):
-                self.io.bind_ortvalue_input(past, value)
-                self.io.bind_ortvalue_output(present, value)  # same memory: each step writes its keys in place
+            self._bind_kv()
 
-    def _run(self, ids: np.ndarray, pos: int, past) -> tuple[np.ndarray, list]:
+    def _bind_kv(self) -> None:
+        for past, present, value in zip(self.past_names, self.present_names, self.kv):
+            self.io.bind_ortvalue_input(past, value)
+            self.io.bind_ortvalue_output(present, value)  # same memory: each step writes its keys in place
+
+    def _run(self, ids: np.ndarray, pos: int, past, last_only: bool = False) -> tuple[np.ndarray, list]:
         import onnxruntime as ort
 
         B, T = ids.shape
         cfg = self.config
+        if last_only and T > 1 and self._prompt_last_only:
+            if past is None:
+                empty = np.zeros((B, cfg.n_kv_head, 0, cfg.head_dim), dtype=np.float32)
+                past = [ort.OrtValue.ortvalue_from_numpy(empty)] * len(self.past_names)
+            out = self._run_last_only(ids, pos, past)
+            return out[0].numpy(), out[1:]
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ones((B, pos + T), dtype=np.int64))
@@ -138,13 +155,33 @@ class OnnxRunner:
         if self.shared_kv:
             logits = self._run_shared(ids.numpy(), pos)
         else:
-            logits, self.past = self._run(ids.numpy(), pos, self.past if pos else None)
+            logits, self.past = self._run(ids.numpy(), pos, self.past if pos else None, last_only=True)
         return torch.from_numpy(logits[:, -1].copy())  # (B, V), not a view of a buffer the next step reuses
+
+    def _run_last_only(self, ids: np.ndarray, pos: int, past: list) -> list:
+        """One run whose logits are the last position's only (the graph's optional logits_to_keep = 1). Not through
+        IO binding, which in onnxruntime 1.31 cannot bind an input that has a default: presents come back as new
+        values."""
+        import onnxruntime as ort
+
+        B, T = ids.shape
+        feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "attention_mask": np.ones((B, pos + T),
+                 dtype=np.int64), LOGITS_TO_KEEP: np.ones(1, dtype=np.int64)}
+        if self.takes_positions:
+            feeds["position_ids"] = np.broadcast_to(np.arange(pos, pos + T, dtype=np.int64), (B, T)).copy()
+        feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
+        feeds.update(zip(self.past_names, past))
+        return self.session.run_with_ort_values(["logits", *self.present_names], feeds)
 
     def _run_shared(self, ids: np.ndarray, pos: int) -> np.ndarray:
         import onnxruntime as ort
 
         B, T = ids.shape
+        if T > 1 and self._prompt_last_only:  # a prompt: new full-size caches come back, bound for the steps after
+            out = self._run_last_only(ids, pos, self.kv)
+            self.kv = out[1:]
+            self._bind_kv()
+            return out[0].numpy()
         io = self.io
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ones((B, pos + T), dtype=np.int64))

@@ -61,6 +61,35 @@ def test_graph_interface_is_the_one_optimum_reads(tiny_export):
     assert dims[0] == "batch_size" and dims[2] == "past_sequence_length"
 
 
+def test_logits_to_keep_is_optional_and_a_prompt_computes_its_last_position_only(tiny_export):
+    import onnxruntime as ort
+
+    from backend.runners.onnx import LOGITS_TO_KEEP, OnnxRunner, read_onnx_config
+
+    root, _ = tiny_export
+    folder = root / "onnx"
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    cfg = read_onnx_config(folder)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(9), (2, 1))}
+    feeds.update({n.name: np.zeros((2, cfg.n_kv_head, 0, cfg.head_dim), np.float32) for n in session.get_inputs()
+                  if n.name.startswith("past_key_values")})
+    every = session.run(["logits"], feeds)[0]                      # not fed: its default, every position
+    assert every.shape == (2, 9, cfg.vocab_size)
+    for k in (1, 3):
+        kept = session.run(["logits"], {**feeds, LOGITS_TO_KEEP: np.array([k])})[0]
+        np.testing.assert_allclose(kept, every[:, -k:], atol=1e-5)
+    eager = backend.load(root / "hf")
+    runner = OnnxRunner(folder / "model.onnx", cfg)
+    assert runner._prompt_last_only
+    torch_ids = torch.from_numpy(ids)
+    runner.start(2, 16)                                            # prompt, then a step on the caches it returned
+    torch.testing.assert_close(runner.forward(torch_ids, 0), eager.logits(torch_ids)[:, -1], atol=1e-4, rtol=1e-4)
+    step = torch.tensor([[5], [7]])
+    full = eager.logits(torch.cat([torch_ids, step], 1))[:, -1]
+    torch.testing.assert_close(runner.forward(step, 9), full, atol=1e-4, rtol=1e-4)
+
+
 def test_export_refuses_a_non_empty_folder(tmp_path):
     make_tiny("llama", tmp_path / "hf")
     (tmp_path / "out").mkdir()

@@ -96,3 +96,25 @@ class GqaGraph(torch.nn.Module):
             nxt = m.blocks[i + 1].attn_norm if i + 1 < len(m.blocks) else m.norm
             h, x = SkipRMSNorm.apply(block.mlp.down(F.silu(gate) * up), x, nxt.weight, nxt.eps)
         return (m.lm_head(LastPositions.apply(h, logits_to_keep)), *present)
+
+
+def pack_qkv(graph) -> int:
+    """Feed each GroupQueryAttention node the packed Q|K|V projection itself (key and value inputs left empty, as
+    the op allows) instead of the three outputs of a Split of it: one node fewer per layer, for every decoded token.
+    Works on the exported onnx GraphProto in place; returns how many Splits went."""
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    gone = []
+    for node in graph.node:
+        split = producer.get(node.input[0]) if node.op_type == "GroupQueryAttention" else None
+        if split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3]) or \
+                any(consumers.get(out) != 1 for out in split.output):
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        gone.append(split)
+    for split in gone:
+        graph.node.remove(split)
+    return len(gone)

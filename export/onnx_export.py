@@ -90,17 +90,22 @@ def export_fp32(model, path: Path) -> None:
         raise
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed for this model: {type(e).__name__}: {e}") from e
-    _default_input(path, LOGITS_TO_KEEP, [0])
+    _finish_graph(path, packed_qkv=cfg.family == "llama")
 
 
-def _default_input(path: Path, name: str, value: list[int]) -> None:
-    """Give the graph input `name` a default (an initializer of the same name): callers that do not know it —
-    optimum, onnxruntime-genai, older Fornax — need not feed it."""
+def _finish_graph(path: Path, packed_qkv: bool) -> None:
+    """Give logits_to_keep its default (an initializer of the same name: callers that do not know the input —
+    optimum, onnxruntime-genai, older Fornax — need not feed it) and, for GroupQueryAttention graphs, feed the
+    packed Q|K|V projection to attention directly."""
     import onnx
     from onnx import numpy_helper
 
+    from .gqa_graph import pack_qkv
+
     model = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
-    model.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(1, dtype=np.int64), LOGITS_TO_KEEP))
+    if packed_qkv:
+        pack_qkv(model.graph)
     onnx.save(model, str(path))
 
 

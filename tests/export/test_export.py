@@ -59,6 +59,9 @@ def test_graph_interface_is_the_one_optimum_reads(tiny_export):
     past = next(i for i in graph.input if i.name == "past_key_values.0.key")
     dims = [d.dim_param or d.dim_value for d in past.type.tensor_type.shape.dim]
     assert dims[0] == "batch_size" and dims[2] == "past_sequence_length"
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == (2 if "llama" in root.name else 0)   # one per layer of the tiny Llama
+    assert all(n.input[1] == n.input[2] == "" for n in attention)  # fed the packed Q|K|V (parity: test above)
 
 
 def test_logits_to_keep_is_optional_and_a_prompt_computes_its_last_position_only(tiny_export):

@@ -21,6 +21,14 @@ from backend.ops import rms_norm, rotate_half
 from .graph import LastPositions
 
 
+def _typed(outputs, *like):
+    """Give a contrib op's outputs the element type of an input and their rank, sizes left open: the exporter then
+    knows their types (no "shape inference ... is missing" warning per node) without guessing a wrong shape."""
+    for out, (ref, rank) in zip(outputs, like):
+        out.setType(ref.type().with_sizes([None] * rank))
+    return tuple(outputs)
+
+
 class GroupQueryAttention(torch.autograd.Function):
     """PyTorch reference of com.microsoft.GroupQueryAttention (no padding), exported as that one node."""
 
@@ -43,9 +51,10 @@ class GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, n_head, n_kv_head, scale):
-        return g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin,
+        outs = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin,
                     num_heads_i=n_head, kv_num_heads_i=n_kv_head, scale_f=scale, do_rotary_i=1,
                     rotary_interleaved_i=0, outputs=3)
+        return _typed(outs, (q, 3), (past_k, 4), (past_v, 4))
 
 
 class SkipRMSNorm(torch.autograd.Function):
@@ -60,7 +69,7 @@ class SkipRMSNorm(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, skip, weight, eps):
         out = g.op("com.microsoft::SkipSimplifiedLayerNormalization", x, skip, weight, epsilon_f=eps, outputs=4)
-        return out[0], out[3]  # outputs: normed, mean (unused), inverse std (unused), x + skip
+        return _typed((out[0], out[3]), (x, 3), (x, 3))  # outputs: normed, mean, inverse std (unused), x + skip
 
 
 class GqaGraph(torch.nn.Module):
@@ -81,7 +90,7 @@ class GqaGraph(torch.nn.Module):
         # (B,) index of each row's last token. position_ids only rides along (times 0) so the graph keeps optimum's
         # input (the exporter drops unused inputs); positions come from the mask, as GQA's cache writes do
         seqlens_k = (attention_mask.sum(-1) - 1 + 0 * position_ids[:, 0]).to(torch.int32)
-        total_len = torch.tensor(attention_mask.shape[1], dtype=torch.int32)
+        total_len = torch._shape_as_tensor(attention_mask)[1].to(torch.int32)      # traced as Shape, not a constant
         x = m.tok_emb(input_ids)                                             # (B, T, d)
         h = m.blocks[0].attn_norm(x)
         present = []

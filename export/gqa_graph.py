@@ -73,7 +73,7 @@ class SkipRMSNorm(torch.autograd.Function):
 
 
 class GqaGraph(torch.nn.Module):
-    """Flat inputs/outputs like export.onnx_export.GraphWrapper, for Llama-family models."""
+    """Flat inputs/outputs like export.graph.GraphWrapper, for Llama-family models."""
 
     def __init__(self, model: Transformer):
         super().__init__()

@@ -25,7 +25,7 @@ class LastPositions(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keep):
         k = int(keep.reshape(-1)[0])
-        return x[:, x.shape[1] - k:] if k > 0 else x
+        return x[:, max(x.shape[1] - k, 0):] if k > 0 else x  # k > T: all of x, as Slice clamps
 
     @staticmethod
     def symbolic(g, x, keep):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..errors import ModelLoadError
+from ..errors import GenerationError, ModelLoadError
 
 MODEL_FILE = "model.onnx"
 # optional input (default 0 = every position): with 1, a prompt's logits are its last position's only (export
@@ -89,9 +89,9 @@ class OnnxRunner:
         # GQA graphs are the ones without position_ids.
         self.takes_positions = "position_ids" in names
         # a prompt's logits for its last position only (saves the output layer on every other one), where the graph
-        # takes logits_to_keep and its outputs come back to the CPU
-        self._prompt_last_only = self.ort_device == "cpu" and LOGITS_TO_KEEP in {
-            i.name for i in self.session.get_overridable_initializers()}
+        # takes logits_to_keep (an input with a default: bound as an OrtValue, IO binding refuses it as an array)
+        self.keeps_last = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
+        self._keep_one = np.ones(1, dtype=np.int64)  # the OrtValues bound to it share this memory
         self.shared_kv = not self.takes_positions or _attention(path.parent) == "GroupQueryAttention"
         missing = {"input_ids", "attention_mask", *self.past_names} - names
         if missing:
@@ -101,7 +101,7 @@ class OnnxRunner:
         # gathers one row only
         file_bytes = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
         self.weight_bytes = max(file_bytes - config.vocab_size * config.d_model * 4, file_bytes // 2)
-        self.batch, self.past, self.kv, self.io = 1, None, None, None
+        self.batch, self.past, self.kv, self.kv_rows, self.io = 1, None, None, None, None
 
     def start(self, batch: int, max_len: int) -> None:
         import onnxruntime as ort
@@ -110,35 +110,43 @@ class OnnxRunner:
         if self.shared_kv:  # allocated once per generation, written in place by every step
             cfg = self.config
             shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
-            self.kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.ort_device)
-                       for _ in self.past_names]
+            if self.ort_device == "cpu":  # numpy memory under the OrtValues: rows can be copied (_later_chunk)
+                self.kv_rows = [np.empty(shape, np.float32) for _ in self.past_names]
+                self.kv = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv_rows]
+            else:
+                self.kv_rows = None
+                self.kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.ort_device)
+                           for _ in self.past_names]
             # one binding for the whole generation: each step rebinds its three small inputs only (binding 2 x
             # n_layer caches per token was a measurable share of a small model's step)
-            self.io = self.session.io_binding()
+            self.io = self._binding(self.kv)
             self.step_logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, cfg.vocab_size), np.float32)
-            self._bind_kv()
 
-    def _bind_kv(self) -> None:
-        for past, present, value in zip(self.past_names, self.present_names, self.kv):
-            self.io.bind_ortvalue_input(past, value)
-            self.io.bind_ortvalue_output(present, value)  # same memory: each step writes its keys in place
+    def _binding(self, kv: list):
+        """An IO binding with the caches bound as both past and present (same memory: each run writes its keys in
+        place) and, where the graph takes it, logits_to_keep = 1: every run here needs its last position only."""
+        import onnxruntime as ort
+
+        io = self.session.io_binding()
+        if self.keeps_last:
+            io.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(self._keep_one))
+        for past, present, value in zip(self.past_names, self.present_names, kv):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+        return io
 
     def _run(self, ids: np.ndarray, pos: int, past, last_only: bool = False) -> tuple[np.ndarray, list]:
         import onnxruntime as ort
 
         B, T = ids.shape
         cfg = self.config
-        if last_only and T > 1 and self._prompt_last_only:
-            if past is None:
-                empty = np.zeros((B, cfg.n_kv_head, 0, cfg.head_dim), dtype=np.float32)
-                past = [ort.OrtValue.ortvalue_from_numpy(empty)] * len(self.past_names)
-            out = self._run_last_only(ids, pos, past)
-            return out[0].numpy(), out[1:]
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ones((B, pos + T), dtype=np.int64))
         if self.takes_positions:
             io.bind_cpu_input("position_ids", np.broadcast_to(np.arange(pos, pos + T, dtype=np.int64), (B, T)).copy())
+        if last_only and self.keeps_last:
+            io.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(self._keep_one))
         if past is None:
             empty = np.zeros((B, cfg.n_kv_head, 0, cfg.head_dim), dtype=np.float32)
             past = [ort.OrtValue.ortvalue_from_numpy(empty, self.ort_device)] * len(self.past_names)
@@ -158,40 +166,45 @@ class OnnxRunner:
             logits, self.past = self._run(ids.numpy(), pos, self.past if pos else None, last_only=True)
         return torch.from_numpy(logits[:, -1].copy())  # (B, V), not a view of a buffer the next step reuses
 
-    def _run_last_only(self, ids: np.ndarray, pos: int, past: list) -> list:
-        """One run whose logits are the last position's only (the graph's optional logits_to_keep = 1). Not through
-        IO binding, which in onnxruntime 1.31 cannot bind an input that has a default: presents come back as new
-        values."""
+    def _run_shared(self, ids: np.ndarray, pos: int, io=None) -> np.ndarray:
         import onnxruntime as ort
 
         B, T = ids.shape
-        feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "attention_mask": np.ones((B, pos + T),
-                 dtype=np.int64), LOGITS_TO_KEEP: np.ones(1, dtype=np.int64)}
-        if self.takes_positions:
-            feeds["position_ids"] = np.broadcast_to(np.arange(pos, pos + T, dtype=np.int64), (B, T)).copy()
-        feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
-        feeds.update(zip(self.past_names, past))
-        return self.session.run_with_ort_values(["logits", *self.present_names], feeds)
-
-    def _run_shared(self, ids: np.ndarray, pos: int) -> np.ndarray:
-        import onnxruntime as ort
-
-        B, T = ids.shape
-        if T > 1 and self._prompt_last_only:  # a prompt: new full-size caches come back, bound for the steps after
-            out = self._run_last_only(ids, pos, self.kv)
-            self.kv = out[1:]
-            self._bind_kv()
-            return out[0].numpy()
-        io = self.io
+        if T > 1 and B > 1 and pos > 0 and io is None:
+            return self._later_chunk(ids, pos)
+        io = io or self.io
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ones((B, pos + T), dtype=np.int64))
         if self.takes_positions:
             io.bind_cpu_input("position_ids", np.broadcast_to(np.arange(pos, pos + T, dtype=np.int64), (B, T)).copy())
-        logits = self.step_logits if T == 1 else \
-            ort.OrtValue.ortvalue_from_shape_and_type((B, T, self.config.vocab_size), np.float32)  # a prompt's
+        if B == self.batch and (T == 1 or self.keeps_last):
+            logits = self.step_logits
+        else:  # a prompt's logits in a graph without logits_to_keep, or a one-row chunk
+            logits = ort.OrtValue.ortvalue_from_shape_and_type((B, 1 if self.keeps_last else T,
+                                                                 self.config.vocab_size), np.float32)
         io.bind_ortvalue_output("logits", logits)
         self.session.run_with_iobinding(io)
         return logits.numpy()
+
+    def _later_chunk(self, ids: np.ndarray, pos: int) -> np.ndarray:
+        """A prompt chunk after the first for several rows: GroupQueryAttention takes a multi-token input with a
+        cache for one row only. The rows are the same prompt (several samples of it), so on the CPU the chunk runs
+        once on row 0's cache and is copied to the others; elsewhere it goes in token by token."""
+        if not (ids == ids[:1]).all():
+            raise GenerationError("the ONNX runner continues a prompt in chunks only when every row is the same "
+                                  "prompt")
+        if self.kv_rows is None:
+            for t in range(ids.shape[1]):
+                logits = self._run_shared(ids[:, t:t + 1], pos + t)
+            return logits
+        import onnxruntime as ort
+
+        T = ids.shape[1]
+        first_row = self._binding([ort.OrtValue.ortvalue_from_numpy(a[:1]) for a in self.kv_rows])
+        logits = self._run_shared(ids[:1], pos, first_row)
+        for rows in self.kv_rows:
+            rows[1:, :, pos:pos + T] = rows[:1, :, pos:pos + T]
+        return np.repeat(logits, ids.shape[0], axis=0)
 
     def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """A full forward without cache: (B, T) -> (B, T, V)."""
@@ -199,4 +212,4 @@ class OnnxRunner:
         return torch.from_numpy(logits)
 
     def free(self) -> None:
-        self.past = self.kv = self.io = self.step_logits = None
+        self.past = self.kv = self.kv_rows = self.io = self.step_logits = None

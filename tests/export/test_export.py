@@ -84,13 +84,31 @@ def test_logits_to_keep_is_optional_and_a_prompt_computes_its_last_position_only
         np.testing.assert_allclose(kept, every[:, -k:], atol=1e-5)
     eager = backend.load(root / "hf")
     runner = OnnxRunner(folder / "model.onnx", cfg)
-    assert runner._prompt_last_only
+    assert runner.keeps_last
     torch_ids = torch.from_numpy(ids)
     runner.start(2, 16)                                            # prompt, then a step on the caches it returned
     torch.testing.assert_close(runner.forward(torch_ids, 0), eager.logits(torch_ids)[:, -1], atol=1e-4, rtol=1e-4)
     step = torch.tensor([[5], [7]])
     full = eager.logits(torch.cat([torch_ids, step], 1))[:, -1]
     torch.testing.assert_close(runner.forward(step, 9), full, atol=1e-4, rtol=1e-4)
+
+
+def test_a_prompt_in_chunks_for_several_samples_matches_eager(tiny_export, monkeypatch):
+    """Chunks after the first at batch 2 (GroupQueryAttention takes those for one row only), with and without
+    logits_to_keep (graphs exported before it)."""
+    import backend.generate as generation
+
+    root, _ = tiny_export
+    eager, onnx = backend.load(root / "hf"), backend.load(root / "onnx")
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 4)
+    prompt = list(range(3, 14))                                    # 11 tokens: chunks at 0, 4 and 8
+    kw = dict(max_new_tokens=6, temperature=0, num_samples=2, ignore_eos=True)
+    want = [c.token_ids for c in eager.generate(prompt, **kw).completions]
+    runner = onnx.runners["onnx"]
+    assert runner.keeps_last
+    for keeps_last in (True, False):
+        runner.keeps_last = keeps_last
+        assert [c.token_ids for c in onnx.generate(prompt, **kw).completions] == want
 
 
 def test_export_refuses_a_non_empty_folder(tmp_path):

@@ -75,6 +75,8 @@ def _attention(folder: Path) -> str | None:
 
 class OnnxRunner:
     def __init__(self, path: str | Path, config: ModelConfig, threads: int | None = None, name: str = "onnx"):
+        import onnxruntime as ort
+
         path = Path(path)
         self.path, self.config, self.name = path, config, name
         self.session = open_session(path, threads)
@@ -91,7 +93,7 @@ class OnnxRunner:
         # a prompt's logits for its last position only (saves the output layer on every other one), where the graph
         # takes logits_to_keep (an input with a default: bound as an OrtValue, IO binding refuses it as an array)
         self.keeps_last = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
-        self._keep_one = np.ones(1, dtype=np.int64)  # the OrtValues bound to it share this memory
+        self._keep_one = ort.OrtValue.ortvalue_from_numpy(np.ones(1, dtype=np.int64))  # holds its array
         self.shared_kv = not self.takes_positions or _attention(path.parent) == "GroupQueryAttention"
         missing = {"input_ids", "attention_mask", *self.past_names} - names
         if missing:
@@ -125,11 +127,9 @@ class OnnxRunner:
     def _binding(self, kv: list):
         """An IO binding with the caches bound as both past and present (same memory: each run writes its keys in
         place) and, where the graph takes it, logits_to_keep = 1: every run here needs its last position only."""
-        import onnxruntime as ort
-
         io = self.session.io_binding()
         if self.keeps_last:
-            io.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(self._keep_one))
+            io.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_one)
         for past, present, value in zip(self.past_names, self.present_names, kv):
             io.bind_ortvalue_input(past, value)
             io.bind_ortvalue_output(present, value)
@@ -146,7 +146,7 @@ class OnnxRunner:
         if self.takes_positions:
             io.bind_cpu_input("position_ids", np.broadcast_to(np.arange(pos, pos + T, dtype=np.int64), (B, T)).copy())
         if last_only and self.keeps_last:
-            io.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(self._keep_one))
+            io.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_one)
         if past is None:
             empty = np.zeros((B, cfg.n_kv_head, 0, cfg.head_dim), dtype=np.float32)
             past = [ort.OrtValue.ortvalue_from_numpy(empty, self.ort_device)] * len(self.past_names)

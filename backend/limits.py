@@ -6,6 +6,7 @@ below; private mode (a local user, the default otherwise) keeps full freedom: th
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 
@@ -56,6 +57,7 @@ class Limits:
     kernel_lab_gpu_elements: int = 256 * 1024**2  # Kernel lab inputs on a GPU
     max_fill_mask_chars: int = 1_000_000        # fill-mask / pseudo-log-likelihood text (PLL: one forward per token)
     max_fill_mask_top_k: int = 100              # candidates per [MASK]
+    memory_budget_bytes: int = 0                # one request's weights + KV cache + activations (0 = physical RAM)
 
     @staticmethod
     def public_defaults() -> "Limits":
@@ -67,7 +69,8 @@ class Limits:
                       max_template_output_chars=200_000, template_time_s=2.0, max_finetune_steps=2000,
                       max_batch_size=16, max_lora_r=64, max_export_params=600_000_000, event_time_limit_s=600.0,
                       cache_bytes=20 * 1024**3, kernel_lab_cpu_elements=40_000,
-                      kernel_lab_gpu_elements=16 * 1024**2, max_fill_mask_chars=500, max_fill_mask_top_k=20)
+                      kernel_lab_gpu_elements=16 * 1024**2, max_fill_mask_chars=500, max_fill_mask_top_k=20,
+                      memory_budget_bytes=4 * 1024**3)
 
 
 def current() -> Limits:
@@ -87,7 +90,9 @@ def current() -> Limits:
 
 
 def check(value: float, cap: float, what: str) -> None:
-    """Raise LimitError naming `what` when value > cap."""
+    """Raise LimitError naming `what` when value > cap, or when value is not a number at all (NaN passes `>`)."""
+    if isinstance(value, float) and math.isnan(value):
+        raise LimitError(f"{what} is not a number (NaN)")
     if value > cap:
         raise LimitError(f"{what} is {value:,} but this {'public' if public_mode() else 'local'} deployment allows "
                          f"at most {cap:,}")

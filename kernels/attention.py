@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import attention_config, check_device, dot, dot_precision, launch, register
+from .utils import attention_config, check_device, dot, dot_precision, folded_grid, launch, register
 
 LOG2E = 1.4426950408889634
 
@@ -18,8 +18,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, 
     with s = q k^T * scale * log2(e):  m' = max(m, rowmax s),  p = 2^(s - m'),  l' = l 2^(m - m') + rowsum p,
     acc' = acc 2^(m - m') + p v;  o = acc / l;  lse = m + log2 l (base 2, kept for the backward).
     Causal is bottom-right aligned: query i sees keys j <= i + T_K - T_Q (a query block after a cached prefix)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    n_m = tl.cdiv(T_Q, BLOCK_M)                                     # a 1-D grid: folded_grid(n_m, B * H)
+    start_m = (tl.program_id(0) % n_m) * BLOCK_M
+    bh = tl.program_id(0) // n_m
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = (h // GROUP).to(tl.int64)
@@ -69,8 +70,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sq_b, sq_h, sq_t, sk_
     """For one key tile of one KV head, over every query tile of the GROUP query heads that share it:
     p = 2^(s - lse),  dv += p^T do,  dp = do v^T,  ds = p (dp - delta),  dk += ds^T q * scale
     (delta = rowsum(do * o), the softmax's Jacobian term; do is (B, H, T_Q, D) contiguous)."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
+    n_n = tl.cdiv(T_K, BLOCK_N)                                     # a 1-D grid: folded_grid(n_n, B * Hk)
+    start_n = (tl.program_id(0) % n_n) * BLOCK_N
+    bhk = tl.program_id(0) // n_n
     b = (bhk // HK).to(tl.int64)
     hk = (bhk % HK).to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -118,8 +120,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sq_b, sq_h, sq_t, sk_b, sk_
                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     """For one query tile: dq = sum over key tiles of ds k * scale, ds = p (do v^T - delta) as in the dk/dv kernel."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    n_m = tl.cdiv(T_Q, BLOCK_M)                                     # a 1-D grid: folded_grid(n_m, B * H)
+    start_m = (tl.program_id(0) % n_m) * BLOCK_M
+    bh = (tl.program_id(0) // n_m).to(tl.int64)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -171,8 +174,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)                        # (B, H, T_Q, D)
     lse = torch.empty(B, H, T_Q, dtype=torch.float32, device=q.device)             # base-2 log-sum-exp
     cfg = attention_config(D, q.element_size())
-    grid = (triton.cdiv(T_Q, cfg["BLOCK_M"]), B * H)
-    launch(_attn_fwd_kernel)[grid](
+    launch(_attn_fwd_kernel)[folded_grid(triton.cdiv(T_Q, cfg["BLOCK_M"]), B * H)](
         q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), H, H // Hk, T_Q, T_K, D, scale * LOG2E, CAUSAL=causal,
         DOT_PRECISION=dot_precision(q.dtype), **cfg)
@@ -196,10 +198,10 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     cfg = attention_config(D, q.element_size(), backward=True)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
-    launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(T_K, cfg["BLOCK_N"]), B * Hk)](
+    launch(_attn_bwd_dkdv_kernel)[folded_grid(triton.cdiv(T_K, cfg["BLOCK_N"]), B * Hk)](
         q, k, v, do, lse, delta, dk, dv, *strides, H, Hk, H // Hk, T_Q, T_K, D, scale * LOG2E, scale,
         CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), **cfg)
-    launch(_attn_bwd_dq_kernel)[(triton.cdiv(T_Q, cfg["BLOCK_M"]), B * H)](
+    launch(_attn_bwd_dq_kernel)[folded_grid(triton.cdiv(T_Q, cfg["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, *strides, H, H // Hk, T_Q, T_K, D, scale * LOG2E, scale,
         CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), **cfg)
     return dq, dk, dv

@@ -78,15 +78,17 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       scale: float) -> torch.Tensor:
     B, H, _, D = q.shape
     Hk, S = k_cache.shape[1], k_cache.shape[2]
-    block_n, split_len, n_splits = decode_config(S, B * Hk)
+    cfg = decode_config(S, B * Hk, D, q.element_size())
+    n_splits = cfg["NUM_SPLITS"]
     o_part = torch.empty(B, H, n_splits, D, dtype=torch.float32, device=q.device)   # per-split outputs
     lse_part = torch.empty(B, H, n_splits, dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(D))
     launch(_decode_partial_kernel)[(B * Hk, n_splits)](
         q, k_cache, v_cache, lengths, o_part, lse_part, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        Hk, H // Hk, D, scale * LOG2E, split_len, n_splits, DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_G=max(16, triton.next_power_of_2(H // Hk)), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+        Hk, H // Hk, D, scale * LOG2E, cfg["SPLIT_LEN"], n_splits, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_G=max(16, triton.next_power_of_2(H // Hk)), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)                        # (B, H, 1, D)
     launch(_decode_combine_kernel)[(B * H,)](
         o_part, lse_part, o, D, n_splits, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_D=block_d,

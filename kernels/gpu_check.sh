@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# (Superseded on lent machines by kernels/gpu_run.sh: it fits their 8 files and time limits; this one stays for
+# longer runs on a GPU of your own.)
 # One-shot GPU check of the kernels room: the kernel tests on CUDA (compiled Triton, not the interpreter), the
 # compiled+triton runner's test, the benchmark, the Kernel lab's check and speed at GPU sizes, and end-to-end
 # prefill/decode timings, everything written into $OUT (default ./gpu_check_out). Run from the repository root on a
@@ -13,7 +15,7 @@ OUT="${OUT:-gpu_check_out}"
 mkdir -p "$OUT"
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"  # the lent image has python3 only
 LOG="$OUT/gpu_check.log"
 
 {

@@ -28,18 +28,20 @@ def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, target
     loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)         # (N,)
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)               # (N,)
     dhidden = torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0)   # (N, d)
-    fp32_acc = weight.dtype == torch.float32
+    # the matmuls run in hidden's dtype (bf16 under autocast, even over fp32 master weights: what F.linear would
+    # do there); d weight accumulates in fp32 and comes back in the weight's own dtype
+    w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)        # (V, d)
     dweight = torch.zeros(V, d, dtype=torch.float32, device=weight.device) if need_dweight else weight.new_empty(0)
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
         h = hidden[start:end]                                                      # (c, d)
-        logits = h @ weight.t()                                                    # (c, V), the only big block
+        logits = h @ w.t()                                                         # (c, V), the only big block
         ce_rows_forward(logits, targets[start:end], ignore_index, loss_rows[start:end], lse[start:end])
         ce_rows_grad(logits, targets[start:end], lse[start:end], scale, ignore_index, logits)  # now d loss/d logits
         if need_dhidden:
-            dhidden[start:end] = logits @ weight                                   # (c, d)
+            dhidden[start:end] = logits @ w                                        # (c, d)
         if need_dweight:
-            if fp32_acc:
+            if logits.dtype == torch.float32:
                 dweight.addmm_(logits.t(), h)                                      # (V, d)
             else:
                 dweight += (logits.t() @ h).float()
@@ -78,11 +80,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and "
                          f"targets {tuple(targets.shape)} must be (..., d), (V, d) and (...)")
-    if weight.dtype != hidden.dtype:  # e.g. bf16 activations under autocast, fp32 master weights
-        weight = weight.to(hidden.dtype)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # compute in autocast's dtype, as F.linear there would
+        hidden = hidden.to(torch.get_autocast_dtype(device_type))
     hidden2 = hidden.reshape(-1, hidden.shape[-1])                                 # (N, d)
     chunk = default_chunk(hidden2.shape[0], weight.shape[1], weight.shape[0]) if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"linear_cross_entropy: chunk must be >= 1, got {chunk}")
-    return LinearCrossEntropyFunction.apply(hidden2, weight, targets.reshape(-1).contiguous(), int(ignore_index),
-                                            chunk)
+    # autocast off inside: the op picks its dtypes itself (an autocast matmul next to fp32 in-place accumulation
+    # was "mat1 and mat2 must have the same dtype" with fp32 weights)
+    with torch.autocast(device_type, enabled=False):
+        return LinearCrossEntropyFunction.apply(hidden2, weight, targets.reshape(-1).contiguous(),
+                                                int(ignore_index), chunk)

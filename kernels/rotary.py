@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_device, launch, register, rows_per_program
+from .utils import check_device, folded_grid, launch, register, rows_per_program
 
 
 @triton.jit
@@ -14,8 +14,9 @@ def _rotary_kernel(Q, K, COS, SIN, QO, KO, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, s
     forward  (x * cos + rotate_half(x) * sin):   o1 = x1 c1 - x2 s1,   o2 = x2 c2 + x1 s2
     backward (the transpose, for the gradient):  o1 = x1 c1 + x2 s2,   o2 = x2 c2 - x1 s1
     One program per (batch, BLOCK_T positions) rotates all query and key heads; outputs are contiguous (B, H, T, D)."""
-    b = tl.program_id(0).to(tl.int64)
-    t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)                    # (BT,)
+    n_t = tl.cdiv(T, BLOCK_T)                                   # a 1-D grid: folded_grid(n_t, B); past 65,535
+    b = (tl.program_id(0) // n_t).to(tl.int64)                  # positions axis 1 would refuse the launch
+    t = ((tl.program_id(0) % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)            # (BT,)
     t_mask = t < T
     d = tl.arange(0, BLOCK_HALF)
     d_mask = d < HALF
@@ -69,7 +70,7 @@ def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)      # (B, Hk, T, D)
     block_h, block_half = triton.next_power_of_2(max(H, Hk)), triton.next_power_of_2(D // 2)
     block_t = rows_per_program(block_h * block_half)
-    launch(_rotary_kernel)[(B, triton.cdiv(T, block_t))](
+    launch(_rotary_kernel)[folded_grid(triton.cdiv(T, block_t), B)](
         q, k, cos, sin, q_out, k_out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         cos.stride(0), cos.stride(1), H, Hk, T, D // 2, BACKWARD=backward, BLOCK_T=block_t, BLOCK_H=block_h,
         BLOCK_HALF=block_half, num_warps=4)

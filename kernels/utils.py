@@ -16,6 +16,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on
 NEEDS_CUDA = ("Triton kernels need a CUDA GPU; set TRITON_INTERPRET=1 to run them in Triton's interpreter "
               "on CPU tensors")
 MAX_FUSED_BYTES = 65536  # one row must fit one program's registers / shared memory
+SHARED_MEMORY_BYTES = 232448  # 227 KB: the most shared memory one block may have on an H100 / H200 (sm_90)
 
 
 def check_device(*tensors: torch.Tensor | None) -> None:
@@ -63,18 +64,33 @@ def elementwise_config(n_cols: int) -> tuple[int, int]:
 
 def attention_config(head_dim: int, element_size: int = 2, backward: bool = False) -> dict:
     """Tiles for flash attention: BLOCK_M query rows x BLOCK_N keys, the head dim padded to BLOCK_D; smaller tiles
-    and fewer pipeline stages when a row of the head is wide (D = 128 in fp32, D = 256 in bf16) so shared memory
-    holds them, and for the backward, which keeps four (BLOCK, BLOCK_D) tiles live."""
+    and fewer pipeline stages as a row of the head widens (D * element size: 256 B for bf16 D=128, 512 B for fp32
+    D=128 or bf16 D=256, 1 KB for fp32 D=256) so shared memory holds them (SHARED_MEMORY_BYTES; the AOT test
+    tests/kernels/compile_for_gpu.py --wide reads what each build takes), and for the backward, which keeps four
+    (BLOCK, BLOCK_D) tiles live."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if INTERPRET:  # fewer, larger tiles: the interpreter's cost is per tile, not per element
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    wide = block_d * element_size > 256
+    row_bytes = block_d * element_size
+    wide, widest = row_bytes > 256, row_bytes >= 1024
     warps = 8 if block_d >= 128 else 4
     if backward:
         return dict(BLOCK_M=32 if wide else 64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, num_warps=warps,
                     num_stages=1 if wide else 2)
     return dict(BLOCK_M=64 if wide else 128, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, num_warps=warps,
-                num_stages=2 if wide else 3)
+                num_stages=1 if widest else 2 if wide else 3)
+
+
+GRID_AXIS0_MAX, GRID_AXIS12_MAX = 2**31 - 1, 65535  # CUDA's launch limits on grid axes 0 and 1 / 2
+
+
+def folded_grid(n_blocks: int, n_rows: int) -> tuple[int]:
+    """A 1-D grid of n_blocks x n_rows programs (the kernel splits program_id(0) into row = pid // n_blocks and
+    block = pid % n_blocks): axis 1 would cap batch x heads, or positions, at 65,535."""
+    n = n_blocks * n_rows
+    if n > GRID_AXIS0_MAX:
+        raise RuntimeError(f"{n_rows} x {n_blocks} programs are more than one launch takes ({GRID_AXIS0_MAX})")
+    return (n,)
 
 
 def num_programs(n_rows: int) -> int:
@@ -129,19 +145,30 @@ def dot(a, b, PRECISION: tl.constexpr):
     return c
 
 
-def decode_config(cache_len: int, n_kv_programs: int) -> tuple[int, int, int]:
-    """(BLOCK_N, SPLIT_LEN, num_splits) for split-K decode attention over a static cache of `cache_len` slots.
+DECODE_TILE_BYTES = 32768  # one (BLOCK_N, BLOCK_D) K or V tile of decode attention
 
+
+def decode_config(cache_len: int, n_kv_programs: int, head_dim: int = 128, element_size: int = 2) -> dict:
+    """BLOCK_N, SPLIT_LEN, NUM_SPLITS, num_warps, num_stages for split-K decode attention over a static cache of
+    `cache_len` slots of `head_dim` elements of `element_size` bytes.
+
+    The loop pipelines its K and V tiles through shared memory, (num_stages - 1) of each in flight, so BLOCK_N
+    halves until one tile is at most DECODE_TILE_BYTES: 64 keys for bf16 up to D=256 and fp32 up to D=128
+    (~140 KB at 3 stages, measured), 32 for fp32 at D=256 (64 keys there took ~276 KB, past Hopper's 227 KB).
     Enough splits to give every SM about two programs (B * Hk alone is far too few at batch 1), each split a
     multiple of BLOCK_N; the split count depends on the cache size only, so one decode step has one shape."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
     block_n = 32 if INTERPRET else 64
+    while block_n > 16 and block_n * block_d * element_size > DECODE_TILE_BYTES:
+        block_n //= 2
     if INTERPRET or not torch.cuda.is_available():
         target = 4
     else:
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
         target = max(1, min(64, triton.cdiv(2 * sms, n_kv_programs)))
     split_len = triton.cdiv(triton.cdiv(cache_len, target), block_n) * block_n
-    return block_n, split_len, triton.cdiv(cache_len, split_len)
+    return dict(BLOCK_N=block_n, SPLIT_LEN=split_len, NUM_SPLITS=triton.cdiv(cache_len, split_len), num_warps=4,
+                num_stages=1 if INTERPRET else 3)
 
 
 def rows_per_program(block_size: int) -> int:

@@ -19,9 +19,14 @@ class Dist:
         import torch.distributed as dist
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if world > 1 and device_type == "cuda" and torch.cuda.is_available():
+            # this rank's GPU before NCCL starts: else every rank's communicator (and its default tensors) use GPU 0
+            torch.cuda.set_device(local_rank)
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        return cls(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
+            # CUDA runs keep gloo for the small CPU tensors the loop reduces (stop flags, broadcast bytes)
+            dist.init_process_group("cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
+        return cls(world, int(os.environ.get("RANK", "0")), local_rank)
 
     @property
     def main(self) -> bool:

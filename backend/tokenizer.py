@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,6 +29,7 @@ FALLBACK_CHAT_TEMPLATE = (
 END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>", "<|eom_id|>")
 
 _MARK_START, _MARK_END = "\ue000", "\ue001"  # private-use markers around user-typed control tokens
+_NOT_CONTROL = "\ue002"  # the one "word" of the control-token finder: any text between control tokens
 
 
 class Tokenizer:
@@ -37,8 +39,14 @@ class Tokenizer:
         self.bos_token, self.eos_token = bos_token, eos_token
         self.chat_template = chat_template  # None: the model ships none (FALLBACK_CHAT_TEMPLATE is used)
         self.extra_special = extra_special or {}  # unk_token, pad_token, ...: passed to templates
-        self.special_ids = {t.content: i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+        added = tk.get_added_tokens_decoder()  # (~2 s with 300k added tokens: read once)
+        self.special_ids = {t.content: i for i, t in added.items() if t.special}
         self.special_ids = {v: k for k, v in self.special_ids.items()}  # id -> text
+        self._added = list(added.values())
+        self._lazy_lock = threading.Lock()  # builds the two helpers below once, whichever thread asks first
+        self._finder: HFTokenizer | None = None    # finds control tokens in a message (see _control_finder)
+        self._literal: HFTokenizer | None = None   # encodes special tokens' text as text (see _encode_literal)
+        self._plain_added = {t.content for t in self._added if not t.special}
 
     # --- construction ---
     @classmethod
@@ -198,11 +206,7 @@ class Tokenizer:
             if not piece:
                 continue
             if i % 2:  # a control token the user typed: encode its characters, not the token
-                self.tk.encode_special_tokens = True
-                try:
-                    ids += self.encode(piece, add_special_tokens=False)
-                finally:
-                    self.tk.encode_special_tokens = False
+                ids += self._encode_literal(piece)
             else:
                 ids += self.encode(piece, add_special_tokens=False)
         return ids
@@ -215,13 +219,9 @@ class Tokenizer:
         if chars > cap:  # before the template or the tokenizer spends anything on it
             raise GenerationError(f"the chat is {chars:,} characters long; at most {cap:,} are allowed")
         if mark:
-            control = sorted((t for t in self._control_tokens() if t), key=len, reverse=True)
-            pattern = re.compile("|".join(map(re.escape, control))) if control else None
-
             def mark_text(v):
                 if isinstance(v, str):
-                    v = v.replace(_MARK_START, "").replace(_MARK_END, "")
-                    return pattern.sub(lambda m: _MARK_START + m.group(0) + _MARK_END, v) if pattern else v
+                    return self._mark_controls(v.replace(_MARK_START, "").replace(_MARK_END, ""))
                 if isinstance(v, dict):
                     return {k: mark_text(x) for k, x in v.items()}
                 if isinstance(v, list):
@@ -242,7 +242,49 @@ class Tokenizer:
             raise GenerationError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from e
 
     def _control_tokens(self):
-        return [t.content for t in self.tk.get_added_tokens_decoder().values()]
+        return [t.content for t in self._added]
+
+    def _control_finder(self) -> HFTokenizer:
+        """A tokenizer that knows only the added tokens, matched as plain strings, leftmost-longest (what the old
+        regex alternation of every token did; tokenizers' Aho-Corasick does it in one pass, where the alternation
+        of 300k tokens took ~35 s per call). Built once, on the first chat."""
+        with self._lazy_lock:
+            if self._finder is None:
+                finder = HFTokenizer(models.WordLevel(vocab={_NOT_CONTROL: 0}, unk_token=_NOT_CONTROL))
+                finder.add_tokens([AddedToken(t, normalized=False, special=False, single_word=False, lstrip=False,
+                                              rstrip=False) for t in dict.fromkeys(self._control_tokens()) if t])
+                self._finder = finder
+            return self._finder
+
+    def _mark_controls(self, text: str) -> str:
+        """`text` with each control token in it wrapped in the private-use markers."""
+        if not text:
+            return text
+        found = self._control_finder().encode(text, add_special_tokens=False)
+        pieces, at = [], 0
+        for token_id, (start, end) in zip(found.ids, found.offsets):
+            if token_id != 0:  # 0: text between control tokens
+                pieces += [text[at:start], _MARK_START, text[start:end], _MARK_END]
+                at = end
+        pieces.append(text[at:])
+        return "".join(pieces)
+
+    def _encode_literal(self, token: str) -> list[int]:
+        """A control token the user typed, encoded as `encode_special_tokens=True` encodes it: a special token as
+        its characters, a non-special added one as itself. The characters go through a second tokenizer object
+        (the same model, normalizer and pre-tokenizer, no added tokens): flipping the flag on the shared one would
+        change what another thread's encode gives meanwhile, and a copy of it would rebuild 300k added tokens."""
+        if token in self._plain_added:
+            return [self.tk.token_to_id(token)]
+        with self._lazy_lock:
+            if self._literal is None:
+                literal = HFTokenizer(self.tk.model)
+                if self.tk.normalizer is not None:
+                    literal.normalizer = self.tk.normalizer
+                if self.tk.pre_tokenizer is not None:
+                    literal.pre_tokenizer = self.tk.pre_tokenizer
+                self._literal = literal
+        return self._literal.encode(token, add_special_tokens=False).ids
 
 
 def _read_json(path: Path) -> dict:
@@ -256,7 +298,12 @@ def _read_json(path: Path) -> dict:
 
 @lru_cache(maxsize=16)
 def _compile_template(source: str) -> jinja2.Template:
-    """The template compiled in a sandbox whose rendering is bounded in output length and time (chat_template.py)."""
+    """The template compiled in a sandbox whose rendering is bounded in output length and time (chat_template.py).
+    Its source is capped too: jinja's lexer and parser would otherwise spend seconds and memory on megabytes."""
+    cap = limits.current().max_template_output_chars
+    if len(source) > cap:
+        raise chat_template.TemplateLimitError(f"the model's chat template is {len(source):,} characters long; at most "
+                                               f"{cap:,} are allowed (max_template_output_chars)")
     try:
         return chat_template.make_environment().from_string(source)
     except jinja2.TemplateSyntaxError as e:

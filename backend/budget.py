@@ -5,6 +5,28 @@ bytes from the config *before* a tensor exists — weights + KV cache for the re
 — and `check_memory` refuses it past `limits.current().memory_budget_bytes`. Time: a `Deadline` is made where a
 request starts and handed down; the engine and the scoring / export loops call `deadline.check()` between steps, so
 a non-streaming event stops on time too (Gradio's own `time_limit` only reaches streaming events).
+
+The estimators (pure arithmetic on a ModelConfig; nothing is allocated) and the checks to call:
+
+  weight_bytes(cfg, dtype)                          the weights once built (GGUF: after dequantization)
+  kv_cache_bytes(cfg, batch, length, dtype)         2 × n_layer × batch × length × n_kv_head × head_dim × bytes
+  forward_parts(cfg, batch, tokens, cache, dtype)   one forward's activations: hidden states, QKV, MLP, the
+                                                    attention scores B×H×T×S in fp32, logits B×T×V in fp32
+  generation_parts(cfg, batch, prompt, new, dtype)  KV cache + the largest prefill chunk's activations + sampling
+
+  check_load(cfg, dtype, what)                      loading: weights (+ conversion copies) must fit
+  check_generation(cfg, batch, prompt_len, max_new, dtype, ...)   before a runner allocates its cache
+                                                    (`ModelHandle.stream` calls it: chat, API, Race inherit it)
+  check_forward(cfg, batch, tokens, dtype, ...)     a full forward without cache (Evaluate / scoring batches,
+                                                    fill-mask, finetune steps pass `training=True`)
+  check_export(cfg, quant)                          an ONNX export's peak beside the loaded model
+
+Time in the engine: `ModelHandle.stream` / `generate` / `generate.run_generation` take `deadline=`; it is checked
+between prefill chunks and before every decode step, and a run past it ends keeping its text with finish_reason
+"time" (a deadline passing while still waiting for the model raises TimeBudgetError instead: nothing started).
+
+A request's estimate is what it *adds*: generation and forwards count the cache and activations, not the weights the
+loaded model already holds. Each check raises MemoryBudgetError naming the largest parts (e.g. "KV cache 20 GiB").
 """
 from __future__ import annotations
 
@@ -89,5 +111,158 @@ class Deadline:
 
 NO_DEADLINE = Deadline(None)
 
+
+# --- estimators: bytes from a ModelConfig, before any tensor exists ---
+
+_DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float64": 8, "int8": 1}
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes per element of a torch dtype or its name ("float32", torch.bfloat16); unknown -> 4 (fp32)."""
+    name = str(dtype).removeprefix("torch.")
+    return _DTYPE_BYTES.get(name, 4)
+
+
+def param_count(cfg) -> int:
+    """Parameters of a model of config `cfg` (every family), from its sizes alone."""
+    d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layer
+    heads = 1 if cfg.tie_embeddings else 2
+    if cfg.family == "lstm":  # 4 gates × (input + hidden weights + two biases) per layer
+        return L * 4 * (2 * d * d + 2 * d) + V * d * heads
+    if cfg.family == "bert":
+        f = cfg.d_ff
+        layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d
+        emb = (V + cfg.max_seq_len + cfg.type_vocab_size) * d + 2 * d
+        head = d * d + 3 * d + V + (0 if cfg.tie_embeddings else V * d) + (d * d + d) * 2
+        return L * layer + emb + head
+    return cfg.n_params
+
+
+def weight_bytes(cfg, dtype="float32") -> int:
+    return param_count(cfg) * dtype_bytes(dtype)
+
+
+def kv_cache_bytes(cfg, batch: int, length: int, dtype="float32") -> int:
+    """A static cache of `length` positions for `batch` sequences (an LSTM's cache is its state: no length)."""
+    if cfg.family == "bert":
+        return 0
+    if cfg.family == "lstm":
+        return 2 * cfg.n_layer * batch * cfg.d_model * 4
+    return 2 * cfg.n_layer * batch * length * cfg.n_kv_head * cfg.head_dim * dtype_bytes(dtype)
+
+
+def forward_parts(cfg, batch: int, tokens: int, cache_len: int | None = None, dtype="float32",
+                  all_logits: bool = True, training: bool = False) -> dict[str, int]:
+    """Activations of one forward over `tokens` positions for `batch` rows, attending to `cache_len` positions
+    (None: the tokens themselves, no cache). Inference keeps one layer's intermediates alive at a time; training
+    keeps every layer's for the backward pass (and gradients of the logits).
+
+    Attention scores B×H×T×S in fp32 are counted once where attention runs under a mask (a prefill against the
+    cache, an encoder's padding mask): an ONNX graph's MatMul -> Softmax and PyTorch's math fallback materialise
+    them. A causal forward without cache runs PyTorch's flash kernel, which does not (measured on CPU: 9 MB for
+    B×H×T×T = 537 MB of scores), so none are counted there."""
+    B, T, S = batch, tokens, cache_len or tokens
+    scores = cache_len is not None or cfg.family == "bert"
+    b = dtype_bytes(dtype)
+    d, f, V = cfg.d_model, cfg.d_ff or 4 * cfg.d_model, cfg.vocab_size
+    layers = cfg.n_layer if training else 1
+    if cfg.family == "lstm":
+        parts = {"hidden states": 6 * B * T * d * b * layers}
+    else:
+        nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim or d // cfg.n_head
+        gated = 3 if cfg.family == "llama" else 2
+        repeat = nkv != nh and cache_len is not None  # masked attention repeats K/V per query head
+        parts = {"hidden states": 4 * B * T * d * b * layers,
+                 "attention (QKV, scores B×H×T×S fp32)": layers * (2 * B * T * (nh + 2 * nkv) * hd * b
+                                                              + (B * nh * T * S * 4 + T * S * 4) * scores
+                                                              + (2 * B * nh * S * hd * b if repeat else 0)),
+                 "MLP": gated * B * T * f * b * layers}
+    kept = T if all_logits else 1
+    # in the model's dtype, plus the fp32 copy callers take of low-precision logits; training: and their gradients
+    parts["logits (fp32)"] = B * kept * V * (b + (4 if b != 4 else 0)) * (3 if training else 1)
+    return parts
+
+
+def generation_parts(cfg, batch: int, prompt_len: int, max_new: int, dtype="float32", chunk: int = 512,
+                     cache_len: int | None = None, kv_dtype=None, kv_copies: int = 1,
+                     all_prompt_logits: bool = False) -> dict[str, int]:
+    """Where one generation's bytes go: its KV cache (`cache_len` positions: the runner's rounded length, default
+    prompt + new tokens; `kv_copies` 2 where a runner concatenates a new cache per step), the largest prefill
+    chunk's activations against that cache, and the sampler's per-row vocabulary tensors."""
+    length = cache_len or prompt_len + max_new
+    parts = {"KV cache": kv_copies * kv_cache_bytes(cfg, batch, length, kv_dtype or dtype)}
+    T = max(1, min(prompt_len, chunk or prompt_len))
+    for name, n in forward_parts(cfg, batch, T, length, dtype, all_logits=all_prompt_logits).items():
+        parts[f"prefill {name}"] = n
+    parts["sampling"] = 6 * batch * cfg.vocab_size * 4
+    return parts
+
+
+def generation_bytes(cfg, batch: int, prompt_len: int, max_new: int, dtype="float32", chunk: int = 512,
+                     **kw) -> int:
+    return sum(generation_parts(cfg, batch, prompt_len, max_new, dtype, chunk, **kw).values())
+
+
+def _check_parts(parts: dict[str, float], what: str) -> None:
+    """check_memory on the sum, naming the parts that matter (biggest first, those over 2% of the total)."""
+    total = sum(parts.values())
+    named = {k: v for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.02 * total}
+    check_memory(total, what, named)
+
+
+def check_generation(cfg, batch: int, prompt_len: int, max_new: int, dtype="float32", chunk: int = 512,
+                     what: str = "this generation", **kw) -> None:
+    """Refuse a generation whose KV cache + activations pass the budget (before the runner allocates anything)."""
+    parts = generation_parts(cfg, batch, prompt_len, max_new, dtype, chunk, **kw)
+    samples = f"{batch} sample{'s' * (batch != 1)}"
+    _check_parts(parts, f"{what} ({samples} × {prompt_len:,} prompt + {max_new:,} new tokens)")
+
+
+def check_forward(cfg, batch: int, tokens: int, dtype="float32", what: str = "this forward pass",
+                  all_logits: bool = True, training: bool = False, extra: dict[str, float] | None = None) -> None:
+    """Refuse a full forward (no cache) of `batch` rows × `tokens` positions past the budget: Evaluate and scoring
+    batches, fill-mask / PLL, a finetune step (`training=True`; pass optimizer state etc. in `extra`)."""
+    parts = forward_parts(cfg, batch, tokens, None, dtype, all_logits=all_logits, training=training)
+    _check_parts({**parts, **(extra or {})}, f"{what} ({batch} × {tokens:,} tokens)")
+
+
+def load_parts(cfg, dtype="float32", source_dtype=None) -> dict[str, int]:
+    """A load's peak: the weights in `dtype`, plus the largest single tensor twice (a fused Q/K/V or gate/up is
+    built from its parts, then laid out for decode), plus the source copy when its dtype differs."""
+    largest = max(cfg.vocab_size, 2 * (cfg.d_ff or 0), cfg.n_head + 2 * cfg.n_kv_head) * cfg.d_model
+    parts = {"weights": weight_bytes(cfg, dtype), "conversion copies": 2 * largest * dtype_bytes(dtype)}
+    return parts
+
+
+def check_load(cfg, dtype="float32", what: str = "loading this model", extra: dict[str, float] | None = None
+               ) -> None:
+    """Refuse a model whose weights (from its config, before any tensor is read) would not fit the budget."""
+    _check_parts({**load_parts(cfg, dtype), **(extra or {})}, what)
+
+
+# Export's peak beside the loaded model. Measured (peak RSS growth of `export.onnx_export.export`, verify off, on
+# random Llamas of 25.6 M and 75.9 M parameters): 713 MB and 1,679 MB with no quantisation, 707 MB and 1,720 MB with
+# int8 — a slope of 4.8x the fp32 weight bytes (5.0x with int8: the file's pages, the fp32 model, the tracer's
+# constants, the ONNX proto and its serialization) over ~220 MB of exporter code and buffers.
+EXPORT_PEAK_FACTOR = 4.8
+EXPORT_QUANT_FACTOR = 0.25
+EXPORT_FIXED_BYTES = 256 * 1024**2
+
+
+def export_parts(cfg, quant: str = "none") -> dict[str, int]:
+    fp32 = weight_bytes(cfg, "float32")
+    parts = {"fp32 model, traced graph and ONNX protos": int(EXPORT_PEAK_FACTOR * fp32),
+             "the exporter itself": EXPORT_FIXED_BYTES}
+    if quant != "none":
+        parts["quantizer copies"] = int(EXPORT_QUANT_FACTOR * fp32)
+    return parts
+
+
+def check_export(cfg, quant: str = "none", what: str = "exporting this model") -> None:
+    """Refuse an export whose estimated peak (see EXPORT_PEAK_FACTOR) would not fit, before a weight is read."""
+    _check_parts(export_parts(cfg, quant), f"{what} ({param_count(cfg):,} parameters, {quant})")
+
 __all__ = ["MemoryBudgetError", "TimeBudgetError", "Deadline", "NO_DEADLINE", "check_memory",
-           "memory_budget_bytes", "physical_memory_bytes", "gib", "FornaxError"]
+           "memory_budget_bytes", "physical_memory_bytes", "gib", "FornaxError", "dtype_bytes", "param_count",
+           "weight_bytes", "kv_cache_bytes", "forward_parts", "generation_parts", "generation_bytes",
+           "check_generation", "check_forward", "load_parts", "check_load", "export_parts", "check_export"]

@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .budget import Deadline
 from .runners import Runner
 from .sampling import SamplingParams, sample
 from .tokenizer import Tokenizer
@@ -37,6 +38,7 @@ class Completion:
     token_ids: list[int]
     tokens: list[TokenInfo]
     finish_reason: str  # "eos" | "stop" (a stop string) | "length" | "cancelled" (should_stop said so)
+    #                     | "time" (the deadline passed: the text so far is kept, see run_generation)
 
 
 @dataclass
@@ -196,12 +198,31 @@ class _Clock:
         return self.total
 
 
+def _stopper(should_stop: Callable[[], bool] | None, deadline: Deadline | None):
+    """One predicate for the loop, plus the reason it fired: "time" when the deadline passed, else "cancelled"."""
+    reason = ["cancelled"]
+
+    def stop() -> bool:
+        if deadline is not None and deadline.expired:
+            reason[0] = "time"
+            return True
+        return should_stop is not None and bool(should_stop())
+    return (stop if should_stop is not None or deadline is not None else None), reason
+
+
 @torch.inference_mode()
 def run_generation(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
                    eos_ids: set[int], vocab_size: int, should_stop: Callable[[], bool] | None = None,
-                   prefill_progress: Callable[[int, int], None] | None = None):
+                   prefill_progress: Callable[[int, int], None] | None = None, deadline: Deadline | None = None):
     """Generator of Delta; returns the GenerationResult. Stops at EOS, a stop string, max_new_tokens, or when
-    should_stop() turns true (checked before every step: Stop ends a run at the next token, timings intact)."""
+    should_stop() turns true (checked before every step: Stop ends a run at the next token, timings intact).
+
+    `deadline` (a budget.Deadline) is checked at the same points — between prefill chunks and before every decode
+    step. Past it the run ends like a Stop, keeping what was generated (a streaming page keeps its text), with
+    finish_reason "time" on every unfinished sample; never an exception. A caller that must fail instead (a
+    non-streaming API answer) checks `finish_reason == "time"` or calls `deadline.check()` afterwards."""
+    stop_now, stop_reason = _stopper(should_stop, deadline)
+    should_stop = stop_now
     B, P, device = params.num_samples, len(prompt_ids), runner.device
     seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -220,7 +241,7 @@ def run_generation(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], 
     timings = Timings(prompt_tokens=P, batch=B, weight_bytes=runner.weight_bytes)
     if logits is None:  # stopped while the prompt was being ingested: no token was sampled
         timings.prefill_s = timings.ttft_s = time.perf_counter() - t0
-        return GenerationResult([Completion("", [], [], "cancelled") for _ in range(B)], list(prompt_ids),
+        return GenerationResult([Completion("", [], [], stop_reason[0]) for _ in range(B)], list(prompt_ids),
                                 timings, seed)
     clock = _Clock()
     texts = [TextAssembler(tokenizer, params.stop) for _ in range(B)]
@@ -261,7 +282,7 @@ def run_generation(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], 
         if all(finish) or step == params.max_new_tokens - 1:
             break
         if should_stop is not None and should_stop():
-            finish = [f or "cancelled" for f in finish]
+            finish = [f or stop_reason[0] for f in finish]
             break
         if seen is not None:
             seen[rows, chosen] = True

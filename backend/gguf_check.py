@@ -28,6 +28,7 @@ MAX_TENSORS = 1 << 16        # llama.cpp models have a few thousand
 MAX_DIMS = 4                 # GGML_MAX_DIMS
 MAX_NAME_BYTES = 1024        # keys and tensor names (llama.cpp: 64 for tensor names)
 MAX_ARRAY_DEPTH = 2          # an array of arrays at most
+DEQUANTIZED_BYTES = 4        # every tensor is converted to fp32 (backend/gguf_file.py)
 # Keys whose arrays are one entry per vocabulary token / per merge.
 _VOCAB_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
 _MERGES_KEY = "tokenizer.ggml.merges"
@@ -41,6 +42,7 @@ class GGUFSummary:
     metadata_bytes: int      # header + key/values + tensor table
     data_offset: int         # where tensor data starts
     n_params: int            # elements over all tensors
+    largest_tensor: int = 0  # elements of the largest tensor
 
 
 class _Walker:
@@ -147,6 +149,10 @@ def check_gguf(path: str | Path, caps: limits.Limits | None = None) -> GGUFSumma
             n_params += n
             tensors.append((name, dims, ggml_type, offset, n))
         limits.check(n_params, caps.max_model_params, f"{path.name}: the number of parameters")
+        # every tensor becomes fp32 when dequantized: a compact quant type (IQ1_S: 1.56 bits a weight) makes a
+        # small file a large model, so the bytes it will have are capped, not the bytes it has
+        limits.check(n_params * DEQUANTIZED_BYTES, caps.max_model_bytes,
+                     f"{path.name}: the weights' size once dequantized to fp32 (bytes)")
         metadata_bytes = w.pos
         data_offset = -(-metadata_bytes // alignment) * alignment
         for name, dims, ggml_type, offset, n in tensors:
@@ -156,7 +162,8 @@ def check_gguf(path: str | Path, caps: limits.Limits | None = None) -> GGUFSumma
             end = data_offset + offset + n_bytes
             if end > size:
                 w.fail(f"tensor {name} is truncated: it needs bytes up to {end:,} but the file has {size:,}")
-    return GGUFSummary(version, n_tensors, n_kv, metadata_bytes, data_offset, n_params)
+    largest = max((n for *_, n in tensors), default=0)
+    return GGUFSummary(version, n_tensors, n_kv, metadata_bytes, data_offset, n_params, largest)
 
 
 def _skip_value(w: _Walker, key: str, vtype: int, caps: limits.Limits, depth: int) -> int:

@@ -13,12 +13,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import cache_dir
+from . import budget, cache_dir
 from .cache_dir import cache_root  # noqa: F401 -- imported from here by export, playground, bench
 from .atomic import atomic_folder
 from .config import ModelConfig
 from .errors import FornaxError, ModelLoadError, UnsupportedModelError
-from .gguf_check import check_gguf, check_hf_shapes
+from .gguf_check import DEQUANTIZED_BYTES, check_gguf, check_hf_shapes
 from .hf_format import write_hf_folder
 from .tokenizer import Tokenizer
 
@@ -52,7 +52,8 @@ def read_gguf(path: Path):
         magic = f.read(4)
     if magic != b"GGUF":
         raise ModelLoadError(f"{path.name} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
-    check_gguf(path)  # every declared count bounded before gguf's reader trusts them
+    summary = check_gguf(path)  # every declared count bounded before gguf's reader trusts them
+    check_conversion_memory(path, summary)
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
@@ -69,6 +70,20 @@ def read_gguf(path: Path):
         except Exception:  # a field the package cannot decode is not one we need
             continue
     return meta, reader
+
+
+def conversion_parts(summary) -> dict[str, int]:
+    """The conversion's peak, from the tensor table alone: every tensor dequantized to fp32 and held until the
+    cache is written, plus the largest one's transient copies (dequantized, un-permuted, made contiguous)."""
+    largest = summary.largest_tensor * DEQUANTIZED_BYTES
+    return {"dequantized fp32 weights": summary.n_params * DEQUANTIZED_BYTES, "conversion copies": 2 * largest}
+
+
+def check_conversion_memory(path: Path, summary) -> None:
+    """Refuse a GGUF whose dequantized tensors would not fit the memory budget, before any is dequantized."""
+    parts = conversion_parts(summary)
+    budget.check_memory(sum(parts.values()), f"converting {path.name} ({summary.n_params:,} weights once "
+                                             f"dequantized)", parts)
 
 
 def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:

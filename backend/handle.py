@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import budget, generate
+from .budget import Deadline, TimeBudgetError
 from .config import ModelConfig
 from .errors import GenerationError
 from .generate import GenerationResult, Stream, run_generation
@@ -106,6 +108,10 @@ class ModelHandle:
         masked-LM logits for an encoder (attention_mask (B, T): 1 on tokens, 0 on padding; encoders only)."""
         if input_ids.shape[-1] > self.config.max_seq_len:
             raise GenerationError(f"{input_ids.shape[-1]} tokens exceed the context of {self.config.max_seq_len}")
+        rows, tokens = (1, input_ids.shape[-1]) if input_ids.dim() == 1 else input_ids.shape[:2]
+        # masked-LM and causal logits are (B, T, V); a classifier's are (B, labels): its activations still count
+        budget.check_forward(self.config, int(rows), int(tokens), self.dtype, what="this forward pass",
+                             all_logits=self.config.labels is None)
         if self.config.family == "bert":
             return self.runners[self.backend].full_logits(input_ids, attention_mask).to(dtype)  # eager or onnx
         if attention_mask is not None:
@@ -117,10 +123,14 @@ class ModelHandle:
 
     # --- generation ---
     def stream(self, prompt_or_messages: str | list[dict] | list[int], backend: str | None = None,
-               should_stop=None, prefill_progress=None, **params) -> Stream:
+               should_stop=None, prefill_progress=None, deadline: Deadline | None = None, **params) -> Stream:
         """Stream text deltas (`Delta(index, text)`); `.result` holds the GenerationResult once exhausted.
         `should_stop()` is asked before each new token and between prompt chunks: when true the run ends there.
-        `prefill_progress(done, total)` follows a long prompt's chunked prefill."""
+        `prefill_progress(done, total)` follows a long prompt's chunked prefill.
+
+        `deadline` (budget.Deadline): once the run holds the model, passing it ends the run at the next step with
+        finish_reason "time", keeping the text so far (see generate.run_generation). Passing it while still
+        waiting for another generation to release the model raises TimeBudgetError (nothing was started)."""
         if self.config.family == "bert":
             raise GenerationError("this is an encoder (BERT-style): it fills masks, it does not generate text; "
                                   "use fill_mask or load a causal model")
@@ -133,14 +143,36 @@ class ModelHandle:
             raise GenerationError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds "
                                   f"the context of {ctx}; ask for at most {ctx - len(prompt_ids)} new tokens")
         runner = self.runner(backend)
+        self.check_generation_memory(runner, p.num_samples, len(prompt_ids), p.max_new_tokens)
 
         def locked():
-            with self._lock:
+            self._acquire(deadline)
+            try:
                 return (yield from run_generation(runner, self.tokenizer, prompt_ids, p, self.eos_ids,
-                                                  self.config.vocab_size, should_stop, prefill_progress))
+                                                  self.config.vocab_size, should_stop, prefill_progress, deadline))
+            finally:
+                self._lock.release()
         return Stream(locked())
 
+    def check_generation_memory(self, runner: Runner, batch: int, prompt_len: int, max_new: int) -> None:
+        """Refuse (budget.MemoryBudgetError) a generation whose KV cache + activations on `runner` would pass the
+        memory budget, before `runner.start` allocates anything."""
+        plan = getattr(runner, "memory_plan", None)
+        plan = plan(prompt_len + max_new) if plan is not None else {}
+        dtype = self.dtype if self.model is not None else "float32"
+        budget.check_generation(self.config, batch, prompt_len, max_new, dtype, chunk=generate.PREFILL_CHUNK,
+                                what="this generation", **plan)
+
+    def _acquire(self, deadline: Deadline | None) -> None:
+        """Take the model lock, waiting no longer than the deadline allows."""
+        if deadline is None or deadline.at is None:
+            self._lock.acquire()
+        elif not self._lock.acquire(timeout=max(deadline.remaining(), 0.001)):
+            raise TimeBudgetError(f"{deadline.what} waited for the model past this deployment's time limit of "
+                                  f"{deadline.seconds:g} s (another generation was running)")
+
     def generate(self, prompt_or_messages: str | list[dict] | list[int], **params) -> GenerationResult:
+        """Run `stream` to its end (same arguments, `deadline` included) and return the GenerationResult."""
         stream = self.stream(prompt_or_messages, **params)
         for _ in stream:
             pass

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from . import limits
+from . import budget, limits
 from .errors import FornaxError, ModelLoadError
 
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "vocab.json", "merges.txt"]
@@ -67,7 +67,7 @@ def precheck(repo_id: str, token=None) -> dict:
     token = hub_token(token)
     try:
         hf = json.loads(_download_file(repo_id, "config.json", token).read_text())
-        ModelConfig.from_hf_config(hf)  # validates sizes and the config's own parameter count
+        cfg = ModelConfig.from_hf_config(hf)  # validates sizes and the config's own parameter count
     except FornaxError:
         raise
     except (KeyError, TypeError, ValueError) as e:
@@ -84,7 +84,15 @@ def precheck(repo_id: str, token=None) -> dict:
     n_bytes = sum(n * DTYPE_BYTES[d] for d, n in counts.items())
     limits.check(params, caps.max_model_params, f"{repo_id}'s parameter count (safetensors headers)")
     limits.check(n_bytes, caps.max_model_bytes, f"{repo_id}'s weight bytes (safetensors headers)")
+    # nothing is downloaded that could not be loaded here (fp32 on a CPU, as `load` picks by default)
+    budget.check_load(cfg, "bfloat16" if torch_cuda() else "float32", what=f"loading {repo_id}")
     return {"params": params, "bytes": n_bytes}
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def snapshot(repo_id: str, token=None) -> Path:

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from . import budget, limits
 from .config import ModelConfig
 from .errors import FornaxError, ModelLoadError
 from .atomic import atomic_folder
@@ -43,6 +44,10 @@ def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None 
     """Load a model: "default", a folder with config.json, a .gguf file, or an HF hub id."""
     t0 = time.perf_counter()
     source = str(source)
+    if source.lower().startswith(("openai+http://", "openai+https://")):  # a model on another server: remote.py
+        from .runners.remote import load_remote
+
+        return load_remote(source, resolve)
     folder = resolve(source, progress)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
@@ -57,7 +62,9 @@ def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None 
         if not _weight_files(folder, "model.safetensors"):
             raise ModelLoadError(f"{folder} is an ONNX export without its model.onnx (an interrupted or damaged "
                                  f"export): export the model again")
-    cfg, state = read_hf_folder(folder)
+    cfg = read_hf_config(folder)
+    check_load_memory(folder, cfg, dtype)  # from the config and the files' sizes, before a tensor is read
+    state = read_weights(folder)
     tokenizer = Tokenizer.from_folder(folder)
     if tokenizer.vocab_size > cfg.vocab_size:  # ids past the embedding table would index out of range
         raise ModelLoadError(f"the tokenizer has {tokenizer.vocab_size:,} tokens but the model's vocabulary has only "
@@ -74,6 +81,10 @@ def load_onnx(folder: Path, source: str, t0: float) -> ModelHandle:
     from .runners.onnx_encoder_lstm import onnx_runner
 
     cfg = read_onnx_config(folder)
+    graph_bytes = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
+    limits.check(graph_bytes, limits.current().max_model_bytes, "the size of the model's ONNX files (bytes)")
+    # ONNX Runtime parses the proto and then builds its initializers from it: twice the files at the peak
+    budget.check_memory(2 * graph_bytes, "loading this ONNX export", {"graph and its initializers": 2 * graph_bytes})
     tokenizer = Tokenizer.from_folder(folder)
     runner = onnx_runner(folder, cfg)  # by family: causal LM with KV cache, encoder, or LSTM with its state
     return ModelHandle(None, tokenizer, source, load_seconds=time.perf_counter() - t0, runners={"onnx": runner},
@@ -116,8 +127,24 @@ def hub_snapshot(repo_id: str, token=None) -> Path:
     return snapshot(repo_id, token)
 
 
+def check_load_memory(folder: Path, cfg: ModelConfig, dtype) -> None:
+    """Refuse a model whose weight files are over `max_model_bytes`, or whose weights in `dtype` (from its config)
+    would not fit the memory budget — before any tensor is read."""
+    files = _weight_files(folder, "model.safetensors") or _weight_files(folder, "pytorch_model.bin")
+    declared = sum(f.stat().st_size for f in files)
+    limits.check(declared, limits.current().max_model_bytes, "the size of the model's weight files (bytes)")
+    budget.check_load(cfg, dtype, what=f"loading this model ({budget.param_count(cfg):,} parameters as "
+                                       f"{str(dtype).removeprefix('torch.')})")
+
+
 def read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, HF-named state dict) of a Hugging Face model folder."""
+    cfg = read_hf_config(folder)
+    return cfg, read_weights(Path(folder))
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face model folder (config.json and generation_config.json), no weights."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
@@ -141,7 +168,7 @@ def read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set(eos))
     cfg.name = cfg.name or hf.get("_name_or_path") or folder.name
-    return cfg, read_weights(folder)
+    return cfg
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -198,7 +225,12 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.fl
     for name, shape in expected.items():
         if tuple(ours[name].shape) != shape:
             raise ModelLoadError(f"tensor {name} has shape {tuple(ours[name].shape)} but the config implies {shape}")
-    ours = {k: v.to(device=device, dtype=dtype) for k, v in ours.items()}
+    column_major = _decode_layout_names(model, cfg) if torch.device(device).type == "cpu" and cpu_decode_layout \
+        else set()
+    for name in [k for k in ours if not (cfg.tie_embeddings and k == "lm_head.weight")]:
+        # one tensor at a time, replaced in place: the dtype copy and the decode layout never double the weights
+        v = ours[name].to(device=device, dtype=dtype)
+        ours[name] = v.t().contiguous().t() if name in column_major and v.is_contiguous() else v
     if cfg.tie_embeddings:
         ours["lm_head.weight"] = ours["tok_emb.weight"]
     model.load_state_dict(ours, assign=True, strict=True)
@@ -209,6 +241,14 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.fl
     if torch.device(device).type == "cpu" and cpu_decode_layout:
         model.decode_layout()
     return model.eval()
+
+
+def _decode_layout_names(model: Transformer, cfg: ModelConfig) -> set[str]:
+    """The weights `Transformer.decode_layout` stores column-major (every Linear's; a tied embedding with them)."""
+    names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if cfg.tie_embeddings and "lm_head.weight" in names:
+        names.add("tok_emb.weight")
+    return names
 
 
 def save_pretrained(model: Transformer, tokenizer: Tokenizer, folder: str | os.PathLike) -> Path:

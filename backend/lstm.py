@@ -70,6 +70,10 @@ class LSTMRunner:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.state, self.pos = None, 0
 
+    def memory_plan(self, max_len: int) -> dict:
+        """For budget.generation_parts: the cache is the state; a prompt chunk's logits come back for every position."""
+        return dict(all_prompt_logits=True)
+
     def start(self, batch: int, max_len: int) -> None:
         self.state, self.pos = None, 0  # None = zeros in nn.LSTM
 

@@ -234,6 +234,7 @@ class Transformer(nn.Module):
             k = self.kv_caches[0].k
             if k.shape[0] == batch and k.shape[2] >= max_len and k.dtype == w.dtype and k.device == w.device:
                 return
+        self.kv_caches = None  # the old cache goes before the new one is allocated: never both at once
         self.kv_caches = [KVCache(batch, max_len, cfg.n_kv_head, cfg.head_dim, w.dtype, w.device)
                           for _ in range(cfg.n_layer)]
 

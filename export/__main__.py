@@ -1,4 +1,4 @@
-"""CLI: python -m export --model SOURCE --out DIR [--quant none|int8|int4]   |   python -m export verify DIR
+"""CLI: python -m export --model SOURCE --out DIR [--quant none|int8|int4] [--format onnx|hf] | python -m export verify DIR
 
 The model's family picks the graph: a causal LM (KV cache), an encoder (optimum's layout) or the LSTM (its state as
 inputs/outputs); encoders and LSTMs take none or int8."""
@@ -14,7 +14,18 @@ from backend.errors import FornaxError
 from .onnx_export import FLOAT_LAYERS
 
 
+def cmd_export_hf(args):
+    from .hf_folder import export_hf
+
+    info = export_hf(args.model, args.out, dtype=args.dtype)
+    sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in info["sizes_bytes"].items())
+    print(f"exported {args.model} to {args.out} as an HF folder ({info['dtype']}) in {info['export_seconds']} s "
+          f"({sizes}); serve it with: vllm serve {args.out}")
+
+
 def cmd_export(args):
+    if args.format == "hf":  # an HF folder (bf16 safetensors) for vLLM / transformers: export/hf_folder.py
+        return cmd_export_hf(args)
     from tqdm import tqdm
 
     from .onnx_export import export
@@ -58,11 +69,11 @@ def cmd_verify(args):
 
 def cmd_bench(args):
     from backend.bench import run_bench
-    from backend.loading import read_hf_folder, resolve
+    from backend.loading import read_hf_config, resolve
 
     from .cache import cached_export
 
-    family = read_hf_folder(resolve(args.model))[0].family
+    family = read_hf_config(resolve(args.model)).family  # the config only: no weights read to learn the family
     if family not in ("gpt2", "llama"):
         raise FornaxError(f"the benchmark races decoding speed of causal Transformers; {args.model} is a {family} "
                           f"model")
@@ -98,6 +109,10 @@ def main(argv=None):
         p.add_argument("--model", default="default", help="default | HF folder | .gguf file | hub id")
         p.add_argument("--out", required=True, help="a new (or empty) folder")
         p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
+        p.add_argument("--format", default="onnx", choices=["onnx", "hf"],
+                       help="onnx (default) or hf: a Hugging Face folder for vLLM / transformers")
+        p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                       help="--format hf: the weights' dtype")
         p.add_argument("--no-verify", action="store_true", help="skip the parity report")
         p.add_argument("--float-layers", type=int, default=FLOAT_LAYERS,
                        help="int4 from GGUF blocks: how many last layers keep float activations (slower, closer)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -30,12 +31,23 @@ def is_cached(source: str, quant: str = "none") -> bool:
     return (export_folder(source, quant) / MODEL_FILE).exists()
 
 
+_LOCKS: dict[Path, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(out: Path) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(out, threading.Lock())
+
+
 def cached_export(source: str, quant: str = "none", progress: Callable[[float, str], None] | None = None) -> Path:
-    """The export folder of `source` at `quant`, exporting it first if it is not cached yet."""
+    """The export folder of `source` at `quant`, exporting it first if it is not cached yet. Requests for the same
+    export wait for the one making it and then reuse it: the work (and its memory) is never done twice at once."""
     out = export_folder(source, quant)
-    if not (out / MODEL_FILE).exists():
-        export(source, out, quant=quant, progress=progress)  # the source, not the folder: int4 looks for its GGUF
-        cache_dir.evict(keep=(out,))  # least recently used exports, conversions and zips go past the cap
-    else:
-        cache_dir.touch(out)
+    with _lock_for(out):
+        if not (out / MODEL_FILE).exists():
+            export(source, out, quant=quant, progress=progress)  # the source, not the folder: int4 looks for its GGUF
+            cache_dir.evict(keep=(out,))  # least recently used exports, conversions and zips go past the cap
+        else:
+            cache_dir.touch(out)
     return out

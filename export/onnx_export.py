@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -12,12 +13,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from backend import limits
+from backend import budget, limits
 from backend.atomic import atomic_folder
 from backend.config import ModelConfig
 from backend.errors import FornaxError
 from backend.hf_format import write_hf_folder
-from backend.loading import build_model, read_hf_folder, resolve
+from backend.loading import build_model, read_hf_config, read_weights, resolve
 from backend.runners.onnx import LOGITS_TO_KEEP, io_names
 from backend.tokenizer import Tokenizer
 
@@ -205,12 +206,25 @@ def export(source: str, out: str | os.PathLike, quant: str = "none", verify: boo
     t0 = time.perf_counter()
     say(0.05, "loading the model")
     folder = resolve(source)
-    cfg, state = read_hf_folder(folder)
+    cfg = read_hf_config(folder)
     check_quant(cfg.family, quant)
-    # the export holds the weights 4-5 times over (model, traced graph, serialized protos): capped per deployment
+    # the export holds the weights ~5 times over (fp32 model, traced graph, serialized protos): capped per
+    # deployment, and its estimated peak must fit the memory budget — both before a weight is read
     limits.check(cfg.n_params, limits.current().max_export_params, "the parameter count of the model to export")
+    budget.check_export(cfg, quant)
+    with _ONE_EXPORT_AT_A_TIME:  # two exports at once would need twice the budget
+        return _export(source, folder, cfg, out, quant, verify, say, float_layers, t0)
+
+
+_ONE_EXPORT_AT_A_TIME = threading.Lock()
+
+
+def _export(source: str, folder: Path, cfg: ModelConfig, out: Path, quant: str, verify: bool, say: Callable,
+            float_layers: int, t0: float) -> dict:
     tokenizer = Tokenizer.from_folder(folder)
+    state = read_weights(folder)
     model = build_model(cfg, state, torch.float32, torch.device("cpu"), cpu_decode_layout=False)
+    del state  # what the model does not hold of the files' tensors can go before tracing
     try:
         with atomic_folder(out, mode=0o755) as tmp:  # the folder appears whole or not at all
             say(0.2, "exporting the graph")

@@ -29,6 +29,12 @@ def pow2_at_least(n: int, lo: int) -> int:
     return max(lo, 1 << (n - 1).bit_length())
 
 
+def own_logits(out: torch.Tensor) -> torch.Tensor:
+    """The last position's logits (B, V) in fp32, always a new tensor: a CUDA graph's output lives in its static
+    memory, which the next replay overwrites (`.float()` alone is a view for an fp32 model)."""
+    return out[:, -1].to(torch.float32, copy=True)
+
+
 def weight_sharing_copy(model: Transformer) -> Transformer:
     """New module objects over the same parameters and buffers (so this runner's caches and compiled guards are
     its own while the weights are not copied)."""
@@ -82,9 +88,12 @@ class CompiledRunner(EagerRunner):
     def _forward(self, ids: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         return self.model(ids, input_pos, last)
 
-    def start(self, batch: int, max_len: int) -> None:
+    def memory_plan(self, max_len: int) -> dict:
         ctx = self.model.config.max_seq_len
-        self.model.setup_cache(batch, min(ctx, pow2_at_least(max_len, MIN_CACHE)))
+        return dict(cache_len=min(ctx, pow2_at_least(max_len, MIN_CACHE)), kv_dtype=self.model.tok_emb.weight.dtype)
+
+    def start(self, batch: int, max_len: int) -> None:
+        self.model.setup_cache(batch, self.memory_plan(max_len)["cache_len"])
 
     def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         B, T = ids.shape
@@ -99,11 +108,11 @@ class CompiledRunner(EagerRunner):
         input_pos = torch.arange(pos, pos + L, device=self.device)
         key = (B, L, self.model.cache_len)
         if key in self._seen:
-            return fn(ids, input_pos, last)[:, -1].float()
+            return own_logits(fn(ids, input_pos, last))
         self.say(0.0, f"compiling the model for {'decode' if T == 1 else f'prompts up to {L} tokens'} "
                       f"(once; later runs reuse it)")
         t = time.perf_counter()
-        out = fn(ids, input_pos, last)[:, -1].float()
+        out = own_logits(fn(ids, input_pos, last))
         self.compile_s += time.perf_counter() - t
         self._seen.add(key)
         return out

@@ -20,6 +20,11 @@ class EagerRunner:
         self.device = model.tok_emb.weight.device
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
+    def memory_plan(self, max_len: int) -> dict:
+        """What `start(batch, max_len)` will allocate, as keyword arguments of budget.generation_parts."""
+        return dict(cache_len=cache_length(max_len, self.model.config.max_seq_len),
+                    kv_dtype=self.model.tok_emb.weight.dtype)
+
     def start(self, batch: int, max_len: int) -> None:
         self.model.setup_cache(batch, cache_length(max_len, self.model.config.max_seq_len))
 

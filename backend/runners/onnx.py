@@ -9,6 +9,7 @@ The CUDA provider is asked for only where CUDA is really present, so CPU machine
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,31 @@ def io_names(n_layer: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def providers() -> list[str]:
+FP32_GQA_ON_CUDA = (
+    "this ONNX graph's attention is fp32 GroupQueryAttention, which ONNX Runtime's CUDA provider implements for "
+    "fp16 and bf16 only: on the GPU every attention node would fall back to the CPU, with each layer's keys and "
+    "values copied across on every step. Running the whole graph on the CPU provider instead; for the GPU, use "
+    "an fp16 export or one of the torch backends (eager, compiled, triton)")
+
+
+def choose_providers(available: list[str], cuda: bool, attention: str | None = None,
+                     dtype: str = "float32") -> tuple[list[str], str | None]:
+    """The providers to ask for and, where CUDA is there but not used, the plain reason why (else None)."""
+    if not (cuda and "CUDAExecutionProvider" in available):
+        return ["CPUExecutionProvider"], None
+    if attention == "GroupQueryAttention" and dtype == "float32":
+        return ["CPUExecutionProvider"], FP32_GQA_ON_CUDA
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"], None
+
+
+def providers(attention: str | None = None, dtype: str = "float32") -> list[str]:
+    """ONNX Runtime's providers for a graph with this attention and float type, warning when CUDA goes unused."""
     import onnxruntime as ort
 
-    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    chosen, reason = choose_providers(ort.get_available_providers(), torch.cuda.is_available(), attention, dtype)
+    if reason:
+        warnings.warn(reason, RuntimeWarning, stacklevel=2)
+    return chosen
 
 
 def read_onnx_config(folder: Path) -> ModelConfig:
@@ -52,7 +72,8 @@ def read_onnx_config(folder: Path) -> ModelConfig:
 
 
 def open_session(path: Path, threads: int | None = None):
-    """An ONNX Runtime session on `path` with all graph optimisations, `threads` intra-op threads, errors only."""
+    """An ONNX Runtime session on `path` with all graph optimisations, `threads` intra-op threads, errors only;
+    on the providers `providers` picks for the graph fornax.json describes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -61,7 +82,8 @@ def open_session(path: Path, threads: int | None = None):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only
     try:
-        return ort.InferenceSession(str(path), opts, providers=providers())
+        chosen = providers(_attention(path.parent), _graph_dtype(path.parent))
+        return ort.InferenceSession(str(path), opts, providers=chosen)
     except Exception as e:
         raise ModelLoadError(f"{path} is not a loadable ONNX model: {str(e).strip()[:300]}") from e
 
@@ -71,6 +93,14 @@ def _attention(folder: Path) -> str | None:
         return json.loads((folder / "fornax.json").read_text()).get("attention")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _graph_dtype(folder: Path) -> str:
+    """The graph's float type as fornax.json states it; Fornax exports are fp32 (the caches bound here are)."""
+    try:
+        return str(json.loads((folder / "fornax.json").read_text()).get("dtype", "float32"))
+    except (OSError, ValueError, AttributeError):
+        return "float32"
 
 
 class OnnxRunner:
@@ -104,6 +134,13 @@ class OnnxRunner:
         file_bytes = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
         self.weight_bytes = max(file_bytes - config.vocab_size * config.d_model * 4, file_bytes // 2)
         self.batch, self.past, self.kv, self.kv_rows, self.io = 1, None, None, None, None
+
+    def memory_plan(self, max_len: int) -> dict:
+        """What a generation allocates here (budget.generation_parts): fp32 caches of max_len preallocated once
+        (shared) or a new, longer pair per step beside the last (concatenating graphs), and every prompt
+        position's logits in a graph without logits_to_keep."""
+        return dict(cache_len=max_len, kv_dtype="float32", kv_copies=1 if self.shared_kv else 2,
+                    all_prompt_logits=not self.keeps_last)
 
     def start(self, batch: int, max_len: int) -> None:
         import onnxruntime as ort

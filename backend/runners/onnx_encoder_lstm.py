@@ -83,6 +83,9 @@ class OnnxLSTMRunner:
         logits, h, c = self.session.run(list(LSTM_OUTPUTS), feed)                # (B, T, V), (L, B, D) x 2
         return logits, (h, c)
 
+    def memory_plan(self, max_len: int) -> dict:
+        return dict(all_prompt_logits=True)  # for budget.generation_parts: every position's logits per call
+
     def start(self, batch: int, max_len: int) -> None:
         self.state, self.pos = self._zeros(batch), 0
 

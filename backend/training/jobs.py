@@ -8,6 +8,7 @@ after a page reload (or a restart of the UI), and cancel it. One job runs at a t
         owner         (optional) a hash of who started it: only they see its details, cancel or resume it
         log.txt       its standard output and error
         cancel        made by cancel(): the loop stops at the next step, saves a checkpoint, status 'cancelled'
+        time-up       made when the job ran past `limits.max_train_seconds`: then cancelled (with a checkpoint)
 
 state.json: id, status ('starting' | 'running' | 'done' | 'failed' | 'cancelled'), step, total_steps, tokens_per_s,
 train_loss [[step, loss]], val_loss [[step, loss, perplexity]], samples [{step, prompt, text}] (step 0 = before
@@ -32,6 +33,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .. import budget, cache_dir, limits
 from ..errors import TrainError
 from .checkpoint import write_json_atomic
 from .config import TrainConfig
@@ -41,6 +43,8 @@ from .loop import CANCEL_FILE, STATE_FILE, check_out_folder
 ACTIVE = ("starting", "running")
 SAMPLES_PER_JOB, CHECKPOINTS_PER_JOB = 4, 2  # `paced`: a job of any length samples 4 times, checkpoints twice
 OWNER_FILE = "owner"                         # a hash of who started the job (see `start(owner=...)`)
+TIME_UP_FILE = "time-up"                     # the job ran past its wall-clock limit and was stopped
+KILL_GRACE_S = 60.0                          # past the limit by this much still active: killed
 REPO = Path(__file__).resolve().parents[2]  # the folder that holds the `backend` package
 
 __all__ = ["JobManager", "TrainConfig", "TrainError", "mark_failed"]
@@ -56,6 +60,7 @@ class JobManager:
         self.uploads = Path(uploads).expanduser().absolute() if uploads else self.root.parent / "train-data"
         self.outputs = Path(outputs).expanduser().absolute() if outputs else self.root.parent / "finetuned"
         self._procs: dict[str, subprocess.Popen] = {}  # children of this process (polled, so none stays a zombie)
+        self._stopping: set[str] = set()  # jobs whose wall-clock stop is being sent now
         self._lock = threading.Lock()
 
     @contextmanager
@@ -96,10 +101,12 @@ class JobManager:
             cfg.sample_every = max(1, cfg.steps // SAMPLES_PER_JOB)
             cfg.save_every = max(1, cfg.steps // CHECKPOINTS_PER_JOB)
         cfg.check()
+        check_job_memory(cfg)
         records = read_records(cfg.data, cfg.task)  # a malformed file fails now, not in the background
         cfg.task = records.task
         if upload:  # only data that passed the check is copied
             cfg.data = self._keep(Path(upload))
+            cache_dir.evict(keep=(cfg.data,))  # older uploads and finished finetunes go past the disk cap
         cfg.data = str(Path(cfg.data).expanduser().resolve())
         cfg.out = str(Path(cfg.out).expanduser().resolve())
         if cfg.model != "default" and Path(cfg.model).expanduser().exists():  # (the process runs in another folder)
@@ -166,6 +173,8 @@ class JobManager:
             pid=None, message="starting the training process"))
         env = dict(os.environ, PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        if owner is not None:  # the result's history row belongs to who started it (backend/scoring/history.py)
+            env["FORNAX_HISTORY_VISITOR"] = hashlib.sha256(owner.encode()).hexdigest()[:32]
         with open(job_dir / "log.txt", "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "backend", "finetune", "--config", str(job_dir / "config.json"),
@@ -173,7 +182,44 @@ class JobManager:
                 env=env, cwd=str(REPO), start_new_session=True)  # its own session: a Ctrl-C in the UI's terminal
         (job_dir / "pid").write_text(str(proc.pid))             # does not kill the run
         self._procs[job_id] = proc
+        seconds = limits.current().max_train_seconds
+        if seconds > 0:
+            timer = threading.Timer(seconds, self._time_up, (job_id,))
+            timer.daemon = True
+            timer.start()
         return job_id
+
+    def _time_up(self, job_id: str) -> None:
+        """The job's wall-clock limit has passed: stop it like a cancel (a checkpoint, then 'cancelled'); still
+        active KILL_GRACE_S later (a step that never ends), killed."""
+        with self._lock:
+            if job_id in self._stopping:
+                return
+            self._stopping.add(job_id)
+        try:
+            job_dir = self.job_dir(job_id)
+            if _read_state(job_dir)["status"] not in ACTIVE:
+                return
+            first = not (job_dir / TIME_UP_FILE).exists()
+            (job_dir / TIME_UP_FILE).touch()
+            if first:
+                (job_dir / CANCEL_FILE).unlink(missing_ok=True)  # a cancel, not the kill of a second cancel
+            self.cancel(job_id)
+            if first:
+                timer = threading.Timer(KILL_GRACE_S, self._time_up, (job_id,))
+                timer.daemon = True
+                timer.start()
+        except TrainError:
+            pass
+        finally:
+            self._stopping.discard(job_id)
+
+    def _over_time(self, job_id: str, state: dict) -> bool:
+        """An active job past its wall-clock limit (its timer may have died with an earlier app process)."""
+        seconds = limits.current().max_train_seconds
+        started = state.get("started") or time.time()
+        grace = KILL_GRACE_S if (self.root / job_id / TIME_UP_FILE).exists() else 0.0
+        return seconds > 0 and time.time() - started > seconds + grace
 
     def state(self, job_id: str) -> dict:
         """The job's state.json; an active job whose process has died is reported 'failed' with its log's tail."""
@@ -182,13 +228,17 @@ class JobManager:
         running = proc is not None and proc.poll() is None  # (polling also reaps a finished child)
         state = _read_state(job_dir)
         if state["status"] not in ACTIVE:
-            return state
+            if proc is not None and not running:
+                del self._procs[job_id]  # reaped: the table holds live children only
+            return _said_time_up(job_dir, state)
         pid = state.get("pid") or _read_pid(job_dir)
         if proc is not None:
             alive, code = running, proc.returncode
         else:
             alive, code = pid is not None and _pid_alive(pid, str(job_dir)), None
         if alive:
+            if job_id not in self._stopping and self._over_time(job_id, state):  # (also an earlier process's job)
+                threading.Thread(target=self._time_up, args=(job_id,), daemon=True).start()
             return state
         state = _read_state(job_dir)  # it may have written its final status just before exiting
         if state["status"] in ACTIVE:
@@ -270,6 +320,15 @@ def mark_failed(job_dir: Path, message: str) -> None:
     write_json_atomic(job_dir / STATE_FILE, state)
 
 
+def _said_time_up(job_dir: Path, state: dict) -> dict:
+    """An ended job stopped by its wall-clock limit says so."""
+    if state["status"] == "cancelled" and (job_dir / TIME_UP_FILE).exists():
+        seconds = limits.current().max_train_seconds
+        state = {**state, "message": f"stopped at this deployment's limit of {seconds:,.0f} s per training job: "
+                                     f"{state.get('message') or ''}"}
+    return state
+
+
 def _owner_hash(owner: str) -> str:
     return hashlib.sha256(owner.encode()).hexdigest()  # a session id is a secret of its browser: not kept as is
 
@@ -315,3 +374,33 @@ def _log_tail(job_dir: Path, max_chars: int = 1500) -> str:
     except OSError:
         return ""
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.strip().splitlines())  # progress bars: last frame
+
+
+def _job_model_config(cfg: TrainConfig):
+    """The architecture a job will train, read without its weights: the preset for pretraining, else the config of
+    the model folder (the default model's cached conversion). None where that needs a download (a Hub id not yet
+    here): the job's own load checks the weights then."""
+    from ..config import ModelConfig
+    from ..loading import read_hf_config, resolve
+
+    if cfg.mode == "pretrain":
+        return ModelConfig.from_dict({**ModelConfig.from_name(cfg.preset).to_dict(), "vocab_size": cfg.vocab_size})
+    source = cfg.model or "default"
+    path = Path(source).expanduser()
+    if source != "default" and not path.exists():
+        return None
+    return read_hf_config(resolve(source))
+
+
+def check_job_memory(cfg: TrainConfig) -> None:
+    """Refuse a job whose training step would not fit the memory budget, before its process starts: fp32 weights,
+    the gradients and AdamW's two moments of what trains (LoRA: ~1 % of the model, counted as 2 %), and one
+    micro-batch's activations, every layer's kept for the backward pass (budget.forward_parts)."""
+    model_cfg = _job_model_config(cfg)
+    if model_cfg is None:
+        return
+    n = budget.param_count(model_cfg)
+    trainable = n // 50 if cfg.mode == "lora" else n
+    seq = cfg.seq_len or min(256, model_cfg.max_seq_len)
+    budget.check_forward(model_cfg, cfg.batch_size, seq, "float32", what="one training step of this job",
+                         training=True, extra={"weights": 4 * n, "gradients and AdamW moments": 12 * trainable})

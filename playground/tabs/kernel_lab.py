@@ -20,7 +20,7 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from backend import limits
+from backend import budget, limits
 
 from .. import deployment
 from ..errors import refusal, user_errors
@@ -69,6 +69,41 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(s) for s in sizes)
 
 
+# What a check holds per element of its largest tensor: the input, its fp32 reference copy, both outputs, the
+# upstream gradient and both gradients, and the reference's softmax / logits intermediates beside them.
+CHECK_COPIES = 8
+
+
+def largest_intermediate(op: str, sizes: tuple[int, ...]) -> tuple[int, str]:
+    """(elements, what) of the largest tensor a check of `op` at `sizes` materialises beyond its inputs, or (0, "")
+    where none outgrows them (the input cap, checked by kernels.check, bounds those). Attention's reference builds
+    B×H×T×T scores, the fused linear cross-entropy's reference N×V logits: quadratic in sizes the per-dimension
+    cap lets through. A shape of the wrong rank counts 0 here: the subprocess refuses it."""
+    if op == "attention" and len(sizes) == 5:
+        B, H, _, T, _ = sizes
+        return B * H * T * T, "its B×H×T×T attention scores"
+    if op == "linear_cross_entropy" and len(sizes) == 3:
+        N, _, V = sizes
+        return N * V, "its N×V logits"
+    if op == "decode_attention" and len(sizes) == 5:
+        B, H, _, S, _ = sizes
+        return B * H * S, "its B×H×S attention scores"
+    return 0, ""
+
+
+def check_work(op: str, sizes: tuple[int, ...], cap: int) -> None:
+    """Refuse a check whose largest intermediate passes the elements cap (which bounds the interpreter's time as
+    well as its memory) or whose estimated memory passes the budget — before any process starts or tensor exists."""
+    elements, what = largest_intermediate(op, sizes)
+    shape = ", ".join(map(str, sizes))
+    if elements > cap:
+        raise refusal(f"{op} at ({shape}) works on {elements:,} elements ({what}); the cap here is {cap:,}: "
+                      f"try smaller sizes")
+    need = CHECK_COPIES * 4 * elements
+    if need:
+        budget.check_memory(need, f"checking {op} at ({shape})", {what.removeprefix("its "): need})
+
+
 def _check_in_subprocess(op: str, shape: tuple[int, ...], dtype: str, cap: int) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
@@ -105,6 +140,7 @@ def run_check(op: str, shape: str, dtype: str, progress=gr.Progress()):
     if dtype not in DTYPES:
         raise refusal(f"pick a dtype: {', '.join(DTYPES)}")
     sizes, cap = parse_shape(shape), element_cap()
+    check_work(op, sizes, cap)
     t0 = time.perf_counter()
     speed = None
     if on_gpu():

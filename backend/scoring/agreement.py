@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..budget import NO_DEADLINE, Deadline
 from .perplexity import LogitsFn, check_sequences, check_window, windows
 
 
@@ -38,14 +39,16 @@ def logits_agreement(ref: torch.Tensor, got: torch.Tensor, ids: torch.Tensor) ->
 @torch.inference_mode()
 def backend_agreement(ref_fn: LogitsFn, other_fn: LogitsFn, token_ids: Sequence[Sequence[int]],
                       max_length: int = 1024, stride: int | None = None, context: int | None = None,
-                      on_window: Callable[[], None] | None = None) -> dict:
-    """Agreement over every scored position of the same sliding windows as perplexity uses."""
+                      on_window: Callable[[], None] | None = None, deadline: Deadline = NO_DEADLINE) -> dict:
+    """Agreement over every scored position of the same sliding windows as perplexity uses; `deadline` is checked
+    before every window."""
     max_length, stride = check_window(max_length, stride, context)
     check_sequences(token_ids)
     total = {"positions": 0, "kl": 0.0, "top1": 0, "nll_ref": 0.0, "nll_got": 0.0}
     for ids in token_ids:
         seq = torch.as_tensor(list(ids), dtype=torch.long)
         for begin, end, first in windows(len(seq), max_length, stride):
+            deadline.check()
             window = seq[begin:end][None]                                    # (1, W)
             rows = slice(first - 1 - begin, end - 1 - begin)
             ref = ref_fn(window)[0, rows].float().cpu()                      # (end - first, V)

@@ -7,33 +7,62 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..budget import NO_DEADLINE, Deadline
 from ..errors import ScoringError
 from ..training.data import IGNORE, Sequences, classify_example
 from .perplexity import LogitsFn
 from .scores import accuracy, confusion, precision_recall_f1
 
 
+BATCH_ROWS = 8  # (text, label) rows one forward scores at most
+
+
+class LabelRows:
+    """The (text, label) rows of a classification, planned without building them: each prompt and each label's
+    answer tokenized once, so the forwards and token positions are known before the first forward, and the rows
+    made batch by batch (rows x labels sequences held at once once cost tens of GB)."""
+
+    def __init__(self, tokenizer, texts: Sequence[str], labels: Sequence[str], seq_len: int):
+        if not texts:
+            raise ScoringError("no labelled rows to classify: the data is empty")
+        if len(labels) < 2:
+            raise ScoringError(f"classification needs at least two labels, got {list(labels)}")
+        longest = max(labels, key=lambda lab: len(tokenizer.encode(" " + lab, add_special_tokens=False)))
+        self.answers = [classify_example(tokenizer, "", label, seq_len)[1] for label in labels]
+        # every (text, label) row has the same prompt, cut to leave room for the longest label
+        self.prompts = [classify_example(tokenizer, text, longest, seq_len)[0] for text in texts]
+        self.n_labels = len(labels)
+
+    def __len__(self) -> int:
+        return len(self.prompts) * self.n_labels
+
+    @property
+    def tokens(self) -> int:
+        """Token positions of all rows together."""
+        return sum(len(p) for p in self.prompts) * self.n_labels + sum(map(len, self.answers)) * len(self.prompts)
+
+    @property
+    def longest(self) -> int:
+        return max(map(len, self.prompts)) + max(map(len, self.answers))
+
+    def __iter__(self):
+        for prompt in self.prompts:
+            for answer in self.answers:
+                yield prompt + answer, [False] * len(prompt) + [True] * len(answer)
+
+
 @torch.no_grad()
 def label_scores(logits_fn: LogitsFn, tokenizer, texts: Sequence[str], labels: Sequence[str], seq_len: int,
-                 batch_rows: int = 8, on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+                 batch_rows: int = BATCH_ROWS, on_batch: Callable[[int], None] | None = None,
+                 deadline: Deadline = NO_DEADLINE, rows: LabelRows | None = None) -> torch.Tensor:
     """Total log-probability of each label after each text: (len(texts), len(labels)). Every (text, label) row has
-    the same prompt, cut to leave room for the longest label, so the labels compete on equal context."""
-    if not texts:
-        raise ScoringError("no labelled rows to classify: the data is empty")
-    if len(labels) < 2:
-        raise ScoringError(f"classification needs at least two labels, got {list(labels)}")
-    longest = max(labels, key=lambda lab: len(tokenizer.encode(" " + lab, add_special_tokens=False)))
-    rows = Sequences()
-    for text in texts:
-        prompt, _ = classify_example(tokenizer, text, longest, seq_len)   # room for the longest label
-        for label in labels:
-            _, answer = classify_example(tokenizer, text, label, seq_len)
-            rows.add(prompt + answer, [False] * len(prompt) + [True] * len(answer))
-    scores, i = [], 0
-    while i < len(rows):
-        index = _batch_within(rows, i, batch_rows, LOGITS_BUDGET // (4 * max(1, vocab_size(tokenizer))))
-        i += len(index)
-        x, y = rows.batch(index)                                               # (B, T) each
+    the same prompt, cut to leave room for the longest label, so the labels compete on equal context. `deadline`
+    is checked before every forward; `rows`: the plan of these texts and labels, when the caller made it already."""
+    rows = rows if rows is not None else LabelRows(tokenizer, texts, labels, seq_len)
+    scores = []
+    for batch in batches(rows, batch_rows, max_batch_tokens(tokenizer)):
+        deadline.check()
+        x, y = batch.batch(list(range(len(batch))))                           # (B, T) each
         logits = logits_fn(x).float()                                          # (B, T, V)
         y = y.to(logits.device)
         # log p(target) = logit[target] - logsumexp(logits), without a second (B, T, V) tensor
@@ -51,15 +80,24 @@ def vocab_size(tokenizer) -> int:
     return getattr(tokenizer, "vocab_size", 0) or 0
 
 
-def _batch_within(rows: Sequences, start: int, most: int, max_tokens: int) -> list[int]:
-    """Rows start.. for one batch: at most `most`, and (padded to the longest) at most max_tokens positions."""
-    index, longest = [start], len(rows.ids[start])
-    for j in range(start + 1, min(len(rows), start + most)):
-        longest = max(longest, len(rows.ids[j]))
-        if longest * (len(index) + 1) > max_tokens:
-            break
-        index.append(j)
-    return index
+def max_batch_tokens(tokenizer) -> int:
+    """Positions (rows x padded length) one batch may have within LOGITS_BUDGET."""
+    return LOGITS_BUDGET // (4 * max(1, vocab_size(tokenizer)))
+
+
+def batches(rows, most: int, max_tokens: int):
+    """Consecutive rows ((ids, mask) pairs) as Sequences batches: at most `most` rows, and (padded to the longest)
+    at most max_tokens positions, a row alone always allowed. Made as they are needed."""
+    batch, longest = Sequences(), 0
+    for ids, mask in rows:
+        grown = max(longest, len(ids))
+        if len(batch) and (len(batch) >= most or grown * (len(batch) + 1) > max_tokens):
+            yield batch
+            batch, grown = Sequences(), len(ids)
+        batch.add(ids, mask)
+        longest = grown
+    if len(batch):
+        yield batch
 
 
 def classification_report(predictions: Sequence[str], references: Sequence[str], labels: Sequence[str]) -> dict:

@@ -8,8 +8,6 @@
 Every problem (missing, too large, empty, not UTF-8, a malformed line) raises ScoringError naming file and line."""
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,44 +17,43 @@ from ..errors import FornaxError, ScoringError
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
 
-def read_utf8(path: str | Path) -> tuple[Path, str, str]:
-    """(path, text, sha256 of the bytes) of a UTF-8 file, its size capped before it is read."""
+def checked_file(path: str | Path) -> tuple[Path, str]:
+    """(path, sha256 of the bytes) of a UTF-8 file, its size capped before it is read, then checked chunk by chunk
+    (nothing of it is held: the readers below stream it line by line)."""
+    from ..training.data import scan_utf8
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise ScoringError(f"no data file at {path}" if not path.exists() else f"{path} is not a file")
-    size = path.stat().st_size
     try:
-        limits.check(size, limits.current().max_upload_bytes, f"the size of {path.name} in bytes")
+        limits.check(path.stat().st_size, limits.current().max_upload_bytes, f"the size of {path.name} in bytes")
     except FornaxError as e:
         raise ScoringError(str(e)) from e
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise ScoringError(f"{path.name} is empty: there is nothing to evaluate")
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise ScoringError(f"{path.name} looks like a binary file (a NUL byte at offset {nul}), not UTF-8 text")
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        raise ScoringError(f"{path.name} is not UTF-8 text (an invalid byte at offset {e.start})") from e
-    return path, text, hashlib.sha256(raw).hexdigest()
+    return path, scan_utf8(path, ScoringError, "evaluate")
 
 
-def _jsonl_objects(path: Path, text: str) -> list[tuple[int, dict]]:
-    objects = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may stand raw inside a string
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ScoringError(f"{path.name} line {lineno} is not valid JSON: {e.msg} (column {e.colno})") from e
-        if not isinstance(obj, dict):
-            raise ScoringError(f"{path.name} line {lineno} is not a JSON object")
-        objects.append((lineno, obj))
-    if not objects:
+def read_utf8(path: str | Path) -> tuple[Path, str, str]:
+    """(path, text, sha256 of the bytes) of a UTF-8 file, its size capped before it is read."""
+    from ..training.data import read_text
+
+    path, digest = checked_file(path)
+    return path, read_text(path), digest
+
+
+def row_caps(path: Path):
+    """An evaluation's caps on one file while it is read: rows, and characters of one text."""
+    from ..training.data import RowCaps
+
+    caps = limits.current()
+    return RowCaps(path, ScoringError, caps.max_eval_rows, caps.max_eval_chars)
+
+
+def _jsonl_objects(path: Path, caps) -> list[tuple[int, dict]]:
+    from ..training.data import jsonl_objects
+
+    yield from jsonl_objects(path, ScoringError, caps)
+    if not caps.rows:
         raise ScoringError(f"{path.name} has no JSON lines: there is nothing to evaluate")
-    return objects
 
 
 @dataclass
@@ -68,16 +65,26 @@ class TextSet:
 
 
 def read_texts(path: str | Path) -> TextSet:
-    path, text, digest = read_utf8(path)
+    from ..training.data import read_text
+
+    path, digest = checked_file(path)
+    caps = row_caps(path)
     if path.suffix.lower() not in JSONL_SUFFIXES:
-        return TextSet(path, digest, [text], [path.name])
+        if caps.max_chars is not None and path.stat().st_size > 4 * caps.max_chars:  # surely too long: unread
+            raise ScoringError(f"{path.name} is {path.stat().st_size:,} bytes, more than the {caps.max_chars:,} "
+                               f"characters per text this {_mode()} deployment allows")
+        return TextSet(path, digest, [caps.text(read_text(path), path.name)], [path.name])
     texts, names = [], []
-    for lineno, obj in _jsonl_objects(path, text):
+    for lineno, obj in _jsonl_objects(path, caps):
         if not isinstance(obj.get("text"), str):
             raise ScoringError(f"{path.name} line {lineno} has no 'text' string")
-        texts.append(obj["text"])
+        texts.append(caps.text(obj["text"], f"{path.name} line {lineno}"))
         names.append(f"{path.name} line {lineno}")
     return TextSet(path, digest, texts, names)
+
+
+def _mode() -> str:
+    return "public" if limits.public_mode() else "local"
 
 
 @dataclass
@@ -89,27 +96,28 @@ class GenerationSet:
 
 
 def read_generation_set(path: str | Path) -> GenerationSet:
-    path, text, digest = read_utf8(path)
+    path, digest = checked_file(path)
+    caps = row_caps(path)
     if path.suffix.lower() not in JSONL_SUFFIXES:
         raise ScoringError(f"{path.name}: generation data is JSONL with 'prompt' (or 'messages') and 'reference' "
                            f"on every line")
     prompts, references = [], []
-    for lineno, obj in _jsonl_objects(path, text):
+    for lineno, obj in _jsonl_objects(path, caps):
         where = f"{path.name} line {lineno}"
         if isinstance(obj.get("prompt"), str) and obj["prompt"]:
-            prompts.append(obj["prompt"])
+            prompts.append(caps.text(obj["prompt"], where))
         elif isinstance(obj.get("messages"), list) and obj["messages"]:
             for i, m in enumerate(obj["messages"]):
                 if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                     raise ScoringError(f"{where}: message {i + 1} must be {{'role': str, 'content': str}}")
-            prompts.append([{"role": m["role"], "content": m["content"]} for m in obj["messages"]])
+            prompts.append([{"role": m["role"], "content": caps.text(m["content"], where)} for m in obj["messages"]])
         else:
             raise ScoringError(f"{where} has neither a non-empty 'prompt' string nor a 'messages' list")
         ref = obj.get("reference")
         if isinstance(ref, str):
-            references.append(ref)
+            references.append(caps.text(ref, where))
         elif isinstance(ref, list) and ref and all(isinstance(r, str) for r in ref):
-            references.append(list(ref))
+            references.append([caps.text(r, where) for r in ref])
         else:
             raise ScoringError(f"{where} has no 'reference' (a string, or a non-empty list of strings)")
     counts = {1 if isinstance(r, str) else len(r) for r in references}
@@ -130,10 +138,11 @@ class LabelledSet:
 def read_labelled_set(path: str | Path) -> LabelledSet:
     from ..training.data import read_records
 
-    path, _, digest = read_utf8(path)             # our checks and size cap first, then the training reader's
+    path, _ = checked_file(path)                  # our checks and size cap first, then the training reader's
+    caps = limits.current()
     try:
-        records = read_records(path, task="classify")
+        records = read_records(path, task="classify", max_rows=caps.max_eval_rows, max_chars=caps.max_eval_chars)
     except FornaxError as e:
         raise ScoringError(str(e)) from e
-    return LabelledSet(path, digest, [t for t, _ in records.items], [label for _, label in records.items],
+    return LabelledSet(path, records.sha256, [t for t, _ in records.items], [label for _, label in records.items],
                        records.labels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from ..budget import NO_DEADLINE, Deadline
 from ..errors import ScoringError
 from . import scores
 
@@ -12,14 +13,19 @@ TEXT_METRICS = ("bleu", "chrf", "rouge", "exact_match")
 
 
 def generate_predictions(handle, prompts: Sequence, backend: str | None = None, sampling: dict | None = None,
-                         on_example: Callable[[], None] | None = None) -> list[str]:
-    """One completion per prompt (a string, or chat messages rendered with the model's template)."""
+                         on_example: Callable[[], None] | None = None, deadline: Deadline = NO_DEADLINE
+                         ) -> list[str]:
+    """One completion per prompt (a string, or chat messages rendered with the model's template). `deadline`
+    ends a generation at its next step and is checked between prompts, raising TimeBudgetError once passed."""
     sampling = dict(sampling or {})
     if sampling.get("num_samples", 1) != 1:
         raise ScoringError("evaluation scores one answer per prompt: num_samples must be 1")
     out = []
     for prompt in prompts:
-        out.append(handle.generate(prompt, backend=backend, **sampling).texts[0])
+        deadline.check()
+        result = handle.generate(prompt, backend=backend, deadline=deadline, **sampling)
+        deadline.check()                       # a run the deadline cut short is no answer to score
+        out.append(result.texts[0])
         if on_example is not None:
             on_example()
     return out

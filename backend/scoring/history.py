@@ -2,7 +2,11 @@
 cache (`<cache>/scores.sqlite`), so runs can be compared across time (e.g. perplexity before and after a finetune).
 
 stdlib sqlite3 in WAL mode (readers never block the writer); the schema version is SQLite's `user_version`. One
-evaluation's rows are written in one transaction, after every value is computed: bad input writes nothing."""
+evaluation's rows are written in one transaction, after every value is computed: bad input writes nothing.
+
+Each row records the visitor it belongs to (a hash; "" for the command line and a local user), so a public
+deployment shows every visitor only its own rows (`rows(visitor=...)`). A History made with `visitor` writes rows
+as that visitor; without, as $FORNAX_HISTORY_VISITOR (set for a training job by the job manager) or "". """
 from __future__ import annotations
 
 import hashlib
@@ -35,6 +39,12 @@ CREATE TABLE IF NOT EXISTS scores (
     settings TEXT NOT NULL                 -- JSON: window, sampling parameters, metric options
 );
 CREATE INDEX IF NOT EXISTS scores_model_metric ON scores (model_fingerprint, metric, time);
+"""
+# Added to version 1 in place (an older Fornax still reads and writes the file: it names its columns, and this one
+# defaults): whose row it is (a visitor's hash; "" = the command line / a local user, and every row from before).
+ADD_VISITOR = """
+ALTER TABLE scores ADD COLUMN visitor TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS scores_visitor ON scores (visitor, time);
 """
 
 
@@ -77,8 +87,9 @@ class Row:
 
 
 class History:
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, visitor: str | None = None):
         self.path = Path(path) if path is not None else default_path()
+        self.visitor = visitor if visitor is not None else os.environ.get("FORNAX_HISTORY_VISITOR", "")
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +103,13 @@ class History:
             with conn:
                 conn.executescript(SCHEMA)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if "visitor" not in {row[1] for row in conn.execute("PRAGMA table_info(scores)")}:
+            try:
+                with conn:
+                    conn.executescript(ADD_VISITOR)
+            except sqlite3.OperationalError as e:  # another process added it in between
+                if "duplicate column" not in str(e):
+                    raise
         return conn
 
     def append(self, *, model: str, model_fingerprint: str, backend: str, data: str, data_fingerprint: str,
@@ -103,17 +121,22 @@ class History:
         run_id = hashlib.sha256(f"{time.time_ns()}{model_fingerprint}{data_fingerprint}".encode()).hexdigest()[:16]
         now = time.time()
         rows = [(run_id, now, model, model_fingerprint, backend, data, data_fingerprint, metric, float(value),
-                 json.dumps(settings, sort_keys=True, default=str)) for metric, value in values.items()]
+                 json.dumps(settings, sort_keys=True, default=str), self.visitor) for metric, value in values.items()]
         with closing(self._connect()) as conn, conn:
             conn.executemany("INSERT INTO scores (run_id, time, model, model_fingerprint, backend, data, "
-                             "data_fingerprint, metric, value, settings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                             "data_fingerprint, metric, value, settings, visitor) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return run_id
 
-    def rows(self, metric: str | None = None, model_fingerprint: str | None = None, limit: int = 1000) -> list[Row]:
-        """Newest first."""
+    def rows(self, metric: str | None = None, model_fingerprint: str | None = None, limit: int = 1000,
+             visitor: str | None = None) -> list[Row]:
+        """Newest first; `visitor`: only that visitor's rows (None: everyone's)."""
         if not self.path.exists():
             return []
         where, args = [], []
+        if visitor is not None:
+            where.append("visitor = ?")
+            args.append(visitor)
         if metric is not None:
             where.append("metric = ?")
             args.append(metric)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..budget import NO_DEADLINE, Deadline
 from ..errors import FornaxError, ScoringError
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids (B, T) int64 -> logits (B, T, V)
@@ -88,11 +89,13 @@ def check_sequences(token_ids: Sequence[Sequence[int]], names: Sequence[str] | N
 
 @torch.inference_mode()
 def token_nll(logits_fn: LogitsFn, ids: Sequence[int], max_length: int, stride: int,
-              on_window: Callable[[], None] | None = None) -> torch.Tensor:
-    """Negative log-likelihood of tokens 1..n-1 of one sequence (n-1,) fp32, each scored once by its window."""
+              on_window: Callable[[], None] | None = None, deadline: Deadline = NO_DEADLINE) -> torch.Tensor:
+    """Negative log-likelihood of tokens 1..n-1 of one sequence (n-1,) fp32, each scored once by its window;
+    `deadline` is checked before every window's forward."""
     seq = torch.as_tensor(list(ids), dtype=torch.long)
     parts = []
     for begin, end, first in windows(len(seq), max_length, stride):
+        deadline.check()
         logits = logits_fn(seq[begin:end][None])[0].float()          # (W, V); row t predicts position begin+t+1
         rows = logits[first - 1 - begin:end - 1 - begin]              # (end - first, V)
         parts.append(F.cross_entropy(rows, seq[first:end].to(rows.device), reduction="none").cpu())
@@ -103,11 +106,12 @@ def token_nll(logits_fn: LogitsFn, ids: Sequence[int], max_length: int, stride: 
 
 def perplexity(logits_fn: LogitsFn, token_ids: Sequence[Sequence[int]], max_length: int = DEFAULT_MAX_LENGTH,
                stride: int | None = None, context: int | None = None, names: Sequence[str] | None = None,
-               on_window: Callable[[], None] | None = None, vocab: int | None = None) -> dict:
+               on_window: Callable[[], None] | None = None, vocab: int | None = None,
+               deadline: Deadline = NO_DEADLINE) -> dict:
     """Corpus perplexity over the sequences (their tokens pooled), each sequence's own, and the token count."""
     max_length, stride = check_window(max_length, stride, context, vocab)
     check_sequences(token_ids, names)
-    nll = [token_nll(logits_fn, ids, max_length, stride, on_window) for ids in token_ids]
+    nll = [token_nll(logits_fn, ids, max_length, stride, on_window, deadline) for ids in token_ids]
     total = sum(float(x.double().sum()) for x in nll)
     tokens = sum(len(x) for x in nll)
     return {"perplexity": math.exp(total / tokens), "mean_nll": total / tokens, "tokens": tokens,
@@ -116,4 +120,18 @@ def perplexity(logits_fn: LogitsFn, token_ids: Sequence[Sequence[int]], max_leng
 
 
 def count_windows(token_ids: Sequence[Sequence[int]], max_length: int, stride: int) -> int:
-    return sum(len(windows(len(ids), max_length, stride)) for ids in token_ids)
+    return sum(n_windows(len(ids), max_length, stride) for ids in token_ids)
+
+
+def n_windows(n_tokens: int, max_length: int, stride: int) -> int:
+    """len(windows(n_tokens, max_length, stride)), by arithmetic: the windows start every stride tokens until
+    one reaches the end."""
+    if n_tokens <= max_length:
+        return 1
+    return -(-(n_tokens - max_length) // stride) + 1
+
+
+def window_positions(n_tokens: int, max_length: int, stride: int) -> int:
+    """Token positions the windows over a sequence of n_tokens run through the model, all together."""
+    k = n_windows(n_tokens, max_length, stride)
+    return (k - 1) * max_length + min(max_length, n_tokens - (k - 1) * stride)

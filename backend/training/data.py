@@ -22,7 +22,7 @@ data) raises TrainError naming the file and, where there is one, the line.
 from __future__ import annotations
 
 import csv
-import io
+import hashlib
 import json
 import random
 from collections import Counter
@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import limits
 from ..errors import FornaxError, TrainError
 from ..tokenizer import Tokenizer
 
@@ -49,6 +50,7 @@ class Records:
     task: str                  # lm | chat | classify
     text: str | None = None    # lm from a plain text file
     items: list = field(default_factory=list)  # lm: documents; chat: message lists; classify: (text, label) pairs
+    sha256: str = ""           # of the file's bytes (the evaluation history's fingerprint)
 
     @property
     def corpus(self) -> str:
@@ -66,68 +68,150 @@ class Records:
         return sorted({label for _, label in self.items}) if self.task == "classify" else []
 
 
-def read_records(path: str | Path, task: str = "auto") -> Records:
-    """Read and check a data file (no tokenizer needed): its format, and every line of it."""
+def read_records(path: str | Path, task: str = "auto", max_rows: int | None = None,
+                 max_chars: int | None = None) -> Records:
+    """Read and check a data file (no tokenizer needed): its format, and every line of it.
+
+    The file is streamed: checked chunk by chunk (NUL bytes, UTF-8), then parsed line by line, keeping only the
+    records (a 300 MiB JSONL once cost ~21x its size as text + lines + JSON objects + copies). `max_rows` (default
+    the deployment's `max_data_rows`) and `max_chars` (characters of one text, none by default) are checked while
+    reading, which stops at the first row past them."""
     path = Path(path).expanduser()
     if not path.exists():
         raise TrainError(f"no data file at {path}")
     if not path.is_file():
         raise TrainError(f"{path} is not a file; give one .txt, .jsonl or .csv file")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise TrainError(f"{path.name} is empty: there is nothing to train on")
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise TrainError(f"{path.name} looks like a binary file (a NUL byte at offset {nul}), not UTF-8 text")
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        raise TrainError(f"{path.name} is not UTF-8 text (an invalid byte at offset {e.start})") from e
+    digest = scan_utf8(path, TrainError, "train on")
+    reading = RowCaps(path, TrainError, limits.current().max_data_rows if max_rows is None else max_rows, max_chars)
     suffix = path.suffix.lower()
     if suffix == ".csv":
         if task not in ("auto", "classify"):
             raise TrainError(f"{path.name}: a CSV file is labelled data (task classify), not task {task!r}")
-        return Records(path, "classify", items=_read_csv(path, text))
+        return Records(path, "classify", items=_read_csv(path, reading), sha256=digest)
     if suffix in JSONL_SUFFIXES:
-        return _read_jsonl(path, text, task)
+        records = _read_jsonl(path, task, reading)
+        records.sha256 = digest
+        return records
     if task in ("chat", "classify"):
         want = "a 'messages' list" if task == "chat" else "'text' and 'label'"
         raise TrainError(f"{path.name} is plain text, but task {task!r} needs JSONL with {want} on every line "
                          f"(or a CSV for classify)")
-    return Records(path, "lm", text=text)
+    text = read_text(path)
+    reading.text(text, path.name)
+    return Records(path, "lm", text=text, sha256=digest)
 
 
-def _read_jsonl(path: Path, text: str, task: str) -> Records:
-    objects = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may stand raw inside a string
+SCAN_CHUNK = 1024**2  # bytes checked at a time
+
+
+def scan_utf8(path: Path, error: type[FornaxError], purpose: str) -> str:
+    """Check a file chunk by chunk — not empty, no NUL byte, valid UTF-8 — holding one chunk at a time; returns the
+    sha256 of its bytes. `purpose` completes "there is nothing to ..."."""
+    digest, offset, carry, content = hashlib.sha256(), 0, b"", False
+    with open(path, "rb") as f:
+        while chunk := f.read(SCAN_CHUNK):
+            digest.update(chunk)
+            nul = chunk.find(b"\x00")
+            if nul >= 0:
+                raise error(f"{path.name} looks like a binary file (a NUL byte at offset {offset + nul}), not UTF-8 "
+                            f"text")
+            data, start = carry + chunk, offset - len(carry)
+            try:
+                data.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as e:
+                if e.end != len(data) or len(data) - e.start > 3:   # not just a character cut by the chunk's end
+                    raise error(f"{path.name} is not UTF-8 text (an invalid byte at offset {start + e.start})") from e
+                carry = data[e.start:]
+            content = content or bool(chunk.strip())
+            offset += len(chunk)
+    if not content:
+        raise error(f"{path.name} is empty: there is nothing to {purpose}")
+    if carry:
+        raise error(f"{path.name} is not UTF-8 text (an invalid byte at offset {offset - len(carry)})")
+    return digest.hexdigest()
+
+
+def read_text(path: Path) -> str:
+    """A file already checked by scan_utf8, as one string (its byte order mark dropped)."""
+    with open(path, encoding="utf-8", newline="") as f:   # no newline translation: the text as the bytes say
+        return f.read().removeprefix("\ufeff")
+
+
+def text_lines(path: Path):
+    """(line number, text) of each line of a file already checked by scan_utf8, split on "\\n" only (not
+    splitlines(): U+2028 may stand raw inside a JSON string), read one at a time."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.decode("utf-8")
+            yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
+
+
+class RowCaps:
+    """The row and character caps of one file, checked while it is read (so reading stops at the first row past
+    them, before the rest is parsed)."""
+
+    def __init__(self, path: Path, error: type[FornaxError], max_rows: int | None, max_chars: int | None = None):
+        self.name, self.error, self.max_rows, self.max_chars, self.rows = path.name, error, max_rows, max_chars, 0
+
+    def row(self) -> None:
+        self.rows += 1
+        if self.max_rows is not None and self.rows > self.max_rows:
+            raise self.error(f"{self.name} has more than {self.max_rows:,} rows, the most this "
+                             f"{'public' if limits.public_mode() else 'local'} deployment reads from one file")
+
+    def text(self, text: str, where: str) -> str:
+        if self.max_chars is not None and len(text) > self.max_chars:
+            raise self.error(f"{where} is {len(text):,} characters long, but this "
+                             f"{'public' if limits.public_mode() else 'local'} deployment allows at most "
+                             f"{self.max_chars:,} characters per text")
+        return text
+
+
+def jsonl_objects(path: Path, error: type[FornaxError], caps: RowCaps | None = None):
+    """(line number, object) of each non-blank line of a checked JSONL file, parsed one line at a time."""
+    for lineno, line in text_lines(path):
         if not line.strip():
             continue
+        if caps is not None:
+            caps.row()
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise TrainError(f"{path.name} line {lineno} is not valid JSON: {e.msg} (column {e.colno})") from e
+            raise error(f"{path.name} line {lineno} is not valid JSON: {e.msg} (column {e.colno})") from e
         if not isinstance(obj, dict):
-            raise TrainError(f"{path.name} line {lineno} is not a JSON object")
-        objects.append((lineno, obj))
-    if not objects:  # e.g. only control characters that str.strip() counts as blank
-        raise TrainError(f"{path.name} has no JSON lines, only blank space or control characters")
-    if task == "auto":
-        lineno, first = objects[0]
-        task = "chat" if "messages" in first else "classify" if "label" in first else "lm" if "text" in first else ""
-        if not task:
-            raise TrainError(f"{path.name} line {lineno} has none of the keys 'messages' (chat), 'text' and "
-                             f"'label' (classify) or 'text' (language modelling)")
-    items = []
-    for lineno, obj in objects:
+            raise error(f"{path.name} line {lineno} is not a JSON object")
+        yield lineno, obj
+
+
+def _jsonl_task(path: Path, lineno: int, first: dict) -> str:
+    task = "chat" if "messages" in first else "classify" if "label" in first else "lm" if "text" in first else ""
+    if not task:
+        raise TrainError(f"{path.name} line {lineno} has none of the keys 'messages' (chat), 'text' and "
+                         f"'label' (classify) or 'text' (language modelling)")
+    return task
+
+
+def _read_jsonl(path: Path, task: str, caps: RowCaps) -> Records:
+    items, shared = [], {}   # shared: one string object per distinct label
+    for lineno, obj in jsonl_objects(path, TrainError, caps):
         where = f"{path.name} line {lineno}"
+        if task == "auto":
+            task = _jsonl_task(path, lineno, obj)
         if task == "chat":
-            items.append(_check_chat(obj.get("messages"), where))
+            messages = _check_chat(obj.get("messages"), where)
+            for m in messages:
+                caps.text(m["content"], where)
+            items.append(messages)
         elif task == "classify":
-            items.append(_check_labelled(obj.get("text"), obj.get("label"), where))
+            text, label = _check_labelled(obj.get("text"), obj.get("label"), where)
+            items.append((caps.text(text, where), shared.setdefault(label, label)))
         else:
             if not isinstance(obj.get("text"), str):
                 raise TrainError(f"{where} has no 'text' string")
-            items.append(obj["text"])
+            items.append(caps.text(obj["text"], where))
+    if not items:  # e.g. only control characters that str.strip() counts as blank
+        raise TrainError(f"{path.name} has no JSON lines, only blank space or control characters")
     if task == "lm" and not any(t.strip() for t in items):
         raise TrainError(f"{path.name} has no text to train on")
     if task == "classify":
@@ -154,15 +238,20 @@ def _check_labelled(text, label, where: str) -> tuple[str, str]:
     return text.strip(), str(label).strip()
 
 
-def _read_csv(path: Path, text: str) -> list[tuple[str, str]]:
-    reader = csv.DictReader(io.StringIO(text))
+def _read_csv(path: Path, caps: RowCaps) -> list[tuple[str, str]]:
+    # Lines split on "\n" only, as io.StringIO(text) split them before (the csv module handles "\r" itself).
+    reader = csv.DictReader(line for _, line in text_lines(path))
+    items, shared = [], {}
     try:
         header = reader.fieldnames or []
         if "text" not in header or "label" not in header:
             raise TrainError(f"{path.name}: the CSV header must have 'text' and 'label' columns; it has "
                              f"{', '.join(map(repr, header)) or 'none'}")
-        items = [_check_labelled(row.get("text"), row.get("label"), f"{path.name} line {reader.line_num}")
-                 for row in reader]
+        for row in reader:
+            caps.row()
+            where = f"{path.name} line {reader.line_num}"
+            text, label = _check_labelled(row.get("text"), row.get("label"), where)
+            items.append((caps.text(text, where), shared.setdefault(label, label)))
     except csv.Error as e:
         raise TrainError(f"{path.name} line {reader.line_num} is not valid CSV: {e}") from e
     _check_label_set(path, items)

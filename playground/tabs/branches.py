@@ -4,8 +4,15 @@ a sibling beside the old one, and the visible conversation is the path through e
 Plain dicts (JSON as they are, for a per-session gr.State and the chat export):
     node = {"role": "user" | "assistant" | "root", "content": str, "children": [node, ...], "active": int}
 Positions are indices into the visible path (the Chatbot's message indices), 0 = the first message.
+
+Every operation is linear in the messages (none walks the path once per message) and none recurses, so a long
+chat neither takes quadratic time nor hits Python's recursion limit (copy.deepcopy of a 400-message chat did).
+`check_size` caps the messages of a chat (every branch), each counted at least `chat_message_chars` characters
+against the prompt cap, so a flood of empty messages is refused like a long text.
 """
 from __future__ import annotations
+
+from backend import limits
 
 
 def node(role: str, content: str) -> dict:
@@ -30,10 +37,13 @@ def messages(tree: dict) -> list[dict]:
 
 
 def from_messages(msgs: list[dict]) -> dict:
-    """A one-branch tree of `msgs` ({role, content: str})."""
+    """A one-branch tree of `msgs` ({role, content: str}), built in one pass."""
     tree = new_tree()
+    last = tree
     for m in msgs:
-        append(tree, node(m["role"], m["content"]))
+        last["children"].append(node(m["role"], m["content"]))
+        last["active"] = len(last["children"]) - 1
+        last = last["children"][-1]
     return tree
 
 
@@ -69,6 +79,40 @@ def move(tree: dict, i: int, step: int) -> None:
     up["active"] = max(0, min(len(up["children"]) - 1, up["active"] + step))
 
 
+def nodes(tree: dict):
+    """Every node below the root, every branch, depth first; without recursion."""
+    stack = list(reversed(tree["children"]))
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(reversed(n["children"]))
+
+
 def count(tree: dict) -> int:
     """Messages in the whole tree, every branch."""
-    return sum(1 + count(c) for c in tree["children"])
+    return sum(1 for _ in nodes(tree))
+
+
+def copy_tree(tree: dict) -> dict:
+    """A deep copy of the tree (copy.deepcopy recurses ~3 frames per message and fails past ~300), without
+    recursion."""
+    top = {**tree, "children": []}
+    stack = [(tree, top)]
+    while stack:
+        old, new = stack.pop()
+        for child in old["children"]:
+            copied = {**child, "children": []}
+            new["children"].append(copied)
+            stack.append((child, copied))
+    return top
+
+
+def message_cost(content: str) -> int:
+    """What one message counts against the prompt's character cap: its text, and at least a fixed overhead (the
+    template's role markers and the work each message costs), so empty messages are not free."""
+    return len(content) + limits.current().chat_message_chars
+
+
+def check_size(n_messages: int) -> None:
+    """Refuse a chat of more messages (every branch) than the deployment allows, before anything is built."""
+    limits.check(n_messages, limits.current().max_chat_messages, "the number of messages in the chat (every branch)")

@@ -27,9 +27,12 @@ SAMPLE_METRICS = {"prose.txt": ["perplexity"], "qa.jsonl": ["chrf", "exact_match
 HISTORY_ROWS = 500
 
 
-def history_frames(metric: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(table of recent rows, chart rows of one metric) from the history file."""
-    rows = History().rows(limit=HISTORY_ROWS)
+def history_frames(metric: str | None, request: gr.Request | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(table of recent rows, chart rows of one metric) from the history file: in public mode the visitor's own
+    rows, models by their shown names."""
+    rows = History().rows(limit=HISTORY_ROWS, visitor=deployment.history_filter(request))
+    for r in rows:
+        r.model = deployment.shown_source(r.model)
     table = pd.DataFrame([{"time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time)), "model": r.model,
                            "backend": r.backend, "data": r.data, "metric": r.metric, "value": round(r.value, 6),
                            "fingerprint": r.model_fingerprint[:8]} for r in rows],
@@ -42,13 +45,16 @@ def history_frames(metric: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def run_evaluation(upload, sample: str, metrics: list[str], backend_name: str, against: str, max_length: int,
-                   stride: int, max_new_tokens: int, temperature: float, progress=gr.Progress(track_tqdm=True)):
+                   stride: int, max_new_tokens: int, temperature: float, progress=gr.Progress(track_tqdm=True),
+                   request: gr.Request = None):
     """Evaluate the loaded model; returns (summary, per-example rows, history table, history chart)."""
     from backend.scoring.generation import worst_first
+    from backend.budget import Deadline
     from backend.scoring.run import evaluate_model, read_data
 
+    deadline = Deadline.for_event("this evaluation")  # from the click: the wait for the model counts
     if upload:
-        deployment.check_upload(upload, "the data file")
+        deployment.check_upload(upload, "the data file", request)
     sampling = {"max_new_tokens": int(max_new_tokens or 0), "temperature": float(temperature or 0.0)}
     deployment.check_sampling(sampling, 0)
     path = upload if upload else SAMPLES_DIR / SAMPLES.get(sample, "prose.txt")
@@ -56,7 +62,8 @@ def run_evaluation(upload, sample: str, metrics: list[str], backend_name: str, a
     with current.using() as handle:
         result = evaluate_model(handle, metrics, data, backend=backend_name or None, against=against or None,
                                 max_length=int(max_length or 0) or None, stride=int(stride or 0) or None,
-                                sampling=sampling, progress=True)
+                                sampling=sampling, progress=True, deadline=deadline,
+                                history=History(visitor=deployment.visitor_key(request)))
     values = " · ".join(f"**{k}** {v:.4g}" for k, v in result["values"].items())
     summary = f"{values}  \n{Path(result['data']).name}, backend {result['backend']}"
     if "tokens" in result:
@@ -69,7 +76,7 @@ def run_evaluation(upload, sample: str, metrics: list[str], backend_name: str, a
     key = next((k for k in ("chrf", "exact_match", "bleu", "rougeL", "correct") if examples and k in examples[0]),
                None)
     shown = pd.DataFrame(worst_first(examples, key) if key else examples)
-    table, chart = history_frames(next(iter(result["values"])))
+    table, chart = history_frames(next(iter(result["values"])), request)
     return summary, shown, table, chart
 
 
@@ -92,7 +99,8 @@ def validation_text(config: dict, tokenizer) -> str | None:
     return tokenizer.decode(ids, skip_special_tokens=True)[:MAX_VALIDATION_CHARS]
 
 
-def score_finetune(state: dict, job_dir: Path, max_length: int = 256, stride: int = 128) -> list[dict]:
+def score_finetune(state: dict, job_dir: Path, max_length: int = 256, stride: int = 128,
+                   history: History | None = None) -> list[dict]:
     """Perplexity of a finished job's result, and of the model it started from (lora / full), on the job's own
     validation text (or the built-in prose sample), each a history row. The result is loaded by itself (the loaded
     model stays); the base is the loaded model when it is the same source, else loaded for the occasion."""
@@ -110,6 +118,7 @@ def score_finetune(state: dict, job_dir: Path, max_length: int = 256, stride: in
         data = read_data(["perplexity"], path)
         window = dict(max_length=min(max_length, result_handle.config.max_seq_len), stride=stride)
         window["stride"] = min(window["stride"], window["max_length"] // 2)
+        window["history"] = history  # (the visitor's rows)
         results = []
         config = state["config"]
         if config.get("mode") != "pretrain":  # the base first, so the chart reads before -> after
@@ -135,8 +144,8 @@ def _score_source(source: str, data, window: dict) -> dict:
         handle.free()
 
 
-def refresh_history(metric: str):
-    table, chart = history_frames(metric or None)
+def refresh_history(metric: str, request: gr.Request = None):
+    table, chart = history_frames(metric or None, request)
     return table, chart
 
 

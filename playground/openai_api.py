@@ -5,6 +5,10 @@ The loaded model and its backend answer, through the same model slot (and lock) 
 in public mode (`deployment.check_sampling`, the event time limit). Errors come back as OpenAI shapes them:
 status 400 with {"error": {"message", "type", "param", "code"}}.
 
+No request parks a worker thread while it waits: a request waits for the model slot on the event loop (up to the
+event time limit), and a streamed answer whose client stops reading for `stream_send_timeout_s` is closed, which
+ends its generation and frees the slot. `/v1/models` never waits for the model.
+
 `server(demo)` is the FastAPI app that serves this API with the Gradio app mounted at "/"; `server(None)` serves the
 API alone (`python -m playground --api-only`).
 """
@@ -23,15 +27,19 @@ from starlette.concurrency import run_in_threadpool
 
 import backend
 from backend import limits
+from backend.budget import Deadline, TimeBudgetError
 from export.attach import ONNX_BACKENDS, attach_onnx
 
-from . import deployment, prepare
+from . import deployment, hardening, prepare
 from .state import current
 from .tabs.chat import message_text
 
 # Our names of the OpenAI fields, for naming the field in an error (the backend names its own parameters).
 OUR_NAMES = {"max_new_tokens": "max_tokens", "num_samples": "n", "top_logprobs": "top_logprobs"}
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
+# "time": the deployment's time limit ended the run (a streamed answer keeps its text, like a length cut-off)
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "time": "length"}
+LOCAL_MODEL_ID = "local-model"   # a model loaded from a server path, as public mode names it
+SLOT_POLL_S = (0.005, 0.1)        # first and longest pause between looks at a busy model slot
 # OpenAI fields we take as they are (extensions that vLLM and llama.cpp also accept: top_k, min_p, ...).
 PASSED = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k", "min_p",
           "repetition_penalty")
@@ -54,6 +62,8 @@ class APIError(Exception):
 def from_fornax(e: backend.FornaxError) -> APIError:
     """A backend refusal as a 400 that names the OpenAI field when the message starts with one of ours."""
     message = str(e)
+    if isinstance(e, TimeBudgetError):
+        return APIError(message, None, "time_limit_exceeded")
     first = re.match(r"\w+", message)
     word = first.group(0) if first else ""
     param = OUR_NAMES.get(word, word if word in PASSED or word == "stop" else None)
@@ -63,9 +73,12 @@ def from_fornax(e: backend.FornaxError) -> APIError:
 
 
 def model_id(handle: backend.ModelHandle) -> str:
-    """The name the API gives the loaded model: its Hub id or `default`, a folder's or file's own name."""
+    """The name the API gives the loaded model: its Hub id or `default`, a folder's or file's own name (in public
+    mode `local-model`: a server path's last part can be another visitor's file name)."""
     source = handle.source
-    return os.path.basename(source.rstrip("/\\")) if os.path.exists(source) else source
+    if not os.path.exists(source):
+        return source
+    return LOCAL_MODEL_ID if limits.public_mode() else os.path.basename(source.rstrip("/\\"))
 
 
 # --- requests -> backend calls ---
@@ -98,14 +111,37 @@ def sampling(body: dict, top_logprobs: int) -> dict:
             "num_samples": n, "max_new_tokens": max_tokens, "top_logprobs": top_logprobs}
 
 
+def content_of(message: dict) -> str:
+    """A message's text: a string, or a list of {"type": "text", "text"} parts (other parts carry no text)."""
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return message_text(content)
+    raise APIError("a message's content must be a string or a list of {type, text} parts", "messages",
+                   "invalid_type")
+
+
+def chat_messages(body: dict) -> tuple[list[dict], int]:
+    """The messages as {role, content}, counted and checked against the caps before any text is joined."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise APIError("messages must be a non-empty list of {role, content} objects", "messages")
+    caps = limits.current()
+    limits.check(len(messages), caps.max_chat_messages, "the number of messages")
+    for m in messages:
+        role = m.get("role", "")
+        if not isinstance(role, str):
+            raise APIError("a message's role must be a string", "messages", "invalid_type")
+        limits.check(len(role), caps.max_role_chars, "a message's role length in characters")
+    out = [{"role": m.get("role", ""), "content": content_of(m)} for m in messages]
+    return out, sum(len(m["content"]) for m in out)
+
+
 def prompt_of(body: dict, chat: bool) -> tuple[list[dict] | str | list[int], int]:
     """The messages or the prompt, and its characters (what the public prompt cap counts)."""
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise APIError("messages must be a non-empty list of {role, content} objects", "messages")
-        out = [{"role": str(m.get("role", "")), "content": message_text(m.get("content"))} for m in messages]
-        return out, sum(len(m["content"]) for m in out)
+        return chat_messages(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -130,53 +166,90 @@ def logprob_request(body: dict, chat: bool) -> tuple[bool, int]:
 
 
 class Run:
-    """One request's generation: validated and started under the model slot's lock (so it answers 400 before any
-    event is sent), released when the run ends or its client goes away."""
+    """One request's generation. Made from the body alone (fields and caps checked, the time limit started), then
+    `hold_model` waits for the model slot without a worker thread and `start` starts the stream holding it (so a
+    refusal is a 400 before any event is sent); the slot is released when the run ends or its client goes away."""
 
     def __init__(self, body: dict, chat: bool):
         self.chat = chat
         self.want_logprobs, k = logprob_request(body, chat)
-        prompt, chars = prompt_of(body, chat)
-        params = sampling(body, k)
-        deployment.check_sampling({k: v for k, v in params.items() if v is not None}, chars)
-        name = field(body, "backend", (str,))
-        seconds = limits.current().event_time_limit_s
-        deadline = time.monotonic() + seconds if seconds > 0 else None
+        self.prompt, chars = prompt_of(body, chat)
+        self.params = sampling(body, k)
+        deployment.check_sampling({k: v for k, v in self.params.items() if v is not None}, chars)
+        self.requested_backend = field(body, "backend", (str,))
+        self.streamed = bool(field(body, "stream", (bool,), False))
+        self.include_usage = stream_usage(body)
+        self.deadline = Deadline.for_event("this API request")
         self.created, self.id = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self._slot = current.using()
-        handle = self._slot.__enter__()
+        self.n = self.params["num_samples"]
+        self.stream: backend.Stream | None = None
+        self._held = False
+
+    async def hold_model(self) -> None:
+        """Wait for the model slot on the event loop, looking again after a growing pause, until the time limit."""
+        pause = SLOT_POLL_S[0]
+        while not current.try_hold():
+            if self.deadline.expired:
+                raise APIError(f"the model stayed busy past this deployment's time limit of "
+                               f"{self.deadline.seconds:g} s; try again later", None, "model_busy", 503,
+                               "server_error")
+            await anyio.sleep(min(pause, self.deadline.remaining()))
+            pause = min(2 * pause, SLOT_POLL_S[1])
+        self._held = True
+
+    def start(self) -> None:
+        """Encode the prompt and open the stream on the held slot (released again if anything fails)."""
         try:
+            handle = current.handle
+            if handle is None:
+                raise backend.GenerationError("no model is loaded: load one in the Model tab first")
             self.model = model_id(handle)
-            ids = handle.encode(prompt)
+            ids = handle.encode(self.prompt)
+            params = dict(self.params)
             if params["max_new_tokens"] is None:  # OpenAI's default: as much as the context leaves (within the cap)
                 room = handle.config.max_seq_len - len(ids)
                 params["max_new_tokens"] = max(1, min(room, limits.current().max_new_tokens))
-            name = name or prepare.preferred(handle.info()) or handle.backend  # the prepared fast path, if any
-            self.backend = name
-            if name in ONNX_BACKENDS and name not in handle.runners:
-                attach_onnx(handle, ONNX_BACKENDS[name])
-            self.stream = handle.stream(ids, backend=name, should_stop=lambda: deadline and time.monotonic() > deadline,
-                                        **params)
+            self.backend = self.runner_for(handle)
+            self.stream = handle.stream(ids, backend=self.backend, deadline=self.deadline, **params)
         except BaseException:
-            self._slot.__exit__(None, None, None)
+            self.close()
             raise
-        self.n = params["num_samples"]
+
+    def runner_for(self, handle: backend.ModelHandle) -> str:
+        """The backend asked for, else the prepared fast path, else the handle's own. Public mode runs only the
+        prepared ones: preparing another compiles or exports the model, which no visitor may start from here."""
+        name = self.requested_backend or prepare.preferred(handle.info()) or handle.backend
+        if name in handle.runners:
+            return name
+        if limits.public_mode():
+            raise APIError(f"backend {name!r} is not prepared on this public deployment; prepared: "
+                           f"{', '.join(handle.runners)}", "backend", "backend_not_prepared")
+        if name in ONNX_BACKENDS:
+            attach_onnx(handle, ONNX_BACKENDS[name])
+        return name  # an unknown name is the backend's to reject, naming the ones it has
 
     def close(self):
         try:
-            self.stream.close()
+            if self.stream is not None:
+                self.stream.close()
         finally:
-            if self._slot is not None:
-                slot, self._slot = self._slot, None
-                slot.__exit__(None, None, None)
+            if self._held:
+                self._held = False
+                current.release()
 
     def run(self) -> backend.GenerationResult:
+        """The whole answer, or TimeBudgetError when the time limit cut it short (a non-streamed answer has no
+        way to say it is partial)."""
         try:
             for _ in self.stream:
                 pass
-            return self.stream.result
+            result = self.stream.result
         finally:
             self.close()
+        if any(c.finish_reason == "time" for c in result.completions):
+            raise TimeBudgetError(f"{self.deadline.what} ran past this deployment's time limit of "
+                                  f"{self.deadline.seconds:g} s and was stopped; ask for fewer tokens")
+        return result
 
     # --- responses ---
     def head(self, obj: str) -> dict:
@@ -218,7 +291,7 @@ class Run:
             choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return sse({**self.head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]})
 
-    def events(self, include_usage: bool):
+    def events(self):
         """Server-sent events: a role chunk per choice (chat), text deltas as they come, then per choice its
         finish reason (with its logprobs: tokens and text deltas do not line up while stop strings are held back),
         the usage if asked, and [DONE]."""
@@ -231,7 +304,7 @@ class Run:
             result = self.stream.result
             for i, c in enumerate(result.completions):
                 yield self.chunk(i, None if self.chat else "", FINISH[c.finish_reason], self.logprobs(c))
-            if include_usage:
+            if self.include_usage:
                 yield sse({**self.head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
                            "usage": usage(result)})
             yield "data: [DONE]\n\n"
@@ -249,31 +322,74 @@ def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def stream_usage(body: dict) -> bool:
+    """stream_options.include_usage (checked before the model is taken: a bad value must not hold it)."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise APIError("stream_options must be an object like {\"include_usage\": true}", "stream_options",
+                       "invalid_type")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise APIError("stream_options.include_usage must be true or false", "stream_options", "invalid_type")
+    return include
+
+
+async def request_body(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):
+        raise APIError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    return body
+
+
 async def answer(request: Request, chat: bool):
     try:
+        run = Run(await request_body(request), chat)
+        await run.hold_model()
         try:
-            body = await request.json()
-        except ValueError:
-            raise APIError("the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError("the request body must be a JSON object")
-        stream = bool(field(body, "stream", (bool,), False))
-        try:
-            run = await run_in_threadpool(Run, body, chat)
-            if not stream:
-                return JSONResponse(run.body(await run_in_threadpool(run.run)))
-        except backend.FornaxError as e:
-            raise from_fornax(e) from None
+            with anyio.CancelScope(shield=True):  # a slot taken is a slot released, whatever happens to the request
+                await run_in_threadpool(run.start)
+        except BaseException:
+            run.close()
+            raise
+        if not run.streamed:
+            return JSONResponse(run.body(await run_in_threadpool(run.run)))
+    except backend.FornaxError as e:
+        return from_fornax(e).response()
     except APIError as e:
         return e.response()
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    return StreamingResponse(pull(run.events(include_usage)), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return BackpressuredStream(pull(run.events()), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class BackpressuredStream(StreamingResponse):
+    """Server-sent events whose client must keep reading: a chunk that cannot be handed to the connection within
+    `stream_send_timeout_s` (its buffers are full: the client stopped reading) ends the response, which closes the
+    generation and releases the model slot. Without this a client that never reads holds the model forever."""
+
+    async def stream_response(self, send) -> None:
+        seconds = limits.current().stream_send_timeout_s
+
+        async def timed_send(message):
+            with anyio.fail_after(seconds if seconds > 0 else None):
+                await send(message)
+
+        try:
+            await super().stream_response(timed_send)
+        except TimeoutError:
+            pass  # the connection is dropped: the response stays incomplete, as the client will see
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
 
 
 async def pull(events):
-    """A sync generator's items, each computed on a worker thread; closed (releasing the model) however the
-    response ends, a client that went away included."""
+    """A sync generator's items, each computed on a worker thread (none waits while the client reads); closed
+    (releasing the model) however the response ends, a client that went away or stopped reading included."""
     done = object()
     try:
         while (item := await run_in_threadpool(next, events, done)) is not done:
@@ -287,11 +403,13 @@ async def pull(events):
 
 def routes(app: FastAPI) -> FastAPI:
     @app.get("/v1/models")
-    def models():
+    async def models():  # on the event loop, never on the model lock: it answers while the model is busy
         handle = current.handle
-        data = [] if handle is None else [{"id": model_id(handle), "object": "model", "created": 0,
-                                           "owned_by": "fornax", "backends": handle.backends()}]
-        return {"object": "list", "data": data}
+        if handle is None:
+            return {"object": "list", "data": []}
+        backends = list(handle.runners) if limits.public_mode() else handle.backends()
+        return {"object": "list", "data": [{"id": model_id(handle), "object": "model", "created": 0,
+                                            "owned_by": "fornax", "backends": backends}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -307,6 +425,7 @@ def routes(app: FastAPI) -> FastAPI:
 def server(demo=None) -> FastAPI:
     """The API, with the Gradio app `demo` mounted at "/" beside it when given (one server, one model slot)."""
     app = routes(FastAPI(title="Fornax OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None))
+    app.add_middleware(hardening.BodyCap)  # /v1 too (public mode); Gradio's own routes have it from launch_options
     if demo is None:
         return app
     import gradio as gr

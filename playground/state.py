@@ -14,6 +14,9 @@ from typing import Callable, Iterator
 import torch
 
 import backend
+from backend import cache_dir
+
+cache_dir.use_capped_compiler_caches()  # before anything compiles: inductor / Triton caches under the capped cache
 
 # Every Gradio event that loads or runs the model shares this one queue slot (others see their place in the queue).
 MODEL_QUEUE = "model"
@@ -26,22 +29,31 @@ SWAP_TIMEOUT_S = 600
 class ModelSlot:
     def __init__(self):
         self.handle: backend.ModelHandle | None = None
+        self.loaded_by: str | None = None   # the visitor who loaded it (None: the operator, `default` or a Hub id)
+        self.shown_source: str | None = None  # what the page calls its source (public mode: never a server path)
         # A plain Lock, not an RLock: Gradio resumes a streaming handler on whichever worker thread is free, so the
         # thread that releases may not be the one that acquired.
         self._lock = threading.Lock()
 
     def info(self) -> dict | None:
         handle = self.handle
-        return handle.info() if handle is not None else None
+        if handle is None:
+            return None
+        from .deployment import shown_source  # (deployment does not import this module)
+
+        return {**handle.info(), "shown_source": self.shown_source or shown_source(handle.source)}
 
     def load(self, source: str, dtype: str | None = None,
-             progress: Callable[[float, str], None] | None = None) -> backend.ModelHandle:
-        """Load `source`, then swap it in and free the old model. A failed load leaves the old model serving."""
+             progress: Callable[[float, str], None] | None = None, *, owner: str | None = None,
+             shown: str | None = None) -> backend.ModelHandle:
+        """Load `source`, then swap it in and free the old model. A failed load leaves the old model serving.
+        `owner`: the visitor it belongs to (an upload, a finetune result); `shown`: its name on the page."""
         new = backend.load(source, dtype=dtype, progress=progress)  # outside the lock: others keep generating
         if not self._lock.acquire(timeout=SWAP_TIMEOUT_S):
             raise backend.ModelLoadError("the model is busy generating; try loading again when it finishes")
         try:
             old, self.handle = self.handle, new
+            self.loaded_by, self.shown_source = owner, shown
         finally:
             self._lock.release()
         if old is not None:
@@ -51,6 +63,14 @@ class ModelSlot:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         return new
+
+    def try_hold(self) -> bool:
+        """Take the slot if it is free now, without waiting (`release()` gives it back): for a caller that waits
+        on an event loop rather than in a worker thread (the OpenAI API)."""
+        return self._lock.acquire(blocking=False)
+
+    def release(self) -> None:
+        self._lock.release()
 
     @contextmanager
     def using(self) -> Iterator[backend.ModelHandle]:

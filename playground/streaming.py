@@ -9,9 +9,11 @@ import time
 import gradio as gr
 
 import backend
+from backend.budget import Deadline
 from export.attach import ONNX_BACKENDS, attach_onnx
 
-from . import render
+from . import deployment, render
+from .errors import refusal
 
 UI_UPDATE_INTERVAL_S = 1 / 15     # stream at most ~15 UI updates a second, however fast tokens come
 
@@ -26,7 +28,9 @@ _stop_flags: dict[str, StopFlag] = {}
 
 
 def session_key(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or "no-session"
+    """A browser session's key (Stop flags); a request without one (an API `/run` call) gets a key of its own, so
+    such callers never stop each other's runs. Ownership of anything kept is `deployment.visitor_id`'s."""
+    return getattr(request, "session_hash", None) or f"no-session-{id(request)}"
 
 
 def signal_stop(request: gr.Request | None, discard: bool = False, wait_s: float = 0.0) -> None:
@@ -58,8 +62,9 @@ class Generation:
     TTFT for runs that never finish."""
 
     def __init__(self, stream: backend.Stream, num_samples: int, request: gr.Request | None,
-                 progress: PrefillProgress | None = None):
+                 progress: PrefillProgress | None = None, deadline: Deadline | None = None):
         self.stream, self.key = stream, session_key(request)
+        self.deadline = deadline or Deadline(None)  # the engine ends the run there (finish reason "time")
         self.progress = progress or PrefillProgress()
         self.texts = [""] * num_samples
         self.stopped = False
@@ -102,7 +107,15 @@ class Generation:
             self.stream.close()  # also when Gradio abandons the handler (page closed, event cancelled)
             if _stop_flags.get(self.key) is self.flag:
                 del _stop_flags[self.key]
+        if self.timed_out():
+            gr.Warning(f"this generation reached the deployment's time limit of {self.deadline.seconds:g} s and "
+                       f"was stopped: the text so far is kept")
         yield self.texts
+
+    def timed_out(self) -> bool:
+        """The deployment's event time limit ended the run (finish reason "time")."""
+        result = self.stream.result
+        return result is not None and any(c.finish_reason == "time" for c in result.completions)
 
     def live_tok_s(self) -> float | None:
         """Decode speed so far, counting text deltas as tokens (a token that completes no character shows later):
@@ -155,13 +168,22 @@ def start_stream(handle: backend.ModelHandle, prompt_or_messages, backend_name: 
     """Validates everything (raising before the first UI update) and returns the run and the backend used.
     The engine asks this session's Stop flag before every token, so Stop ends the run with its timings."""
     name = backend_name or handle.backend  # an unknown name is the backend's to reject, naming the ones it has
+    preparable = name in handle.backends() or name in ONNX_BACKENDS
+    if deployment.public() and name not in handle.runners and preparable:
+        # An export or a compile holds the model for minutes: on a public server a generation runs on a path that
+        # is ready, and a new one is made on purpose (the Backend selector, the Export tab), never as a side effect.
+        ready = ", ".join(handle.runners)
+        raise refusal(f"the {name} path is not prepared on this server; pick one that is ({ready}), or choose it "
+                      f"in the Backend selector to prepare it first")
     if name in ONNX_BACKENDS and name not in handle.runners:
         attach_onnx(handle, ONNX_BACKENDS[name])  # an API caller picked it without the dropdown: export now
     flag, progress = StopFlag(), PrefillProgress()
+    # Gradio's time_limit reaches `.stream()` events only: the engine ends the run at the deployment's limit itself.
+    deadline = Deadline.for_event("this generation")
     stream = handle.stream(prompt_or_messages, backend=name, should_stop=flag.is_set, prefill_progress=progress,
-                           **params, **extra)
+                           deadline=deadline, **params, **extra)
     _stop_flags[session_key(request)] = flag
-    return Generation(stream, params["num_samples"], request, progress), name
+    return Generation(stream, params["num_samples"], request, progress, deadline), name
 
 
 def hold_stop(request: gr.Request | None, flag: StopFlag) -> StopFlag:

@@ -9,12 +9,13 @@ import gradio as gr
 
 from backend import limits
 
-from . import deployment, render
+from . import deployment, hardening, render
 from .state import MODEL_EVENTS, current
 from .streaming import stop
 from .tabs import chat, completion, evaluate, export, fill_mask, finetune, kernel_lab, model, params, race
 
-QUEUE_MAX_SIZE = 64               # beyond this, new requests are told the queue is full
+QUEUE_MAX_SIZE = 64               # beyond this, new requests are told the queue is full (one visitor's share:
+#                                   limits.max_queued_per_session / _per_address, see hardening.cap_queue)
 TABS = [("chat", "Chat"), ("completion", "Completion"), ("race", "Race"), ("fill_mask", "Fill-mask"),
         ("model", "Model"), ("evaluate", "Evaluate"), ("export", "Export"), ("finetune", "Finetune"),
         ("kernel_lab", "Kernel lab")]
@@ -24,6 +25,7 @@ def build_app() -> gr.Blocks:
     """The app for the deployment mode in force now (FORNAX_PUBLIC; see backend/limits.py and deployment.py)."""
     if deployment.public():
         deployment.refuse_server_token()
+    hardening.patch_gradio()  # its refusals apply to public mode only, checked per request
     info = current.info()
     # Uploaded .gguf files are converted into the backend's own cache on load; Gradio's copies go after an hour.
     with gr.Blocks(title="Fornax playground", delete_cache=(3600, 3600)) as demo:
@@ -73,17 +75,21 @@ def build_app() -> gr.Blocks:
         demo.load(model.refresh, None, [model_tab.card, badge, panel.backend_name], api_visibility="private")
         # shows the latest training job, and reattaches to it if it is running
         demo.load(poll_fn, None, poll_outputs, api_visibility="private", show_progress="hidden")
-    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
+    # Public mode: /gradio_api/run/* may not skip the queue (Gradio opens it off Spaces); queue=False events stay.
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1, api_open=not deployment.public())
+    hardening.cap_queue(demo)
     return demo
 
 
 def launch_options() -> dict:
     """What Gradio 6 takes at launch rather than in Blocks(): look and feel, no outbound calls, and in public
-    mode the upload cap (Gradio refuses a bigger file before it is written anywhere)."""
+    mode the upload cap (Gradio refuses a bigger file before it is written anywhere); the request guards
+    (hardening.BodyCap, the visitor cookie) as middleware of Gradio's app."""
     options = dict(css=render.CSS + render.JOB_CSS + render.MASK_CSS + LAYOUT_CSS + chat.GAUGE_CSS
                    + race.RACE_CSS,
                    theme=gr.themes.Soft(primary_hue="indigo"),
-                   share=False, footer_links=["api", "settings"])
+                   share=False, footer_links=["api", "settings"],
+                   app_kwargs={"middleware": [*hardening.middleware(), *deployment.middleware()]})
     if deployment.public():
         options["max_file_size"] = limits.current().max_upload_bytes
     return options

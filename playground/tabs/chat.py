@@ -3,13 +3,13 @@ loses a reply: Regenerate and editing a message add siblings (branches.py), arro
 extends the last reply."""
 from __future__ import annotations
 
-import copy
+import html
 import os
 
 import gradio as gr
 
 import backend
-from backend import limits
+from backend import limits, presets
 
 from .. import deployment
 from ..errors import refusal, user_errors
@@ -53,9 +53,10 @@ def model_messages(history: list[dict], system_prompt: str) -> list[dict]:
 
 
 def conversation_chars(history: list[dict], system_prompt: str | None) -> int:
-    """The characters a chat sends to the model: what the prompt-length cap counts, before any tokenizing."""
-    return len(system_prompt or "") + sum(len(message_text(m.get("content") if isinstance(m, dict) else m))
-                                            for m in history)
+    """The characters a chat sends to the model: what the prompt-length cap counts, before any tokenizing; every
+    message counts at least a fixed overhead (branches.message_cost), so empty ones are not free."""
+    return len(system_prompt or "") + sum(branches.message_cost(message_text(m.get("content") if isinstance(m, dict)
+                                                                             else m)) for m in history)
 
 
 def text_message(role: str, text: str, title: str | None = None) -> dict:
@@ -72,11 +73,13 @@ def reply_messages(texts: list[str]) -> list[dict]:
 
 
 def synced(tree: dict | None, history: list) -> dict:
-    """This session's tree, or a one-branch tree of `history` when they differ (an API client sends its own)."""
+    """This session's tree, or a one-branch tree of `history` when they differ (an API client sends its own). A
+    history of more messages than a chat may hold is refused before anything is built from it."""
+    branches.check_size(len(history or []))
     shown = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []
              if not is_extra_sample(m)]
     if tree is not None and branches.messages(tree) == shown:
-        return copy.deepcopy(tree)  # a failed run leaves the session's tree as it was
+        return branches.copy_tree(tree)  # a failed run leaves the session's tree as it was
     return branches.from_messages(shown)
 
 
@@ -85,8 +88,11 @@ def view(tree: dict) -> list[dict]:
 
 
 def check(params: dict, tree: dict, system_prompt: str, extra: str = "") -> None:
-    deployment.check_sampling(params, len(system_prompt or "") + len(extra) +
-                              sum(len(n["content"]) for n in branches.path(tree)))
+    """The panel and the chat against the caps: characters (each message at least its fixed cost), and the
+    messages of every branch with those this turn adds (a message, and a reply per sample)."""
+    branches.check_size(branches.count(tree) + 1 + int(params.get("num_samples") or 1))
+    deployment.check_sampling(params, len(system_prompt or "") + (branches.message_cost(extra) if extra else 0) +
+                              sum(branches.message_cost(n["content"]) for n in branches.path(tree)))
 
 
 TRIM_HINT = "tick “trim oldest turns to fit”"
@@ -155,8 +161,9 @@ def regenerate(history: list, system_prompt: str, backend_name: str, max_new_tok
                tree: dict | None = None, trim: bool = False, request: gr.Request = None):
     """Answer the last user message again; the earlier reply stays as a sibling (the arrows move between them)."""
     tree = synced(tree, history)
-    at = len(branches.path(tree)) - 1
-    while at >= 0 and branches.path(tree)[at]["role"] != "user":
+    shown = branches.path(tree)
+    at = len(shown) - 1
+    while at >= 0 and shown[at]["role"] != "user":
         at -= 1
     if at < 0:
         raise refusal("nothing to regenerate: send a message first")
@@ -279,7 +286,7 @@ def step(direction: int):
         at = focused(tree, focus)
         if at is None:
             return gr.skip(), "", tree
-        tree = copy.deepcopy(tree)
+        tree = branches.copy_tree(tree)
         branches.move(tree, at, direction)
         return view(tree), branch_label(tree, at), tree
     return move
@@ -322,8 +329,8 @@ def gauge(message: str, history: list, system_prompt: str, max_new_tokens, trim:
 
 
 def render_gauge(used: int | None, budget: int, context: int, problem: str | None = None, dropped: int = 0) -> str:
-    if used is None:
-        return f"<div class='fx-gauge fx-over'>⚠ {problem}</div>"
+    if used is None:  # the problem may quote the model's template (its raise_exception text): shown as text only
+        return f"<div class='fx-gauge fx-over'>⚠ {html.escape(str(problem))}</div>"
     total = used + budget
     pct = min(100.0, 100.0 * total / context) if context else 0.0
     over = total > context and not dropped
@@ -378,7 +385,11 @@ def export_chat(history: list, system_prompt: str, tree: dict | None, *panel):
 def import_chat(upload):
     """An exported chat (or any JSON with OpenAI `messages`) back into the Chat tab, every branch included."""
     path = upload if isinstance(upload, str) else getattr(upload, "name", None)
-    tree, system_prompt = chat_files.from_json(chat_files.read_upload(path))
+    try:
+        tree, system_prompt = chat_files.from_json(chat_files.read_upload(path))
+    except RecursionError:  # JSON nested past Python's limit: a chain of thousands of messages
+        raise refusal("the chat file's tree is nested too deeply to read") from None
+    branches.check_size(branches.count(tree))
     return view(tree), tree, system_prompt, branch_label(tree)
 
 
@@ -403,6 +414,8 @@ def build(panel: Panel) -> gr.Button:
         message = gr.Textbox(show_label=False, placeholder="Message (Enter to send)", scale=6, lines=1, max_lines=8,
                              autofocus=True, elem_id="fx-message")
         send = gr.Button("Send", variant="primary", scale=1, elem_id="fx-send")
+    # a callable value is computed again at each page load: the hint follows the model loaded now
+    gr.Markdown(lambda: presets.size_hint(current.info()), elem_id="fx-size-hint", elem_classes="fx-stats")
     with gr.Row():
         stop_chat = gr.Button("Stop", size="sm", variant="stop", elem_id="fx-stop-chat")
         regen = gr.Button("Regenerate", size="sm", elem_id="fx-regenerate")

@@ -113,6 +113,19 @@ def test_over_cap_sampling_values_are_refused(client, panel, words):
     still_serving(client)
 
 
+@pytest.mark.parametrize("path", ["onnx-int8", "compiled"])
+def test_a_visitor_cannot_make_the_server_export_or_compile_by_naming_a_path(client, path):
+    """Chat / Completion / Race on a path that is not prepared would export or compile under the model lock."""
+    exports = os.listdir(os.environ["FORNAX_CACHE"])
+    for api_name, call in (("/complete", dict(prompt="The")), ("/chat", dict(message="Hi", history=[],
+                                                                               system_prompt=""))):
+        message = refused(lambda: client.predict(**call, **{**PANEL, "backend_name": path}, api_name=api_name))
+        assert f"the {path} path is not prepared on this server" in message, message
+    assert path not in current.handle.runners
+    assert os.listdir(os.environ["FORNAX_CACHE"]) == exports  # nothing exported into the cache
+    still_serving(client)
+
+
 def test_an_over_cap_prompt_or_history_is_refused(client):
     cap = limits.current().max_prompt_chars
     assert "the prompt's length" in refused(lambda: client.predict(prompt="a" * (cap + 1), **PANEL,

@@ -1,16 +1,20 @@
 """The on-disk caches, size-capped with least-recently-used eviction.
 
-Entries are the folders (or files) directly under each cache area: GGUF conversions, ONNX exports, export zips and
-uploads kept for training jobs. An entry's last use is its modification time, which `touch` sets when a cache hit
-uses it; `evict` deletes the least recently used entries until the areas together fit `limits.cache_bytes`.
-Hidden temporary folders (`.tmp-*`, left by a write that was killed) are removed once they are an hour old.
-Finetuned models and live job folders are never evicted: they are results, not caches.
+Entries are the folders (or files) directly under each cache area: GGUF conversions, ONNX exports, export zips,
+uploads kept for training jobs, the models finetuning wrote, chat exports, and the inductor / Triton compile caches
+(pointed here by `use_capped_compiler_caches`). An entry's last use is its modification time, which `touch` sets
+when a cache hit uses it; `evict` deletes the least recently used entries until the areas together fit
+`limits.cache_bytes`. In public mode the finetuned models count too (a finished one is dated by its last write:
+the oldest finished goes first).
+The data and output folder of a training job that is still starting or running are never evicted, whoever started
+it. Hidden temporary folders (`.tmp-*`, left by a write that was killed) are removed once they are an hour old.
 
     python -m backend cache            # list the entries, newest use first
     python -m backend cache --clear    # delete them all
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -32,9 +36,43 @@ def cache_root() -> Path:
 
 def areas() -> dict[str, Path]:
     """Cache area name -> folder."""
-    root = cache_root()
-    return {"gguf": root / "gguf", "exports": root / "exports", "uploads": root / "train-data",
-            "zips": Path(tempfile.gettempdir()) / "fornax-exports"}
+    root, tmp = cache_root(), Path(tempfile.gettempdir())
+    found = {"gguf": root / "gguf", "exports": root / "exports", "uploads": root / "train-data",
+             "zips": tmp / "fornax-exports", "chats": tmp / "fornax-chats", "inductor": root / "inductor",
+             "triton": root / "triton"}
+    if limits.public_mode():  # visitors' finetunes are cache too; a local user's are results, kept until deleted
+        found["finetuned"] = root / "finetuned"
+    return found
+
+
+def use_capped_compiler_caches() -> None:
+    """Point torch.compile's inductor cache and Triton's kernel cache into the capped areas (unless the operator
+    chose folders), before anything compiles."""
+    found = areas()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(found["inductor"]))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(found["triton"]))
+
+
+def busy_paths() -> set[Path]:
+    """The data file and output folder of every training job still starting or running (read from the jobs'
+    state files, so it holds for jobs another app process started)."""
+    busy = set()
+    jobs = cache_root() / "jobs"
+    for state_file in jobs.glob("*/state.json") if jobs.is_dir() else ():
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if state.get("status") in ("starting", "running"):
+            for p in (state.get("out_dir"), (state.get("config") or {}).get("data")):
+                if p:
+                    busy.add(Path(p).resolve())
+    return busy
+
+
+def _in_use(path: Path, busy: set[Path]) -> bool:
+    path = path.resolve()
+    return any(b == path or path in b.parents for b in busy)
 
 
 @dataclass
@@ -99,11 +137,14 @@ def evict(cap_bytes: int | None = None, keep: tuple[str | Path, ...] = ()) -> li
     keep_set = {Path(k).resolve() for k in keep}
     found = entries()
     total = sum(e.bytes for e in found)
-    removed = []
+    removed, busy = [], None
     for e in found:
         if total <= cap:
             break
         if e.path.resolve() in keep_set:
+            continue
+        busy = busy_paths() if busy is None else busy  # (read once, only when something is to go)
+        if _in_use(e.path, busy):
             continue
         _remove(e.path)
         total -= e.bytes

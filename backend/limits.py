@@ -58,6 +58,26 @@ class Limits:
     max_fill_mask_chars: int = 1_000_000        # fill-mask / pseudo-log-likelihood text (PLL: one forward per token)
     max_fill_mask_top_k: int = 100              # candidates per [MASK]
     memory_budget_bytes: int = 0                # one request's weights + KV cache + activations (0 = physical RAM)
+    max_upload_files: int = 1000                # files one upload request may carry (each within max_upload_bytes)
+    max_train_seconds: float = 0.0              # a training job's wall-clock limit (then stopped with a checkpoint); 0 = none
+    max_train_seq_len: int = 262144             # tokens per training sequence
+    max_train_evals: int = 1_000_000            # validation passes in one job (steps / eval_every)
+    max_sample_prompts: int = 1000              # sample prompts of one job
+    max_sample_prompt_chars: int = 100_000      # characters of one sample prompt
+    max_data_rows: int = 100_000_000            # rows (non-blank lines) read from one data file, counted while reading
+    max_eval_rows: int = 10_000_000             # examples in one evaluation
+    max_eval_labels: int = 100_000              # labels one classification ranks on every row
+    max_eval_chars: int = 100_000_000           # characters of one text / prompt / reference in an evaluation
+    max_eval_total_chars: int = 2_000_000_000   # characters of an evaluation's texts, all rows together
+    max_eval_tokens: int = 10_000_000_000       # token positions through the model in one evaluation, all forwards
+    max_eval_forwards: int = 1_000_000_000      # forwards of one evaluation (windows, label rows, generated tokens)
+    max_chat_messages: int = 1_000_000          # messages in one chat, every branch (each counts chat_message_chars)
+    chat_message_chars: int = 16                # what one message counts against max_prompt_chars, empty or not
+    max_request_bytes: int = 0                  # one HTTP request body besides uploads (0 = none)
+    max_role_chars: int = 1_000_000             # an OpenAI API message's role
+    stream_send_timeout_s: float = 120.0        # a streamed answer's client not reading for this long loses it
+    max_queued_per_session: int = 1_000_000     # queued + running events of one browser session
+    max_queued_per_address: int = 1_000_000     # queued + running events from one address
 
     @staticmethod
     def public_defaults() -> "Limits":
@@ -70,7 +90,12 @@ class Limits:
                       max_batch_size=16, max_lora_r=64, max_export_params=600_000_000, event_time_limit_s=600.0,
                       cache_bytes=20 * 1024**3, kernel_lab_cpu_elements=40_000,
                       kernel_lab_gpu_elements=16 * 1024**2, max_fill_mask_chars=500, max_fill_mask_top_k=20,
-                      memory_budget_bytes=4 * 1024**3)
+                      memory_budget_bytes=4 * 1024**3, max_upload_files=4, max_train_seconds=1800.0,
+                      max_train_seq_len=1024, max_train_evals=50, max_sample_prompts=8, max_sample_prompt_chars=500, max_data_rows=1_000_000, max_eval_rows=1000,
+                      max_eval_labels=20, max_eval_chars=100_000, max_eval_total_chars=1_000_000,
+                      max_eval_tokens=500_000, max_eval_forwards=20_000, max_chat_messages=400,
+                      max_request_bytes=4 * 1024**2, max_role_chars=32, stream_send_timeout_s=10.0,
+                      max_queued_per_session=8, max_queued_per_address=32)
 
 
 def current() -> Limits:

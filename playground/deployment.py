@@ -1,24 +1,301 @@
 """What a visitor may do on this deployment: in public mode (`backend.limits.public_mode()`) no server paths, only
 allowlisted Hub ids, uploads within the size cap, every sampling value within its cap whatever the API client
-sends, a time limit per event, no Hub token of the server's, and training jobs owned by the browser session that
-started them. Private mode (a local user) keeps full freedom; the caps are then the generous private ones.
+sends, a time limit per event, no Hub token of the server's, and training jobs, evaluation history, exports and
+uploads owned by the visitor who made them. Private mode (a local user) keeps full freedom; the caps are then the
+generous private ones.
+
+Who a visitor is (`visitor_id`): a signed cookie (`fornax_visitor`, HMAC-SHA256 with FORNAX_SECRET or a random
+secret kept 0600 under the cache), set by `VisitorCookies` on every response that lacks a valid one, so a reload
+keeps ownership; a cookie without the server's signature is ignored (a new id), so nobody takes over another's id.
+A caller without the cookie (an API client that drops it) is its own visitor for its session; one without a
+session either (`/gradio_api/run/*`) a new visitor per request, so such callers never share an owner.
+
+FORNAX_MODEL_SWAP (`anyone` | `nobody`; default `anyone`): whether visitors may load another model into the one
+shared slot. With `nobody` the model the operator started with stays; `anyone` is the playground's point (upload a
+.gguf, try a Hub id) on a Space, where every visitor then talks to the model loaded last.
 
 Checks here run before anything touches the file system, so a refusal never says whether a path exists.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import secrets
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import unquote
 
 import gradio as gr
 
-from backend import limits
+from backend import limits, remote
 from backend.loading import DEFAULT_HUB_ID
 
 from .errors import refusal
-from .streaming import session_key
 
-# Sources each browser session may load although they are paths: the folders of its own finished training jobs.
-_granted: dict[str, set[str]] = {}
+VISITOR_COOKIE = "fornax_visitor"
+COOKIE_MAX_AGE_S = 365 * 24 * 3600
+MODEL_SWAP_CHOICES = ("anyone", "nobody")
+JOB_SOURCE = "job:"              # a finished job's result as the Model box names it in public mode (not its path)
+
+
+class Bounded(OrderedDict):
+    """A dict that forgets its least recently set keys beyond `cap` (per-visitor and per-session state: the
+    number of visitors a public Space sees is unbounded)."""
+
+    def __init__(self, cap: int):
+        super().__init__()
+        self.cap = cap
+        self._lock = threading.Lock()
+
+    def put(self, key, value):
+        with self._lock:
+            self[key] = value
+            self.move_to_end(key)
+            while len(self) > self.cap:
+                self.popitem(last=False)
+        return value
+
+
+MAX_VISITORS_KEPT = 4096
+MAX_GRANTS_PER_VISITOR = 32
+# Sources each visitor may load although they are paths: the results of its own finished training jobs.
+_granted: Bounded = Bounded(MAX_VISITORS_KEPT)      # visitor -> {source as shown: folder}
+_session_visitor: Bounded = Bounded(4 * MAX_VISITORS_KEPT)  # session hash -> visitor id its cookie proved
+_file_owners: Bounded = Bounded(16 * MAX_VISITORS_KEPT)     # served file path -> visitors who may download it
+_secret: bytes | None = None
+
+
+# --- who the visitor is -------------------------------------------------------------------------------------------
+def secret() -> bytes:
+    """FORNAX_SECRET, else a random secret kept (0600) under the cache so cookies outlive a restart, else one per
+    process (a read-only cache)."""
+    global _secret
+    if _secret is None:
+        env = os.environ.get("FORNAX_SECRET", "")
+        _secret = env.encode() if env else _stored_secret()
+    return _secret
+
+
+def _stored_secret() -> bytes:
+    from backend.cache_dir import cache_root
+
+    path = cache_root() / "visitor-secret"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    except FileExistsError:
+        pass
+    except OSError:
+        return secrets.token_bytes(32)
+    try:
+        value = path.read_text().strip()
+        return value.encode() if len(value) >= 32 else secrets.token_bytes(32)
+    except OSError:
+        return secrets.token_bytes(32)
+
+
+def _signature(raw_id: str) -> str:
+    return hmac.new(secret(), raw_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def mint_cookie() -> str:
+    """A new visitor's cookie value: a random id and its signature."""
+    raw = secrets.token_urlsafe(18)
+    return f"{raw}.{_signature(raw)}"
+
+
+def verified(cookie: str | None) -> str | None:
+    """The visitor id in a cookie value when the server signed it, else None."""
+    if not cookie or cookie.count(".") != 1:
+        return None
+    raw, sig = cookie.split(".")
+    return raw if raw and hmac.compare_digest(sig, _signature(raw)) else None
+
+
+def _cookie_of(request) -> str | None:
+    try:
+        header = request.headers.get("cookie") if request is not None else None
+    except (AttributeError, KeyError):
+        return None
+    if not header:
+        return None
+    for part in str(header).split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == VISITOR_COOKIE:
+            return value.strip().strip('"')
+    return None
+
+
+def visitor_id(request: gr.Request | None) -> str:
+    """Who this request is, stable across reloads: `v:<id>` from a signed cookie (remembered for its session, so a
+    request of that session without headers is the same visitor), `s:<hash>` for a cookieless session, and a new
+    `r:<random>` for a request with neither."""
+    raw = verified(_cookie_of(request))
+    session = getattr(request, "session_hash", None) if request is not None else None
+    if raw is not None:
+        if session:
+            _session_visitor.put(session, f"v:{raw}")
+        return f"v:{raw}"
+    if session:
+        return _session_visitor.get(session) or f"s:{session}"
+    return f"r:{secrets.token_hex(16)}"
+
+
+def visitor_key(request: gr.Request | None) -> str:
+    """A visitor as stored on disk (history rows): a hash, since the id is the secret half of a cookie."""
+    return hashlib.sha256(visitor_id(request).encode()).hexdigest()[:32]
+
+
+class VisitorCookies:
+    """ASGI middleware: sets the signed visitor cookie on a response whose request has no valid one, serves a file
+    that a visitor owns (uploads, export downloads) to that visitor only, and caps the files one upload request may
+    carry before Gradio writes them."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        cookie = _cookie_of(_Headers(headers))
+        raw = verified(cookie)
+        path = scope.get("path", "")
+        if "/file=" in path and not may_download(path.split("/file=", 1)[1], raw):
+            return await _plain(send, 404, b"Not found")
+        if raw is None:
+            send = _with_cookie(send, _cookie_header(scope, headers))
+        if scope.get("method") == "POST" and path.rstrip("/").endswith("/upload"):
+            return await _counted_upload(self.app, scope, receive, send, headers)
+        return await self.app(scope, receive, send)
+
+
+class _Headers:
+    def __init__(self, headers: dict):
+        self.headers = headers
+
+
+def _cookie_header(scope, headers: dict) -> bytes:
+    https = scope.get("scheme") == "https" or headers.get("x-forwarded-proto", "").split(",")[0].strip() == "https"
+    # Over https (a Space, shown in huggingface.co's iframe) the cookie must be third-party capable.
+    where = "SameSite=None; Secure; Partitioned" if https else "SameSite=Lax"
+    return (f"{VISITOR_COOKIE}={mint_cookie()}; Path=/; Max-Age={COOKIE_MAX_AGE_S}; HttpOnly; {where}").encode()
+
+
+def _with_cookie(send, value: bytes):
+    async def sending(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", value)]}
+        await send(message)
+    return sending
+
+
+async def _plain(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _TooManyFiles(Exception):
+    pass
+
+
+async def _counted_upload(app, scope, receive, send, headers: dict) -> None:
+    """An upload request whose multipart body carries more than `max_upload_files` parts is cut off as it streams
+    in (Gradio writes each part to disk while parsing; only its per-file size is capped) and answered 413."""
+    boundary = headers.get("content-type", "").partition("boundary=")[2].split(";")[0].strip().strip('"')
+    if not boundary:
+        return await app(scope, receive, send)
+    cap, marker = limits.current().max_upload_files, b"--" + boundary.encode("latin-1")
+    seen = {"markers": 0, "tail": b"", "started": False}
+
+    async def counting():
+        message = await receive()
+        if message.get("type") == "http.request":
+            chunk = seen["tail"] + message.get("body", b"")
+            seen["markers"] += chunk.count(marker)  # a marker in the kept tail alone is too short to count twice
+            seen["tail"] = chunk[-(len(marker) - 1):]
+            if seen["markers"] - 1 > cap:  # the closing marker ends the last part
+                raise _TooManyFiles()
+        return message
+
+    async def sending(message):
+        seen["started"] = seen["started"] or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, counting, sending)
+    except _TooManyFiles:
+        if not seen["started"]:
+            await _plain(send, 413, f"one upload may carry at most {cap} files".encode())
+
+
+def middleware() -> list:
+    """What `launch` / `mount_gradio_app` take as `app_kwargs["middleware"]`."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(VisitorCookies)]
+
+
+# --- what a visitor owns ------------------------------------------------------------------------------------------
+def _file_key(path: str) -> str:
+    return os.path.normpath(os.path.abspath(str(path)))
+
+
+def own_file(request: gr.Request | None, path: str | os.PathLike) -> None:
+    """Serve `path` (an upload, a download made for this visitor) at /gradio_api/file= to this visitor only. A
+    cookieless caller cannot prove who it is at download time: its files stay unguessable URLs only it was given."""
+    vid = visitor_id(request)
+    if not public() or not vid.startswith("v:"):
+        return
+    key = _file_key(path)
+    _file_owners.put(key, (_file_owners.get(key) or frozenset()) | {vid})
+
+
+def may_download(path: str, raw_visitor: str | None) -> bool:
+    """Whether /gradio_api/file=<path> may be served to this cookie's visitor: a file nobody owns follows Gradio's
+    own rules; an owned one (named as decoded once or twice) only to its owners."""
+    owners = _file_owners.get(_file_key(path)) or _file_owners.get(_file_key(unquote(path)))
+    return owners is None or (raw_visitor is not None and f"v:{raw_visitor}" in owners)
+
+
+def history_filter(request: gr.Request | None) -> str | None:
+    """Whose evaluation history the page shows: the visitor's own rows in public mode, everyone's in private."""
+    return visitor_key(request) if public() else None
+
+
+def model_swap() -> str:
+    """FORNAX_MODEL_SWAP: `anyone` (the default) or `nobody`; anything else is read as `nobody` (the safe side)."""
+    value = os.environ.get("FORNAX_MODEL_SWAP", "anyone").strip().lower() or "anyone"
+    return value if value in MODEL_SWAP_CHOICES else "nobody"
+
+
+def check_swap() -> None:
+    """May a visitor load another model into the shared slot (FORNAX_MODEL_SWAP)?"""
+    if model_swap() == "nobody":
+        raise refusal("this deployment's model is fixed by its operator: visitors cannot load another one "
+                      "(FORNAX_MODEL_SWAP=nobody)")
+
+
+def check_export(loaded_by: str | None, request: gr.Request | None) -> None:
+    """Public mode: the operator's model, a Hub model or `default` may be exported by anyone; a model a visitor
+    uploaded or trained only by that visitor."""
+    if public() and loaded_by is not None and loaded_by != visitor_id(request):
+        raise refusal("the loaded model was uploaded or trained by another visitor: only they can export it; "
+                      "load default or a Hub model to export it")
+
+
+def shown_source(source: str) -> str:
+    """What the page shows for a model source in public mode: never a server path (an upload's original file
+    name, a job's result by its job id)."""
+    if not public() or source == "default" or source in hub_allowlist() or source.startswith(JOB_SOURCE) or \
+            remote.allowed(source):  # an allowlisted remote server: its address is the operator's, not a path
+        return source
+    return Path(source).name if os.sep in source else source
 
 
 def public() -> bool:
@@ -34,32 +311,41 @@ def hub_allowlist() -> list[str]:
 
 
 def job_owner(request: gr.Request | None) -> str | None:
-    """Who owns a training job started by this request: its browser session in public mode, nobody in private."""
-    return session_key(request) if public() else None
+    """Who owns a training job started by this request: its visitor in public mode, nobody in private."""
+    return visitor_id(request) if public() else None
 
 
-def grant(request: gr.Request | None, folder: str) -> None:
-    """Let this session load `folder` (the result of its own training job) although it is a path."""
-    _granted.setdefault(session_key(request), set()).add(folder)
+def grant(request: gr.Request | None, folder: str, shown: str | None = None) -> str:
+    """Let this visitor load `folder` (the result of its own training job) although it is a path, by `shown`
+    (default: the folder itself); returns the name to load it by."""
+    shown = shown or folder
+    vid = visitor_id(request)
+    grants = Bounded(MAX_GRANTS_PER_VISITOR)
+    grants.update(_granted.get(vid) or {})
+    grants.put(shown, folder)
+    _granted.put(vid, grants)
+    return shown
 
 
-def check_source(source: str, request: gr.Request | None = None) -> None:
-    """Public mode: `default`, an allowlisted Hub id, or a folder granted to this session; one message for
-    everything else, existing or not."""
-    if not public() or source == "default" or source in hub_allowlist():
-        return
-    if source in _granted.get(session_key(request), ()):
-        return
+def check_source(source: str, request: gr.Request | None = None) -> str:
+    """Public mode: `default`, an allowlisted Hub id, or a result granted to this visitor; one message for
+    everything else, existing or not. Returns what to load (a granted name's folder)."""
+    if not public() or source == "default" or source in hub_allowlist() or remote.allowed(source):
+        return source  # remote.allowed: an openai+http(s) source whose host is in FORNAX_REMOTE_ALLOWLIST
+    folder = (_granted.get(visitor_id(request)) or {}).get(source)
+    if folder is not None:
+        return folder
     allowed = ", ".join(["default", *hub_allowlist()])
     raise refusal(f"this public deployment loads only these models: {allowed}, or a .gguf file you upload "
                   f"(paths on the server are not available)")
 
 
-def check_upload(path: str, what: str = "the upload") -> None:
+def check_upload(path: str, what: str = "the upload", request: gr.Request | None = None) -> None:
     """An uploaded file within the upload cap, checked before it is read or copied (Gradio's own `max_file_size`
-    refuses bigger ones already; this holds for any other way a file arrives)."""
+    refuses bigger ones already; this holds for any other way a file arrives); it is served to its uploader only."""
     if not public():
         return
+    own_file(request, path)
     limits.check(os.path.getsize(path), limits.current().max_upload_bytes, f"{what}'s size in bytes")
 
 

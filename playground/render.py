@@ -66,7 +66,8 @@ def model_card(info: dict | None) -> str:
     grid = "".join(f"<div class='fx-tile'><div class='fx-tile-label'>{k}</div>"
                    f"<div class='fx-tile-value'>{html.escape(str(v))}</div></div>" for k, v in tiles)
     return (f"<div class='fx-card'><div class='fx-card-name'>{html.escape(info['name'])}</div>"
-            f"<div class='fx-card-source'>loaded from <code>{html.escape(info['source'])}</code></div>"
+            f"<div class='fx-card-source'>loaded from "
+            f"<code>{html.escape(info.get('shown_source') or info['source'])}</code></div>"
             f"<div class='fx-tiles'>{grid}</div></div>")
 
 

@@ -11,6 +11,7 @@ from ..errors import TrainError
 
 MODES = ("lora", "full", "pretrain")
 KERNELS = ("eager", "triton")
+STRATEGIES = ("ddp", "fsdp")      # under torchrun: replicate the model (DDP) or shard it (FSDP2, training/fsdp.py)
 TASKS = ("auto", "lm", "chat", "classify")
 # Learning rates that move a model visibly in a few hundred steps without blowing it up.
 DEFAULT_LR = {"lora": 5e-4, "full": 5e-5, "pretrain": 2e-3}
@@ -52,6 +53,7 @@ class TrainConfig:
     device: str | None = None        # None = cuda if available else cpu
     kernels: str = "eager"           # eager | triton: our Triton ops + fused linear cross-entropy (training/fused.py)
     nsp: bool = False                # pretrain an encoder (bert preset) with next-sentence prediction on sentence pairs
+    strategy: str = "ddp"            # ddp | fsdp: how several torchrun processes hold the model (one process: ddp)
 
     # --- serialisation ---
     def to_dict(self) -> dict:
@@ -90,6 +92,7 @@ class TrainConfig:
         need(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         need(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         need(self.kernels in KERNELS, f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         need(self.mode != "pretrain" or self.preset in PRESETS,
              f"no preset {self.preset!r}; presets: {', '.join(PRESETS)}")
         need(self.mode == "pretrain" or bool(self.model), "no model to finetune: give one (--model)")
@@ -131,4 +134,16 @@ class TrainConfig:
         need(self.lora_targets is None or (isinstance(self.lora_targets, list) and len(self.lora_targets) > 0),
              "lora_targets must be a non-empty list of module names (or None for all projections)")
         need(all(isinstance(p, str) and p.strip() for p in self.sample_prompts), "sample prompts must be non-empty")
+        self._check_work_caps(caps)
         return self
+
+    def _check_work_caps(self, caps: limits.Limits) -> None:
+        """What one job costs besides its steps: sequence length, validation passes, sample prompts."""
+        if self.seq_len is not None:
+            limits.check(self.seq_len, caps.max_train_seq_len, "seq_len")
+        if self.eval_every:
+            limits.check(math.ceil(self.steps / self.eval_every), caps.max_train_evals,
+                         "the number of validation passes (steps / eval_every)")
+        limits.check(len(self.sample_prompts), caps.max_sample_prompts, "the number of sample prompts")
+        for prompt in self.sample_prompts:
+            limits.check(len(prompt), caps.max_sample_prompt_chars, "a sample prompt's length in characters")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
 
-from backend import limits
+from backend import cache_dir, limits
 
 from .. import deployment
 from ..errors import refusal
@@ -83,9 +85,32 @@ def read_upload(path: str) -> str:
         return f.read()
 
 
+MAX_CHAT_EXPORTS = 200          # chat downloads kept at once (Gradio serves its own copy of each)
+CHAT_EXPORT_TTL_S = 600.0
+
+
 def write(text: str, name: str) -> str:
-    folder = tempfile.mkdtemp(prefix="fornax-chat-")
+    """The chat as a file to download, in the capped "chats" area (backend/cache_dir.py): exports older than
+    CHAT_EXPORT_TTL_S, or beyond the newest MAX_CHAT_EXPORTS, are removed first."""
+    root = cache_dir.areas()["chats"]
+    root.mkdir(parents=True, exist_ok=True)
+    sweep_exports(root)
+    folder = tempfile.mkdtemp(prefix="chat-", dir=root)
     path = os.path.join(folder, name)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
+    cache_dir.evict(keep=(folder,))
     return path
+
+
+def sweep_exports(root) -> None:
+    now, found = time.time(), []
+    for p in root.iterdir():
+        try:
+            found.append((p.stat().st_mtime, p))
+        except OSError:  # swept by a concurrent export
+            continue
+    found.sort()
+    for i, (mtime, p) in enumerate(found):
+        if now - mtime > CHAT_EXPORT_TTL_S or i < len(found) - (MAX_CHAT_EXPORTS - 1):
+            shutil.rmtree(p, ignore_errors=True)

@@ -2,6 +2,7 @@
 report, and a .zip to download."""
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 
@@ -10,18 +11,21 @@ import gradio as gr
 from export.attach import PRECISIONS, attach_onnx, export_for, export_summary, precisions_for
 from export.package import zip_export
 
-from .. import render
+from .. import deployment, render
 from ..errors import refusal, user_errors
 from ..state import MODEL_EVENTS, current
 from .model import backend_dropdown
 
 
 @user_errors
-def export_model(precision: str, progress=gr.Progress()):
-    """Export the loaded model to ONNX at `precision`; returns the report, a zip to download and the backends."""
+def export_model(precision: str, progress=gr.Progress(), request: gr.Request = None):
+    """Export the loaded model to ONNX at `precision`; returns the report, a zip to download and the backends.
+    Public mode: only a model that is everyone's (default, a Hub id) or the visitor's own; the download is served
+    to that visitor only, and the report names no server folder."""
     if precision not in PRECISIONS:
         raise refusal(f"pick a precision: {', '.join(PRECISIONS)}")
     quant = PRECISIONS[precision]
+    deployment.check_export(current.loaded_by, request)
     with current.using() as handle:
         offered = precisions_for(handle.config.family)
         if precision not in offered:
@@ -29,11 +33,26 @@ def export_model(precision: str, progress=gr.Progress()):
         folder = export_for(handle, quant, progress=lambda f, m: progress(0.9 * f, desc=m))
         name = attach_onnx(handle, quant)
     progress(0.92, desc="packing the download")
-    archive = zip_export(folder, Path(tempfile.gettempdir()) / "fornax-exports" / folder.name,
+    visitor = hashlib.sha256(deployment.visitor_id(request).encode()).hexdigest()[:16]
+    archive = zip_export(folder, Path(tempfile.gettempdir()) / "fornax-exports" / f"{folder.name}-{visitor}",
                          f"{current.info()['name']}-onnx-{precision}")
-    report = render.export_report(export_summary(folder), precision, str(folder), render.BACKEND_LABELS[name])
+    shown_folder = f"the server's export cache ({folder.name})" if deployment.public() else str(folder)
+    report = render.export_report(export_summary(folder), precision, shown_folder, render.BACKEND_LABELS[name])
     info = current.info()
-    return report, str(archive), backend_dropdown(info, name), render.model_card(info)
+    return report, served_download(archive, request), backend_dropdown(info, name), render.model_card(info)
+
+
+def served_download(archive: Path, request: gr.Request | None) -> str:
+    """The download's copy in Gradio's cache (where it is served from: Gradio names it by content hash and would
+    copy it there anyway), registered as this visitor's (public mode: served to nobody else)."""
+    if not deployment.public():
+        return str(archive)
+    from gradio.processing_utils import save_file_to_cache
+    from gradio.utils import get_upload_folder
+
+    served = save_file_to_cache(archive, get_upload_folder())
+    deployment.own_file(request, served)
+    return served
 
 
 def fit_precisions(precision: str | None) -> gr.Radio:

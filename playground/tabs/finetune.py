@@ -18,6 +18,7 @@ import gradio as gr
 import backend
 from backend.config import PRESETS
 from backend.gguf_file import cache_root
+from backend.scoring.history import History
 from backend.training import DEFAULT_LR, MODES, TASKS, JobManager, TrainConfig
 from backend.training.compare import KINDS as CLASSIFY_KINDS
 from backend.training.compare import classify_comparison
@@ -28,6 +29,11 @@ from ..errors import refusal, user_errors
 from ..state import current
 
 POLL_S = 1.0
+# going beyond this server: the same loop sharded with FSDP2 over several machines (README: Beyond one machine)
+FSDP_LAUNCH = ("**Beyond one machine:** the same training runs sharded with FSDP2 under torchrun, e.g. on each of 2 "
+               "machines with 8 GPUs: `torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d "
+               "--rdzv-endpoint=HOST0:29500 -m backend finetune --strategy fsdp --mode full --model MODEL "
+               "--data DATA --out OUT`.")
 RUNS_SHOWN = len(render.RUN_SLOTS)  # the loss plot overlays this visitor's last runs (LSTM vs Transformer, say)
 PRESET_NOTES = {"tiny-llama": "Transformer (Llama)", "tiny-gpt2": "Transformer (GPT-2)",
                 "tiny-bert": "encoder, masked-LM", "tiny-lstm": "LSTM baseline"}
@@ -62,14 +68,15 @@ def start_job(upload, data_path: str, mode: str, task: str, model: str, preset: 
     steps, batch_size, lora_r = whole(steps, "steps"), whole(batch_size, "batch size"), whole(lora_r, "LoRA rank")
     deployment.check_training(steps, batch_size, lora_r)
     if uploaded:
-        deployment.check_upload(uploaded, "the training data")
+        deployment.check_upload(uploaded, "the training data", request)
     if not (model or "").strip() and mode != "pretrain":  # empty: the model loaded now, not the one at page build
         info = current.info()
         if info is None:
             raise refusal("no model is loaded to finetune: load one in the Model tab or type its source")
         model = info["source"]  # (it passed the deployment's rules when it was loaded)
-    elif mode != "pretrain":
-        deployment.check_source(model.strip(), request)
+    elif (model or "").strip() and (mode != "pretrain" or deployment.public()):
+        # (pretraining ignores the box, but a typed path still gets the one refusal: no oracle of what exists)
+        model = deployment.check_source(model.strip(), request)
     prompts = [p.strip() for p in (sample_prompts or "").splitlines() if p.strip()]
     cfg = TrainConfig(data=(data_path or "").strip(), out=(out or "").strip(), mode=mode, task=task,
                       model=(model or "").strip() or "default", preset=preset, steps=steps,
@@ -162,8 +169,22 @@ def poll(request: gr.Request = None):
         return (f"<div class='fx-job-error'>{html.escape(str(e))}</div>", render.runs_frame(recent_runs(owner)),
                 render.job_samples_html(None), "")
     done = state["status"] == "done" and Path(state["out_dir"]).is_dir()
-    return (render.job_status_html(state), render.runs_frame(recent_runs(owner)), render.job_samples_html(state),
-            state["out_dir"] if done else "")
+    result = (deployment.JOB_SOURCE + job_id if deployment.public() else state["out_dir"]) if done else ""
+    return (render.job_status_html(shown_state(state)), render.runs_frame(recent_runs(owner)),
+            render.job_samples_html(state), result)
+
+
+def shown_state(state: dict) -> dict:
+    """A job's state as the page may show it: in public mode no server folder (the output is named by the job,
+    paths in messages by their last part)."""
+    if not deployment.public():
+        return state
+    from ..errors import without_paths
+
+    return {**state, "out_dir": f"your result (job {state.get('id', '')})",
+            "message": without_paths(state.get("message") or ""),
+            "error": without_paths(state["error"]) if state.get("error") else state.get("error"),
+            "config": {k: v for k, v in (state.get("config") or {}).items() if k in ("mode", "task")}}
 
 
 def watching(request: gr.Request = None) -> gr.Timer:
@@ -195,12 +216,12 @@ def result_folder(folder: str, request: gr.Request = None):
     """'Load into Chat' puts the finished model's folder in the Model tab's box; loading follows."""
     if not folder:
         raise refusal("no finished model yet: wait for the job to end with status 'done'")
-    if deployment.public():  # only its own finished result, which it may then load although it is a path
+    if deployment.public():  # only its own finished result, which it may then load by its job's name
         job_id = manager().latest(deployment.job_owner(request))
         state = manager().state(job_id) if job_id else {}
-        if state.get("out_dir") != folder or state.get("status") != "done":
+        if folder != deployment.JOB_SOURCE + str(job_id) or state.get("status") != "done":
             raise refusal("no finished model yet: wait for the job to end with status 'done'")
-        deployment.grant(request, folder)
+        return deployment.grant(request, state["out_dir"], shown=folder)
     return folder
 
 
@@ -213,12 +234,13 @@ def score_result(request: gr.Request = None):
     state = manager().state(job_id)
     if state["status"] != "done" or not Path(state["out_dir"]).is_dir():
         raise refusal("no finished model yet: wait for the job to end with status 'done'")
-    results = evaluate.score_finetune(state, manager().job_dir(job_id))
+    results = evaluate.score_finetune(state, manager().job_dir(job_id),
+                                      history=History(visitor=deployment.visitor_key(request)))
     lines = [f"**perplexity** {r['values']['perplexity']:.4g} · {html.escape(Path(r['model']).name or r['model'])}"
              for r in results]
     where = Path(results[-1]["data"]).name
     summary = "  \n".join(lines) + f"  \non {where} ({results[-1]['tokens']} tokens); added to the Evaluate tab's history"
-    table, chart = evaluate.history_frames("perplexity")
+    table, chart = evaluate.history_frames("perplexity", request)
     return summary, table, chart
 
 
@@ -265,6 +287,7 @@ def build(source: gr.Textbox, load_outputs: list, load_fn, dtype: gr.Dropdown, m
                 "text), `.jsonl` with `{\"messages\": [...]}` (chat; loss on the assistant's turns only) or "
                 "`{\"text\", \"label\"}` / `.csv` with `text,label` columns (classification). The job runs in "
                 "the background: reload the page and it is still here.")
+    gr.Markdown(FSDP_LAUNCH, elem_id="fx-train-fsdp")
     with gr.Row():
         with gr.Column(scale=2):
             upload = gr.File(label="Training data (.txt, .jsonl, .csv)", file_types=[".txt", ".jsonl", ".csv"],

@@ -2,6 +2,7 @@
 Backend choices that follow the loaded model (shared with the parameters panel and the Export tab)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import gradio as gr
@@ -23,26 +24,33 @@ def load_model(source: str, dtype: str = "auto", progress=gr.Progress(), request
     source = (source or "").strip()
     if not source:
         raise refusal("type a model to load: default, a model folder, a .gguf path, or a Hub id like org/name")
-    deployment.check_source(source, request)
-    return load_source(source, dtype, progress)
+    deployment.check_swap()
+    folder = deployment.check_source(source, request)
+    if folder == source:  # default, a Hub id (anyone's to use), or a private user's path
+        return load_source(source, dtype, progress)
+    return load_source(folder, dtype, progress, owner=deployment.visitor_id(request), shown=source)
 
 
-def load_source(source: str, dtype: str, progress):
-    """Load a source the deployment's rules have already allowed."""
+def load_source(source: str, dtype: str, progress, owner: str | None = None, shown: str | None = None):
+    """Load a source the deployment's rules have already allowed; `owner`: the visitor whose upload or result it
+    is (only they may export it), `shown`: its name on the page."""
     handle = current.load(source, dtype=None if dtype in (None, "", "auto") else dtype,
-                          progress=lambda fraction, message: progress(fraction, desc=message))
+                          progress=lambda fraction, message: progress(fraction, desc=message), owner=owner,
+                          shown=shown)
     gr.Info(f"Loaded {handle.info()['name']} in {handle.load_seconds:.1f} s")
     return model_outputs()
 
 
 @user_errors
-def load_upload(file, dtype: str = "auto", progress=gr.Progress()):
+def load_upload(file, dtype: str = "auto", progress=gr.Progress(), request: gr.Request = None):
     """Load an uploaded .gguf file (checked against the upload cap before it is read)."""
     if file is None:
         raise refusal("no file was uploaded")
     path = file if isinstance(file, str) else file.name
-    deployment.check_upload(path)
-    return load_source(path, dtype, progress)
+    deployment.check_swap()
+    deployment.check_upload(path, request=request)
+    return load_source(path, dtype, progress, owner=deployment.visitor_id(request),
+                       shown=os.path.basename(path))
 
 
 def backend_dropdown(model_info: dict | None, value: str | None = None, **layout) -> gr.Dropdown:

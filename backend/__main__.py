@@ -1,5 +1,5 @@
-"""CLI: python -m backend info|generate|chat|fill-mask|bench|race|finetune|bench-train|evaluate|cache (each verb is
-one plain function)."""
+"""CLI: python -m backend info|generate|chat|fill-mask|bench|race|finetune|bench-train|evaluate|cache|first-answers|
+bench-startup (each verb is one plain function)."""
 from __future__ import annotations
 
 import argparse
@@ -121,7 +121,7 @@ TRAIN_FLAGS = {
     "lr": float, "min_lr_ratio": float, "warmup_steps": int, "weight_decay": float, "grad_clip": float,
     "batch_size": int, "grad_accum": int, "seq_len": int, "lora_r": int, "lora_alpha": float, "lora_dropout": float,
     "eval_every": int, "sample_every": int, "save_every": int, "sample_tokens": int, "seed": int,
-    "val_fraction": float, "device": str, "kernels": str,
+    "val_fraction": float, "device": str, "kernels": str, "strategy": str,  # strategy: ddp | fsdp (training/fsdp.py)
 }
 
 
@@ -197,6 +197,34 @@ def cmd_bench_train(args):
 
     run_bench_train(steps=args.steps or 30, threads=args.threads, preset=args.preset, seq_len=args.seq_len or 256,
                     batch_size=args.batch_size or 8, csv_path=args.csv, repeats=args.repeats)
+
+
+def cmd_first_answers(args):
+    from . import first_answers, presets
+
+    handle = _load(args)
+    names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in presets.PRESETS]
+    if unknown:
+        raise FornaxError(f"unknown preset(s) {', '.join(unknown)}; presets: {', '.join(presets.PRESETS)}")
+    chosen = {n: presets.PRESETS[n] for n in names}
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(first_answers.QUESTIONS) * (1 + len(chosen)), desc="questions", file=sys.stderr)
+    rates = first_answers.compare(handle, chosen, seeds=args.seeds, runner=args.backend,
+                                  progress=lambda done, total: bar.update(1))
+    bar.close()
+    opening, _ = presets.opening_preset(handle.info())
+    print(f"{len(first_answers.QUESTIONS)} questions; presets over {args.seeds} samples each; "
+          f"this model opens on {opening!r}")
+    for name, r in rates.items():
+        print(f"{name:<12} {r.right:>4} / {r.asked:<4} right  {r.rate:6.1%}")
+
+
+def cmd_bench_startup(args):
+    from .bench_startup import run_bench_startup
+
+    run_bench_startup(runs=args.runs, warm=args.warm, prepare=args.prepare)
 
 
 def cmd_evaluate(args):
@@ -316,6 +344,19 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="alternated runs per engine; the best is kept")
     p.add_argument("--csv", default=None, help="append tidy result rows to this CSV file (--compare: write it)")
     p.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser("first-answers", help="how often sampling presets answer simple questions right, vs greedy")
+    p.add_argument("--model", default="default")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--backend", "--runner", dest="backend", default=None, help="execution path (default: eager)")
+    p.add_argument("--presets", default="Small model,Precise,Balanced,Creative")
+    p.add_argument("--seeds", type=int, default=5, help="samples per question and preset")
+    p.set_defaults(func=cmd_first_answers)
+    p = sub.add_parser("bench-startup", help="cold start of the playground on the default model: page and first answer")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warm", action="store_true", help="keep the cache between runs (no first conversion)")
+    p.add_argument("--prepare", choices=["fast", "none"], default="fast")
+    p.set_defaults(func=cmd_bench_startup)
 
     p = sub.add_parser("evaluate", help="score a model: perplexity, BLEU / chrF / ROUGE / exact match, accuracy / "
                                         "F1, backend agreement (recorded in the history)")

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from backend import presets
+
 from .. import prepare
 from ..state import current
 from .model import backend_dropdown
@@ -40,27 +42,23 @@ def param_slider(*args, **kwargs) -> gr.Slider:
     return slider
 
 
-# Sampler presets: (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty).
-PRESET_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty")
-PRESETS = {
-    "Precise": dict(temperature=0.2, top_k=40, top_p=0.9, min_p=0.0, repetition_penalty=1.05, presence_penalty=0.0,
-                    frequency_penalty=0.0),
-    "Balanced": dict(temperature=0.7, top_k=0, top_p=0.95, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
-                     frequency_penalty=0.0),
-    "Creative": dict(temperature=1.1, top_k=0, top_p=0.98, min_p=0.05, repetition_penalty=1.0, presence_penalty=0.3,
-                     frequency_penalty=0.2),
-}
+# Sampler presets live in the backend (the first-answers benchmark measures them); the panel opens on the one that
+# suits the loaded model (backend.presets.opening_preset: a small model's, or the model's own generation config).
+PRESET_FIELDS = presets.FIELDS
+PRESETS = presets.PRESETS
 MAX_SAVED_PRESETS = 32
 
 
-def preset_choices(saved: dict | None) -> list[str]:
-    return list(PRESETS) + [name for name in (saved or {}) if name not in PRESETS]
+def preset_choices(saved: dict | None, info: dict | None = None) -> list[str]:
+    own = [presets.MODEL_PRESET] if presets.from_generation_config((info or {}).get("generation_config")) else []
+    return own + list(PRESETS) + [name for name in (saved or {}) if name not in PRESETS and name not in own]
 
 
 def apply_preset(name: str | None, saved: dict | None):
     """The sliders' values for the preset `name` (built-in, else one this browser saved); unknown: unchanged."""
     values = PRESETS.get(name) or (saved or {}).get(name)
+    if name == presets.MODEL_PRESET:
+        values = presets.from_generation_config((current.info() or {}).get("generation_config"))
     if not isinstance(values, dict):
         return [gr.skip()] * len(PRESET_FIELDS)
     return [values.get(f, gr.skip()) for f in PRESET_FIELDS]
@@ -69,8 +67,8 @@ def apply_preset(name: str | None, saved: dict | None):
 def save_preset(name: str, saved: dict | None, *values):
     """Keep the sliders as preset `name` in this browser's local storage (gr.BrowserState)."""
     name = (name or "").strip()[:40]
-    if not name or name in PRESETS:
-        raise gr.Error("name the preset (not Precise, Balanced or Creative)", print_exception=False)
+    if not name or name in PRESETS or name == presets.MODEL_PRESET:
+        raise gr.Error(f"name the preset (not {', '.join(PRESETS)} or {presets.MODEL_PRESET})", print_exception=False)
     saved = dict(saved or {})
     if name not in saved and len(saved) >= MAX_SAVED_PRESETS:
         raise gr.Error(f"at most {MAX_SAVED_PRESETS} saved presets", print_exception=False)
@@ -114,18 +112,25 @@ def build(info: dict | None) -> Panel:
     timer = gr.Timer(1.0)  # turns itself off on its first tick once no preparation is running
     timer.tick(poll_preparation, chosen, [prepare_status, backend_name, timer], api_visibility="private",
                queue=False, show_progress="hidden")
-    preset = gr.Dropdown(preset_choices(None), value="Balanced", label="Preset", elem_id="fx-preset",
-                         info="moves the sliders below")
+    # Callable values are computed again at each page load: the panel opens on the preset of the model loaded now.
+    def opening(field: str | None = None):
+        name, values = presets.opening_preset(current.info())
+        return name if field is None else values[field]
+
+    v = {f: (lambda f=f: opening(f)) for f in PRESET_FIELDS}
+    preset = gr.Dropdown(preset_choices(None, info), value=opening, label="Preset", elem_id="fx-preset",
+                         info="moves the sliders below; opens on the one that suits the loaded model")
     max_new_tokens = param_slider(1, 2048, value=256, step=1, label="Max new tokens", elem_id="fx-max-new-tokens")
-    temperature = param_slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 = greedy",
+    temperature = param_slider(0, 2, value=v["temperature"], step=0.05, label="Temperature", info="0 = greedy",
                                elem_id="fx-temperature")
-    top_k = param_slider(0, 200, value=0, step=1, label="Top-k", elem_id="fx-top-k", info="0 = off")
-    top_p = param_slider(0.01, 1, value=0.95, step=0.01, label="Top-p", elem_id="fx-top-p")
-    min_p = param_slider(0, 0.99, value=0.0, step=0.01, label="Min-p", elem_id="fx-min-p", info="0 = off")
+    top_k = param_slider(0, 200, value=v["top_k"], step=1, label="Top-k", elem_id="fx-top-k", info="0 = off")
+    top_p = param_slider(0.01, 1, value=v["top_p"], step=0.01, label="Top-p", elem_id="fx-top-p")
+    min_p = param_slider(0, 0.99, value=v["min_p"], step=0.01, label="Min-p", elem_id="fx-min-p", info="0 = off")
     with gr.Accordion("Penalties", open=False):
-        repetition_penalty = param_slider(0.5, 2, value=1.0, step=0.01, label="Repetition penalty", info="1 = off")
-        presence_penalty = param_slider(-2, 2, value=0.0, step=0.05, label="Presence penalty")
-        frequency_penalty = param_slider(-2, 2, value=0.0, step=0.05, label="Frequency penalty")
+        repetition_penalty = param_slider(0.5, 2, value=v["repetition_penalty"], step=0.01,
+                                          label="Repetition penalty", info="1 = off")
+        presence_penalty = param_slider(-2, 2, value=v["presence_penalty"], step=0.05, label="Presence penalty")
+        frequency_penalty = param_slider(-2, 2, value=v["frequency_penalty"], step=0.05, label="Frequency penalty")
     stop_strings = gr.Dropdown(STOP_SUGGESTIONS, value=[], multiselect=True, allow_custom_value=True,
                                label="Stop strings", info="type and press Enter; \\n is a newline", elem_id="fx-stop")
     seed = gr.Number(value=RANDOM_SEED, precision=0, label="Seed", elem_id="fx-seed",
@@ -141,6 +146,6 @@ def build(info: dict | None) -> Panel:
     preset.input(apply_preset, [preset, saved], sliders, api_visibility="private", queue=False)
     save.click(save_preset, [preset_name, saved, *sliders], [saved, preset, preset_name], api_visibility="private",
                queue=False)
-    on_load = (lambda s: gr.update(choices=preset_choices(s)), [saved], [preset])
+    on_load = (lambda s: gr.update(choices=preset_choices(s, current.info())), [saved], [preset])
     return Panel(backend_name, [backend_name, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                                 presence_penalty, frequency_penalty, stop_strings, seed, num_samples], on_load)

@@ -12,7 +12,7 @@ import pandas as pd
 
 from backend.compare import divergence
 
-from .. import deployment, render
+from .. import deployment, prepare, render
 from ..errors import refusal, user_errors
 from ..state import MODEL_EVENTS, current
 from ..streaming import StopFlag, hold_stop, release_stop, session_key, start_stream
@@ -37,15 +37,20 @@ def path_choices(info: dict | None) -> list[tuple[str, str]]:
 
 
 def default_paths(info: dict | None) -> list[str]:
-    """The paths ready now (compiling one on first use takes minutes: the visitor ticks it on purpose)."""
-    return list((info or {}).get("prepared", []))[:MAX_PATHS]
+    """The paths ready now, eager first and the start-up's prepared fast path beside it (compiling or exporting
+    another on first use takes minutes: the visitor ticks it on purpose)."""
+    ready = list((info or {}).get("prepared", []))
+    ready.sort(key=lambda n: (n != "eager", n != prepare.preferred(info)))
+    return ready[:MAX_PATHS]
 
 
-def refresh_paths(selected: list[str] | None):
-    """The loaded model's paths (another tab may have loaded a model or attached an export since)."""
+def refresh_paths(selected: list[str] | None, touched: bool = False):
+    """The loaded model's paths (another tab may have loaded a model, attached an export, or the start-up
+    preparation may have finished since). A selection the visitor made stands; an untouched one follows the
+    defaults, so the prepared path shows up ticked once it is ready."""
     info = current.info()
     names = [n for _, n in path_choices(info)]
-    kept = [n for n in selected or [] if n in names]
+    kept = [n for n in selected or [] if n in names] if touched else []
     return gr.update(choices=path_choices(info), value=kept or default_paths(info))
 
 
@@ -219,7 +224,9 @@ def build(panel: Panel, tab: gr.Tab) -> gr.Button:
                                       elem_id=f"fx-race-{phase}") for phase in ("decode", "prefill"))
     compare = gr.HTML("<div class='fx-empty'>After a race, each path's text is compared with the first path's "
                       "here.</div>", elem_id="fx-race-compare")
-    tab.select(refresh_paths, paths, paths, api_visibility="private", queue=False)
+    touched = gr.State(False)  # this session ticked or unticked a path itself: keep its choice
+    paths.input(lambda: True, None, touched, api_visibility="private", queue=False)
+    tab.select(refresh_paths, [paths, touched], paths, api_visibility="private", queue=False)
     run_button.click(race, [prompt, paths, greedy, *panel.inputs], [*columns, decode, prefill, compare, summary],
                      api_name="race", show_progress="minimal", **MODEL_EVENTS, **deployment.event_options())
     return stop_button

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from backend import presets
 from playground import create_app, current
 from tests.playground.serve import serving
 
@@ -29,9 +30,8 @@ def open_page(browser, url: str, height: int = 1000):
     page.goto(url)
     page.wait_for_selector("#fx-message textarea")
     return page, outside
-# The panel's defaults (temperature 0.7, top-p 0.95, the rest off) with what the tests below type in.
-UI_PARAMS = dict(temperature=0.7, top_k=0, top_p=0.95, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
-                 frequency_penalty=0.0, stop=[], num_samples=1)
+# The panel opens on the default model's preset (a small model's: backend/presets.py) with what the tests below type.
+UI_PARAMS = dict(presets.PRESETS["Small model"], stop=[], num_samples=1)
 
 
 def unavailable(reason: str):
@@ -102,6 +102,29 @@ def test_chat_reply_streams_into_the_page(page):
     shown = page.locator("#fx-chatbot [data-testid=bot]").first.inner_text()
     assert " ".join(shown.split()) == " ".join(expected.split())
     assert page.input_value("#fx-message textarea") == ""  # the box is ready for the next message
+
+
+def test_the_opening_preset_answers_the_capital_question(page):
+    """A newcomer's first question, on the preset the page opens on (a fixed seed), gets the right answer."""
+    page, _ = page
+    page.get_by_role("tab", name="Chat").click()
+    assert page.input_value("#fx-preset input") == "Small model"
+    assert "expect short, simple answers" in page.inner_text("#fx-size-hint")
+    page.click("#fx-clear")
+    set_number(page, "fx-max-new-tokens", 40)
+    set_number(page, "fx-seed", 1)
+    try:
+        old = page.inner_text("#fx-chat-stats")
+        page.fill("#fx-message textarea", "What is the capital of France?")
+        page.keyboard.press("Enter")
+        page.wait_for_function("old => (document.querySelector('#fx-chat-stats')?.innerText || '') !== old && "
+                               "document.querySelector('#fx-chat-stats').innerText.includes('tok/s')", arg=old,
+                               timeout=60_000)
+        wait_for_text(page, "#fx-chatbot [data-testid=bot]", "Paris")
+    finally:
+        page.click("#fx-clear")
+        set_number(page, "fx-max-new-tokens", 24)
+        set_number(page, "fx-seed", 11)
 
 
 def test_clear_empties_the_chat_even_while_a_reply_streams(page):

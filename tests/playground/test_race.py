@@ -136,3 +136,17 @@ def test_a_race_over_gradio_client(tiny):
         assert update["value"] == tiny.generate(PROMPT, backend=name, max_new_tokens=12, temperature=0).text
     for chart in out[race.MAX_PATHS:race.MAX_PATHS + 2]:
         assert [row[0] for row in chart["value"]["data"]] == [race.label("eager"), race.label("onnx-int4")]
+
+
+def test_race_opens_with_the_prepared_fast_path_ticked_beside_eager(monkeypatch):
+    """The start-up preparation finishes after the page is built: an untouched selection picks the prepared path
+    up when the tab is opened, a visitor's own choice stands."""
+    from playground import prepare
+
+    info = {"source": "m", "prepared": ["eager", "onnx-int4"], "backends": ["eager", "onnx-int4", "compiled"]}
+    monkeypatch.setattr(prepare, "status", prepare.Status(backend="onnx-int4", source="m"))
+    monkeypatch.setattr(race.current, "info", lambda: info)
+    assert race.default_paths(info) == ["eager", "onnx-int4"]
+    assert race.refresh_paths(["eager"], touched=False)["value"] == ["eager", "onnx-int4"]
+    assert race.refresh_paths(["eager"], touched=True)["value"] == ["eager"]
+    assert race.refresh_paths([], touched=True)["value"] == ["eager", "onnx-int4"]  # nothing left: the defaults

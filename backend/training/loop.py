@@ -1,7 +1,7 @@
 """One training loop for our Transformer: LoRA, full finetuning, or pretraining from scratch; one process or many.
 
 Per optimizer step: `grad_accum` micro-batches of `batch_size` sequences on each of `world` processes (torchrun + DDP,
-gloo on CPU). The loss of a step is the mean over every target token of the whole global batch (each micro-batch's
+gloo on CPU; or the model sharded with FSDP2, `--strategy fsdp`: fsdp.py). The loss of a step is the mean over every target token of the whole global batch (each micro-batch's
 summed loss is divided by the global target count), so a step is the same computation whatever the split into
 micro-batches and processes. AdamW with decoupled weight decay on >= 2-D parameters only (matrices and embeddings;
 not norms, biases), linear warm-up then cosine decay to min_lr_ratio * lr, global-norm gradient clipping, bf16
@@ -212,6 +212,12 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
     else:
         core.requires_grad_(True)
         module = core
+    fsdp = None
+    if cfg.strategy == "fsdp" and dist.world > 1:  # FSDP2: parameters become shards before the optimizer sees them
+        from .fsdp import Sharded, check_fsdp
+
+        check_fsdp(cfg, core.config.family)
+        fsdp = Sharded(core, dist)
     named = {n: p for n, p in module.named_parameters() if p.requires_grad}
     optimizer, scheduler = make_optimizer(named, cfg, device)
     start = 0
@@ -219,10 +225,13 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         missing = sorted(set(named) ^ set(weights))
         if missing:
             raise TrainError(f"{resume_from} does not match this model (e.g. {missing[:2]})")
-        with torch.no_grad():
-            for n, p in named.items():
-                p.copy_(weights[n])
-        optimizer.load_state_dict(trainer["optimizer"])
+        if fsdp is not None:  # each process takes its shards of the whole tensors
+            fsdp.load(weights, optimizer, trainer["optimizer"])
+        else:
+            with torch.no_grad():
+                for n, p in named.items():
+                    p.copy_(weights[n])
+            optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         ckpt.set_rng_state(trainer["rng"])
         start = int(trainer["step"])
@@ -233,7 +242,7 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
 
         fused = TritonLoss(core, device)
     wrapped = module
-    if dist.world > 1:
+    if dist.world > 1 and fsdp is None:
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -249,10 +258,13 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
               f"global batch {global_batch} x {seq_len} tokens; {dist.world} process(es) on {device}", file=sys.stderr)
 
     def save(step: int):
+        weights_now = fsdp.full_weights(named) if fsdp is not None else named  # (FSDP: gathered by every rank)
+        optimizer_now = fsdp.full_optimizer(optimizer) if fsdp is not None else None
         if not dist.main:
             return
         reporter.update(force=True, message=f"saving checkpoint {step}")
-        trainer_state = {"step": torch.tensor(step), "optimizer": optimizer.state_dict(),
+        trainer_state = {"step": torch.tensor(step),
+                         "optimizer": optimizer_now if fsdp is not None else optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state()}
         meta_out = {"config": cfg.to_dict(), "step": step, "global_batch": global_batch, "data_sha256": fingerprint,
                     "history": reporter.history()}
@@ -262,33 +274,37 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
                 tokenizer.save(folder)
                 ckpt.write_json_atomic(folder / "model_config.json", core.config.to_dict())
         try:
-            ckpt.save_checkpoint(out, step, named, trainer_state, meta_out, extra)
+            ckpt.save_checkpoint(out, step, weights_now, trainer_state, meta_out, extra)
         except OSError as e:
             raise TrainError(f"could not write a checkpoint to {out}: {e}") from e
         reporter.update(force=True, message="training")
 
     def evaluate(step: int):
+        model = fsdp.gathered(step) if fsdp is not None else module  # FSDP: rank 0's whole copy (collective)
         if not dist.main:
             return
         if len(data.val) and objective is not None:
-            loss, ppl, metrics, line = objective.evaluate(module, data.val, cfg.batch_size, device)
+            loss, ppl, metrics, line = objective.evaluate(model, data.val, cfg.batch_size, device)
             reporter.state["val_loss"].append([step, loss, ppl])
             reporter.state["metrics"] = {"step": step, **metrics}
             _log(bar, f"step {step}: {line}")
         elif len(data.val):
-            loss, ppl = evaluate_loss(module, data.val, cfg.batch_size, device)
+            loss, ppl = evaluate_loss(model, data.val, cfg.batch_size, device)
             reporter.state["val_loss"].append([step, loss, ppl])
             _log(bar, f"step {step}: val loss {loss:.4f}, perplexity {ppl:.2f}")
         if data.task == "classify" and data.val_records and objective is None:
-            metrics = evaluate_classify(module, tokenizer, data.val_records, data.labels, seq_len, device)
+            metrics = evaluate_classify(model, tokenizer, data.val_records, data.labels, seq_len, device)
             reporter.state["metrics"] = {"step": step, **metrics, "method": "label words"}
             _log(bar, f"step {step}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
                       f"(majority {metrics['majority_baseline']:.3f})")
         reporter.update(force=True)
 
     def sample(step: int):
-        if dist.main and cfg.sample_every and prompts and core.config.family != "bert":  # (encoders do not generate)
-            reporter.state["samples"] += make_samples(core, tokenizer, prompts, data.task, step, cfg.sample_tokens,
+        if cfg.sample_every and prompts and core.config.family != "bert":  # (encoders do not generate)
+            model = fsdp.gathered(step) if fsdp is not None else core  # FSDP: rank 0's whole copy (collective)
+            if not dist.main:
+                return
+            reporter.state["samples"] += make_samples(model, tokenizer, prompts, data.task, step, cfg.sample_tokens,
                                                       cfg.seed)
             reporter.update(force=True)
 
@@ -345,7 +361,8 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
             n_targets, n_tokens = dist.sum(counts).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for m, batch in enumerate(batches):
-            sync = contextlib.nullcontext() if dist.world == 1 or m == len(batches) - 1 else wrapped.no_sync()
+            sync = contextlib.nullcontext() if dist.world == 1 or m == len(batches) - 1 or fsdp is not None \
+                else wrapped.no_sync()  # (FSDP2 reduce-scatters each micro-batch's gradients into the shards)
             with sync:
                 if objective is not None:                                       # already divided by the totals
                     loss = objective.loss(wrapped, batch, totals, device)
@@ -393,9 +410,10 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
             save(step)
         reporter.update(force=True, status="cancelled", message=f"cancelled at step {step}; resumable from {out}")
         return dict(reporter.state)
+    gathered = fsdp.gathered(step) if fsdp is not None else None  # FSDP: the whole model on rank 0 (collective)
     if dist.main:
         reporter.update(force=True, message="saving the model")
-        final = core
+        final = gathered if gathered is not None else core
         if cfg.mode == "lora":
             from .lora import merge_lora
 

@@ -87,9 +87,10 @@ def test_only_the_api_is_served(served):
 
 
 def readme_curls() -> list[list[str]]:
-    """The README's curl commands (its OpenAI-compatible API section), each as an argument list."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### OpenAI-compatible API"):]
+    """The curl commands of docs/api.md's OpenAI-compatible API section (moved there from the README), each as an
+    argument list."""
+    text = (ROOT / "docs" / "api.md").read_text()
+    section = text[text.index("## OpenAI-compatible API"):]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     commands = re.sub(r"\\\n\s*", " ", block).strip().splitlines()
     assert commands and all(c.startswith("curl ") for c in commands)

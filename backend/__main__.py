@@ -210,7 +210,8 @@ def cmd_first_answers(args):
     chosen = {n: presets.PRESETS[n] for n in names}
     from tqdm import tqdm
 
-    bar = tqdm(total=len(first_answers.QUESTIONS) * (1 + len(chosen)), desc="questions", file=sys.stderr)
+    batches = -(-args.seeds // 5)
+    bar = tqdm(total=len(first_answers.QUESTIONS) * (1 + len(chosen) * batches), desc="questions", file=sys.stderr)
     rates = first_answers.compare(handle, chosen, seeds=args.seeds, runner=args.backend,
                                   progress=lambda done, total: bar.update(1))
     bar.close()
@@ -350,7 +351,7 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--backend", "--runner", dest="backend", default=None, help="execution path (default: eager)")
     p.add_argument("--presets", default="Small model,Precise,Balanced,Creative")
-    p.add_argument("--seeds", type=int, default=5, help="samples per question and preset")
+    p.add_argument("--seeds", type=int, default=10, help="samples per question and preset (batches of five)")
     p.set_defaults(func=cmd_first_answers)
     p = sub.add_parser("bench-startup", help="cold start of the playground on the default model: page and first answer")
     p.add_argument("--runs", type=int, default=3)

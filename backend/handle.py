@@ -28,6 +28,7 @@ class ModelHandle:
     backend: str = "eager"
     eos_ids: set[int] = field(default_factory=set)
     config: ModelConfig | None = None
+    generation_config: dict | None = None  # the folder's generation_config.json (sampling defaults), if any
 
     def __post_init__(self):
         if self.model is not None:
@@ -80,7 +81,8 @@ class ModelHandle:
                     d_model=cfg.d_model, vocab_size=cfg.vocab_size, context_length=cfg.max_seq_len,
                     dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
                     weight_bytes=self.runners[self.backend].weight_bytes, load_seconds=round(self.load_seconds, 2),
-                    chat_template="model" if self.chat_template else "fallback", backends=self.backends(), prepared=list(self.runners))
+                    chat_template="model" if self.chat_template else "fallback", backends=self.backends(),
+                    prepared=list(self.runners), generation_config=self.generation_config)
 
     # --- prompts ---
     def encode(self, prompt_or_messages: str | list[dict] | list[int]) -> list[int]:

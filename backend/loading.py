@@ -72,7 +72,24 @@ def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None 
     if progress:
         progress(0.9, "building the model")
     model = build_model(cfg, state, dtype, device)
-    return ModelHandle(model, tokenizer, source, load_seconds=time.perf_counter() - t0)
+    return ModelHandle(model, tokenizer, source, load_seconds=time.perf_counter() - t0,
+                       generation_config=read_generation_config(folder))
+
+
+GENERATION_CONFIG_BYTES = 64 * 1024  # a real generation_config.json is a few hundred bytes
+
+
+def read_generation_config(folder: Path) -> dict | None:
+    """The sampling defaults a model folder ships (generation_config.json), or None: missing, over
+    GENERATION_CONFIG_BYTES, or not a JSON object (it only suggests a preset, so a bad one is ignored)."""
+    path = Path(folder) / "generation_config.json"
+    try:
+        if not path.is_file() or path.stat().st_size > GENERATION_CONFIG_BYTES:
+            return None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def load_onnx(folder: Path, source: str, t0: float) -> ModelHandle:

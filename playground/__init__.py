@@ -42,18 +42,27 @@ def create_app(model: str | None = "default", dtype: str | None = None, prepare:
     `prepare` ("fast" or "none"; default FORNAX_PREPARE, else fast): after the app is built, prepare the model's
     fastest path that is as faithful as llama.cpp in the background (playground/prepare.py; `prepare_max_kl`
     overrides the KL bound)."""
+    import importlib
+    import threading
+
     import backend
 
     from . import prepare as preparation
     from .state import current
-    from .ui import build_app
 
+    # Gradio's import (seconds, mostly Python) overlaps the model's load (mostly numpy and torch, which release the
+    # GIL): a cold start reaches its page sooner.
+    ui_import = threading.Thread(target=importlib.import_module, args=("playground.ui",), daemon=True)
+    ui_import.start()
     fast = preparation.mode(prepare) == "fast"
     if model:
         try:
             current.load(model, dtype=dtype)
         except backend.FornaxError as e:
             print(f"playground: could not load {model!r}: {e}")
+    ui_import.join()
+    from .ui import build_app
+
     demo = build_app()
     if fast and current.handle is not None:
         bound = {} if prepare_max_kl is None else {"max_kl": prepare_max_kl}

@@ -40,8 +40,23 @@ def test_the_default_models_opening_preset_answers_at_least_as_often_as_greedy()
     name, values = presets.opening_preset(handle.info())
     assert name == "Small model"
     greedy = first_answers.answer_rate(handle, first_answers.GREEDY, [0])
-    opening = first_answers.answer_rate(handle, values, [1, 2, 3, 4, 5])  # five samples per question
+    # ten samples per question: two batches of five (seeds 1 and 11), as `python -m backend first-answers` runs them
+    runs = [first_answers.answer_rate(handle, values, list(range(s, s + 5))) for s in (1, 11)]
+    opening = first_answers.Rate(sum(r.right for r in runs), sum(r.asked for r in runs))
     assert greedy.asked == len(first_answers.QUESTIONS) >= 20
     assert greedy.rate >= 0.5, f"greedy answered {greedy.right} / {greedy.asked}: the set is not simple enough"
     assert opening.rate >= greedy.rate, (f"the opening preset answered {opening.right} / {opening.asked}, "
                                          f"greedy {greedy.right} / {greedy.asked}")
+
+
+def test_a_folders_generation_config_reaches_the_opening_preset(tmp_path):
+    from tests.backend.tiny import make_tiny
+
+    make_tiny("llama", tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.9}')
+    info = backend.load(str(tmp_path / "m")).info()
+    assert info["generation_config"]["temperature"] == 0.6
+    assert presets.opening_preset(info) == (presets.MODEL_PRESET, {**presets.PRESETS["Balanced"], "temperature": 0.6,
+                                                                   "top_p": 0.9})
+    (tmp_path / "m" / "generation_config.json").write_text("[1, 2")  # malformed: ignored, the size rule decides
+    assert presets.opening_preset(backend.load(str(tmp_path / "m")).info())[0] == "Small model"

@@ -374,8 +374,13 @@ PANEL_NAMES = ("backend_name", "max_new_tokens", "temperature", "top_k", "top_p"
 def export_chat(history: list, system_prompt: str, tree: dict | None, *panel):
     """The chat as JSON (every branch, the parameters, the model id) and the visible branch as Markdown."""
     tree = synced(tree, history)
-    handle = current.handle
-    model = None if handle is None else os.path.basename(handle.source.rstrip("/\\")) or handle.source
+    info = current.info()  # the name the page shows for it (public mode: never a server path)
+    if info is None:
+        model = None
+    elif deployment.public():
+        model = info["shown_source"]
+    else:
+        model = os.path.basename(info["source"].rstrip("/\\")) or info["source"]
     text = chat_files.to_json(tree, system_prompt, dict(zip(PANEL_NAMES, panel)), model)
     return [chat_files.write(text, "chat.json"),
             chat_files.write(chat_files.to_markdown(tree, system_prompt), "chat.md")]

@@ -73,6 +73,12 @@ def start_job(upload, data_path: str, mode: str, task: str, model: str, preset: 
         info = current.info()
         if info is None:
             raise refusal("no model is loaded to finetune: load one in the Model tab or type its source")
+        # A model another visitor uploaded or trained is theirs: a finetune (whose result is the starter's to load
+        # and export) would hand it over.
+        owner = current.loaded_by
+        if deployment.public() and owner is not None and owner != deployment.visitor_id(request):
+            raise refusal("the loaded model was uploaded or trained by another visitor: only they can finetune it; "
+                          "type default or a Hub model in the Model box")
         model = info["source"]  # (it passed the deployment's rules when it was loaded)
     elif (model or "").strip() and (mode != "pretrain" or deployment.public()):
         # (pretraining ignores the box, but a typed path still gets the one refusal: no oracle of what exists)

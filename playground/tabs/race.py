@@ -10,6 +10,7 @@ import random
 import gradio as gr
 import pandas as pd
 
+from backend.budget import Deadline
 from backend.compare import divergence
 
 from .. import deployment, prepare, render
@@ -159,6 +160,10 @@ def race(prompt: str, paths: list[str], greedy: bool, backend_name: str, max_new
     try:
         with current.using() as handle:
             order = ordered_paths(paths, handle.backends())
+            unprepared = [p for p in order if p not in handle.runners]
+            if deployment.public() and unprepared:  # its warm-up would compile or export under the model lock
+                raise refusal(f"not prepared on this server: {', '.join(unprepared)}; race the prepared paths "
+                              f"({', '.join(handle.runners)}), or pick one in the Backend selector to prepare it")
             board = Board(order, handle.tokenizer)
             how = "greedy" if greedy else f"temperature {params['temperature']}"
             summary = f"{how} · seed {params['seed']} · up to {params['max_new_tokens']} new tokens per path"
@@ -167,7 +172,8 @@ def race(prompt: str, paths: list[str], greedy: bool, backend_name: str, max_new
                 board.labels[i] = f"{label(name)} · warming up…"
                 yield board.updates(f"*{name}: warming up…* · {summary}", first=i == 0)
                 handle.generate(prompt, backend=name, max_new_tokens=WARM_UP_TOKENS, temperature=0,
-                                ignore_eos=True, should_stop=race_flag.is_set)
+                                ignore_eos=True, should_stop=race_flag.is_set,
+                                deadline=Deadline.for_event("this race's warm-up"))
                 if race_flag.is_set():
                     break
                 run, _ = start_stream(handle, prompt, name, params, request)

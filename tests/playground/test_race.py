@@ -121,6 +121,16 @@ def test_bad_input_and_public_caps_are_plain_errors(tiny, monkeypatch):
         list(race.race(PROMPT, ["eager"], True, "eager", 17, *PANEL[2:]))
 
 
+def test_a_public_race_never_compiles_or_exports_a_path(tiny, monkeypatch):
+    """A path that is not prepared would be compiled (or exported) by its warm-up, under the model lock."""
+    monkeypatch.setenv("FORNAX_PUBLIC", "1")
+    assert "compiled" not in tiny.runners and "compiled" in tiny.backends()
+    with pytest.raises(gr.Error, match="not prepared on this server: compiled"):
+        list(race.race(PROMPT, ["eager", "compiled"], True, *PANEL))
+    assert "compiled" not in tiny.runners
+    assert list(race.race(PROMPT, ["eager", "onnx-int4"], True, *PANEL))  # prepared paths still race
+
+
 def test_a_race_over_gradio_client(tiny):
     """/race as an API client calls it: each column's text and both charts come back (a chart is not mistaken for
     a file to download)."""

@@ -175,30 +175,155 @@ def _widest(fmt: str) -> int:
     return max((int(m.group()) for m in _WIDTH.finditer(fmt)), default=0)
 
 
+def _digits_of(value) -> int:
+    """Characters of a number's integer part as `%d` / `%f` / `{:f}` show it (sign included), without building it;
+    24 for anything else (its text is sized elsewhere)."""
+    if isinstance(value, int):
+        return value.bit_length() // 3 + 2  # octal has the most digits per bit; decimal and hex fewer
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return 4
+        return int(math.log10(abs(value))) + 3 if abs(value) >= 1 else 2
+    return 24
+
+
+def _field_len(value, kind: str, precision: int | None) -> int:
+    """Characters one `%` conversion (or one `{}` field of type `kind`) shows for `value`, before its width:
+    a string its text (truncated to the precision), a float its integer part plus the precision, and so on."""
+    if kind in "sra":
+        shown = text_len(value)
+        if kind != "s":  # repr / ascii: each character at most 10 (`\U0001f600`), plus the quotes
+            shown = 10 * shown + 2
+        return shown if precision is None else min(shown, precision)
+    if kind == "c":
+        return 1
+    if kind in "diuoxX" or kind == "n" and isinstance(value, int):
+        return max(_digits_of(value), precision or 0) + 3  # sign, `0x` / `0o` prefix
+    if kind in "fF%":
+        return _digits_of(value) + (6 if precision is None else precision) + 6  # `%`: ×100, then the sign
+    if kind in "eEgGn":
+        return (6 if precision is None else precision) + 10  # sign, first digit, point, `e+308`
+    if kind == "b":
+        return (value.bit_length() if isinstance(value, int) else 0) + 3
+    return text_len(value)
+
+
+def _percent_number(fmt: str, at: int, take) -> tuple[int, int | None]:
+    """A width or precision at `fmt[at:]`: `*` (the next argument, as Python takes it) or digits."""
+    if at < len(fmt) and fmt[at] == "*":
+        n = take()
+        return at + 1, abs(n) if isinstance(n, int) else 0  # Python refuses a non-int itself
+    end = at
+    while end < len(fmt) and fmt[end] in "0123456789":  # ASCII digits only, as Python's `%` reads them
+        end += 1
+    if end == at:
+        return at, None
+    if end - at > 7:
+        _too_big(float("inf") if end - at > 300 else float(fmt[at:end]), "a %-formatted field")
+    return end, int(fmt[at:end])
+
+
+def _percent_len(fmt: str, values) -> int:
+    """Characters `fmt % values` has (up to just past the cap), without building it: the literal text plus, per
+    conversion `%[(key)][flags][width][.precision][length]type`, the larger of its width and what it shows; a `*`
+    width or precision is the next argument, as Python takes it."""
+    args = values if isinstance(values, tuple) else (values,)
+    mapping = values if isinstance(values, dict) else None  # a dict is both the one argument and the mapping
+    taken = 0
+
+    def take():
+        nonlocal taken
+        taken += 1
+        return args[taken - 1] if taken <= len(args) else None
+
+    cap, total, at, n = _cap(), 0, 0, len(fmt)
+    while at < n and total <= cap:
+        start = fmt.find("%", at)
+        if start < 0:
+            total += n - at
+            break
+        total, at = total + start - at, start + 1
+        if at < n and fmt[at] == "%":
+            total, at = total + 1, at + 1
+            continue
+        key = None
+        if at < n and fmt[at] == "(":  # a key, its parentheses nested as Python nests them
+            depth, end = 1, at + 1
+            while end < n and depth:
+                depth += (fmt[end] == "(") - (fmt[end] == ")")
+                end += 1
+            key, at = fmt[at + 1:end - 1], end
+        while at < n and fmt[at] in "-+ #0":
+            at += 1
+        at, width = _percent_number(fmt, at, take)
+        precision = None
+        if at < n and fmt[at] == ".":
+            at, precision = _percent_number(fmt, at + 1, take)
+            precision = precision or 0
+        while at < n and fmt[at] in "hlL":
+            at += 1
+        if at >= n:
+            break  # Python refuses an incomplete format itself
+        kind, at = fmt[at], at + 1
+        value = mapping.get(key) if key is not None and mapping is not None else take()
+        if width is not None:
+            _too_big(width, "a %-formatted field")
+        if precision is not None:
+            _too_big(precision, "a %-formatted field")
+        total += max(width or 0, _field_len(value, kind, precision))
+    return total
+
+
 def _check_percent(fmt: str, values):
-    """`fmt % values`: every `%` field can show the widest value and the widest width in `fmt`."""
-    _check_format_spec(fmt)
-    values = values if isinstance(values, tuple) else tuple(values.values()) if isinstance(values, dict) else (values,)
-    widest_value = max((text_len(v) for v in values), default=0)
-    _too_big(len(fmt) + fmt.count("%") * (widest_value + _widest(fmt)), "a %-formatted string")
+    """`fmt % values` (and `fmt|format(...)`): sized from every conversion and argument before it is built."""
+    _too_big(_percent_len(fmt, values), "a %-formatted string")
+
+
+_SPEC_TYPE = re.compile(r"(?:\.(\d+))?([bcdeEfFgGnosxX%])?$")  # a format spec's precision and type, at its end
 
 
 def _check_str_format(fmt: str, args, kwargs):
-    """`fmt.format(*args, **kwargs)`: the literal text plus, per field, its value's text and its width."""
+    """`fmt.format(*args, **kwargs)`: the literal text plus, per field, the larger of its width and what its value
+    shows in its type and precision; a nested `{:{}}` / `{:.{}f}` spec is resolved from the arguments first."""
     _check_format_spec(fmt)
-    widest_int = max((v for v in list(args) + list(kwargs.values()) if isinstance(v, int)), default=0)
     total, auto = 0, 0
+
+    def lookup(field: str):
+        nonlocal auto
+        key = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if key == "":
+            key, auto = str(auto), auto + 1
+        if key.isdecimal():
+            return args[int(key)] if int(key) < len(args) else ""
+        return kwargs.get(key, "")
+
     for literal, field, spec, conversion in string.Formatter().parse(fmt):
         _tick()
         total += len(literal)
         if field is None:
             continue
-        key = re.split(r"[.\[]", field, maxsplit=1)[0]
-        if key == "":
-            key, auto = str(auto), auto + 1
-        value = (args[int(key)] if int(key) < len(args) else "") if key.isdigit() else kwargs.get(key, "")
-        shown = text_len(value) * (10 if conversion in ("r", "a") else 1)  # repr / ascii escape: at most 10×
-        total += max(shown, _widest(spec or ""), widest_int if "{" in (spec or "") else 0)
+        value, spec = lookup(field), spec or ""
+        if "{" in spec:  # nested fields: their values' text becomes the spec (numbered after the outer field)
+            parts = []
+            for spec_literal, nested, _, _ in string.Formatter().parse(spec):
+                parts.append(spec_literal)
+                if nested is not None:
+                    inner = lookup(nested)
+                    _check_text(inner, "a nested format spec")
+                    parts.append(str(inner))
+            spec = "".join(parts)
+            _check_format_spec(spec)
+        precision, kind = _SPEC_TYPE.search(spec).groups()
+        precision = None if precision is None else int(precision)
+        if conversion in ("r", "a"):
+            shown = _field_len(value, conversion, precision)
+        elif kind is None:
+            shown = max(_field_len(value, "s", None), _field_len(value, "f", precision) if precision else 0)
+        else:
+            shown = _field_len(value, kind, precision)
+        if "," in spec or "_" in spec:  # digit grouping: a separator every three digits
+            shown += shown // 3 + 1
+        total += max(shown, _widest(spec))
         if total > _cap():
             break
     _too_big(total, "a formatted string")

@@ -46,6 +46,7 @@ class Limits:
     max_merge_work: int = 200_000_000           # characters hashed deriving SentencePiece merges (sum of len^2)
     max_layers: int = 1024
     max_template_output_chars: int = 4_000_000  # a rendered chat template
+    max_template_source_chars: int = 4_000_000  # a chat template's source (compiled outside its render deadline)
     template_time_s: float = 10.0
     max_finetune_steps: int = 1_000_000
     max_batch_size: int = 1024
@@ -78,6 +79,7 @@ class Limits:
     stream_send_timeout_s: float = 120.0        # a streamed answer's client not reading for this long loses it
     max_queued_per_session: int = 1_000_000     # queued + running events of one browser session
     max_queued_per_address: int = 1_000_000     # queued + running events from one address
+    max_upload_bytes_per_hour: int = 0          # upload bytes one address may send per hour (0 = none)
 
     @staticmethod
     def public_defaults() -> "Limits":
@@ -86,7 +88,7 @@ class Limits:
                       max_stop_chars=64, max_prompt_chars=60_000, max_gguf_metadata_bytes=16 * 1024**2,
                       max_vocab=300_000, max_token_bytes=1024, max_merges=600_000,
                       max_gguf_array_items=1_000_000, max_merge_work=50_000_000, max_layers=256,
-                      max_template_output_chars=200_000, template_time_s=2.0, max_finetune_steps=2000,
+                      max_template_output_chars=200_000, max_template_source_chars=50_000, template_time_s=2.0, max_finetune_steps=2000,
                       max_batch_size=16, max_lora_r=64, max_export_params=600_000_000, event_time_limit_s=600.0,
                       cache_bytes=20 * 1024**3, kernel_lab_cpu_elements=40_000,
                       kernel_lab_gpu_elements=16 * 1024**2, max_fill_mask_chars=500, max_fill_mask_top_k=20,
@@ -95,7 +97,8 @@ class Limits:
                       max_eval_labels=20, max_eval_chars=100_000, max_eval_total_chars=1_000_000,
                       max_eval_tokens=500_000, max_eval_forwards=20_000, max_chat_messages=400,
                       max_request_bytes=4 * 1024**2, max_role_chars=32, stream_send_timeout_s=10.0,
-                      max_queued_per_session=8, max_queued_per_address=32)
+                      max_queued_per_session=8, max_queued_per_address=32,
+                      max_upload_bytes_per_hour=1024**3)
 
 
 def current() -> Limits:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
@@ -296,18 +297,39 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"{path.name} in {path.parent} is not valid JSON: {e}") from e
 
 
-@lru_cache(maxsize=16)
+_COMPILED: "OrderedDict[tuple, jinja2.Template | str]" = OrderedDict()  # (source, output cap) -> template or refusal
+_COMPILED_LOCK = threading.Lock()
+_COMPILED_KEEP = 16
+
+
 def _compile_template(source: str) -> jinja2.Template:
     """The template compiled in a sandbox whose rendering is bounded in output length and time (chat_template.py).
-    Its source is capped too: jinja's lexer and parser would otherwise spend seconds and memory on megabytes."""
-    cap = limits.current().max_template_output_chars
+    Compiling runs outside the render deadline, so its source is capped (jinja's lexer and parser spend seconds
+    and memory on a long one), and a template that fails to compile is remembered as failing like one that
+    compiles is remembered as compiled: every chat or gauge call would otherwise pay for parsing it again."""
+    cap = limits.current().max_template_source_chars
     if len(source) > cap:
         raise chat_template.TemplateLimitError(f"the model's chat template is {len(source):,} characters long; at most "
-                                               f"{cap:,} are allowed (max_template_output_chars)")
-    try:
-        return chat_template.make_environment().from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise GenerationError(f"the model's chat template does not parse: {e}") from e
+                                               f"{cap:,} are allowed (max_template_source_chars)")
+    key = (source, limits.current().max_template_output_chars)  # constant folding at compile time sizes by the cap
+    with _COMPILED_LOCK:
+        known = _COMPILED.get(key)
+        if known is not None:
+            _COMPILED.move_to_end(key)
+    if known is None:
+        try:
+            known = chat_template.make_environment().from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            known = f"the model's chat template does not parse: {e}"
+        except (RecursionError, MemoryError) as e:  # nesting past the parser's stack, or past memory
+            known = f"the model's chat template is nested too deeply to compile ({type(e).__name__})"
+        with _COMPILED_LOCK:
+            _COMPILED[key] = known
+            while len(_COMPILED) > _COMPILED_KEEP:
+                _COMPILED.popitem(last=False)
+    if isinstance(known, str):
+        raise GenerationError(known)  # a fresh error each time: one re-raised would pile up tracebacks
+    return known
 
 
 def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:

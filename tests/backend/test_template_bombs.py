@@ -62,6 +62,16 @@ BOMBS = {
     "strftime-width": ("{{ strftime_now('%150000Y' * 1000) }}", "max_template_output_chars"),
     "str-translate": ("{{ 'aaaa'.translate({97: 'x' * 100000}) }}", "may not use"),
     "pprint": ("{{ range(10)|list|pprint }}", "may not use"),
+    # `*` widths and precisions come from the arguments: each one, and all of them together, sized before formatting
+    "percent-star-width": ("{{ '%*s' % (1000000000, '') }}", "max_template_output_chars"),
+    "percent-star-precision": ("{{ '%.*f' % (1000000000, 1.0) }}", "max_template_output_chars"),
+    "percent-star-widths-summed": ("{{ ('%*s' * 2000) % ((190000, '') * 2000) }}", "max_template_output_chars"),
+    "percent-precisions-summed": ("{{ ('%.*f' * 100) % ((190000, 1e308) * 100) }}", "max_template_output_chars"),
+    "percent-keyed-widths-summed": ("{{ ('%(a)190000s' * 100) % {'a': ''} }}", "max_template_output_chars"),
+    "format-filter-star-widths": ("{{ ('%*s' * 2000)|format(*((190000, '') * 2000)) }}", "max_template_output_chars"),
+    "str-format-nested-width-text": ("{{ '{:{}}'.format('', '>1000000000') }}", "max_template_output_chars"),
+    "str-format-nested-widths-summed": ("{{ ('{:{}}' * 2000).format(*(('', 190000) * 2000)) }}",
+                                        "max_template_output_chars"),
     "loop-that-never-ends": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
                              "template_time_s"),
 }
@@ -186,5 +196,33 @@ def test_long_chat_within_the_caps_still_renders(public):
 
 
 def test_template_source_is_capped(public):
-    with pytest.raises(TemplateLimitError, match="max_template_output_chars"):
-        tokenizer("x" * 200_001).render_chat(HI)
+    """Compiling runs outside the render deadline: jinja's parser spends seconds and 100+ MB on 190 000 characters."""
+    start = time.monotonic()
+    with pytest.raises(TemplateLimitError, match="max_template_source_chars"):
+        tokenizer("{{ a.b.c.d.e.f.g }}" * 2700).render_chat(HI)  # 51 300 characters
+    assert time.monotonic() - start < 0.5
+    assert tokenizer("x" * 50_000).render_chat(HI) == "x" * 50_000
+
+
+def test_template_source_cap_is_generous_in_private_mode(monkeypatch):
+    monkeypatch.delenv("FORNAX_PUBLIC", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("FORNAX_MAX_TEMPLATE_SOURCE_CHARS", raising=False)
+    assert tokenizer("x" * 60_000).render_chat(HI) == "x" * 60_000
+
+
+def test_template_that_fails_to_compile_is_compiled_once(public, monkeypatch):
+    """A template that fails at its end is remembered as failing: no parsing again on every chat or gauge call."""
+    from backend import chat_template
+    from backend.errors import GenerationError
+
+    compiled = []
+    make = chat_template.make_environment
+    monkeypatch.setattr(chat_template, "make_environment", lambda: compiled.append(1) or make())
+    source = f"{{# {time.time_ns()} #}}" + "{{ a.b.c.d.e.f.g }}" * 2600 + "{% endfor %}"
+    for _ in range(3):
+        start = time.monotonic()
+        with pytest.raises(GenerationError, match="does not parse"):
+            tokenizer(source).render_chat(HI)
+        assert time.monotonic() - start < TIME_BOUND_S
+    assert len(compiled) == 1

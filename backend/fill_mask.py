@@ -1,11 +1,16 @@
 """What an encoder (BERT-style masked LM) is for: fill [MASK]s, and score a sentence by pseudo-log-likelihood
-(each token masked in turn and predicted from both sides; Salazar et al. 2020)."""
+(each token masked in turn and predicted from both sides; Salazar et al. 2020).
+
+Both take an optional `deadline` (budget.Deadline), checked before each forward: a pseudo-log-likelihood runs one
+forward per `batch_size` tokens, so a long text stops on the deployment's time limit (budget.TimeBudgetError, a
+plain error) instead of holding the model."""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from .budget import Deadline
 from .errors import GenerationError
 
 MASK_TOKEN = "[MASK]"
@@ -34,7 +39,7 @@ def _encode(handle, text: str) -> list[int]:
     return ids
 
 
-def fill_mask(handle, text: str, top_k: int = 5) -> list[list[dict]]:
+def fill_mask(handle, text: str, top_k: int = 5, deadline: Deadline | None = None) -> list[list[dict]]:
     """For each [MASK] in `text`, left to right: its top_k candidates [{"token", "id", "prob"}], best first.
     Several masks are predicted together, each from the same input (as transformers' fill-mask pipeline does)."""
     mask_id = _check_encoder(handle)
@@ -46,6 +51,8 @@ def fill_mask(handle, text: str, top_k: int = 5) -> list[list[dict]]:
     where = [i for i, t in enumerate(ids) if t == mask_id]
     if not where:
         raise GenerationError(f"the text has no {MASK_TOKEN} token after tokenization")
+    if deadline is not None:
+        deadline.check()
     logits = handle.logits(torch.tensor([ids]))[0, where]                       # (n_masks, V)
     probs = logits.softmax(-1)
     top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
@@ -53,7 +60,7 @@ def fill_mask(handle, text: str, top_k: int = 5) -> list[list[dict]]:
              for p, i in zip(row_p.tolist(), row_i.tolist())] for row_p, row_i in zip(top.values, top.indices)]
 
 
-def pseudo_log_likelihood(handle, text: str, batch_size: int = 32) -> dict:
+def pseudo_log_likelihood(handle, text: str, batch_size: int = 32, deadline: Deadline | None = None) -> dict:
     """Each token's log p(token | every other token) with it masked, the sum (the PLL) and the pseudo-perplexity
     exp(-PLL / n). Special tokens ([CLS], [SEP]) are context, not scored."""
     mask_id = _check_encoder(handle)
@@ -65,6 +72,8 @@ def pseudo_log_likelihood(handle, text: str, batch_size: int = 32) -> dict:
     base = torch.tensor(ids)
     logprobs = []
     for start in range(0, len(scored), batch_size):
+        if deadline is not None:
+            deadline.check()  # between forwards: each one scores `batch_size` tokens
         rows = scored[start:start + batch_size]
         batch = base.repeat(len(rows), 1)                                        # (n, T): row r masks token rows[r]
         batch[torch.arange(len(rows)), torch.tensor(rows)] = mask_id

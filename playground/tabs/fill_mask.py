@@ -10,6 +10,7 @@ import gradio as gr
 
 import backend
 from backend import limits
+from backend.budget import Deadline
 from backend.fill_mask import MASK_TOKEN
 
 from .. import deployment, render
@@ -70,25 +71,27 @@ def text_value(text) -> str:
 @user_errors
 def fill(text: str, top_k: int):
     """Each [MASK]'s top-k candidates with their probabilities, as bars (HTML)."""
+    deadline = Deadline.for_event("this fill-mask")  # from the click: the wait for the model counts
     text = text_value(text)
     top_k = top_k_value(top_k)
     deployment.check_fill_mask(len(text), top_k)
     if not text.strip():
         raise refusal(f"the text is empty: write a sentence with {MASK_TOKEN} where a word should go")
     with current.using() as handle:
-        masks = handle.fill_mask(text, top_k=top_k)
+        masks = handle.fill_mask(text, top_k=top_k, deadline=deadline)
     return render.mask_bars_html(text, MASK_TOKEN, masks)
 
 
 @user_errors
 def pseudo_log_likelihood(text: str):
     """Each token's log-probability with it masked, as a heat line over the text, and the total (HTML)."""
+    deadline = Deadline.for_event("this pseudo-log-likelihood")  # from the click: the wait for the model counts
     text = text_value(text)
     deployment.check_fill_mask(len(text))
     if not text.strip():
         raise refusal("the text is empty: write a sentence to score")
     with current.using() as handle:
-        result = handle.pseudo_log_likelihood(text)
+        result = handle.pseudo_log_likelihood(text, deadline=deadline)
         spans = scored_spans(handle, text, result)
     return render.pll_html(text, result, spans)
 

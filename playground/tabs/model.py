@@ -26,8 +26,8 @@ def load_model(source: str, dtype: str = "auto", progress=gr.Progress(), request
         raise refusal("type a model to load: default, a model folder, a .gguf path, or a Hub id like org/name")
     deployment.check_swap()
     folder = deployment.check_source(source, request)
-    if folder == source:  # default, a Hub id (anyone's to use), or a private user's path
-        return load_source(source, dtype, progress)
+    if folder == source or deployment.hub_allowed(source):  # default, a Hub id (anyone's to use; a pinned one
+        return load_source(folder, dtype, progress)         # as `org/name@rev`), or a private user's path
     return load_source(folder, dtype, progress, owner=deployment.visitor_id(request), shown=source)
 
 

@@ -339,7 +339,7 @@ def hub_over_cap(tmp, mp):  # item 2: refused from config.json and the safetenso
     config.write_text(json.dumps(dict(model_type="llama", vocab_size=152064, hidden_size=8192,
                                       intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
                                       num_key_value_heads=8, max_position_embeddings=8192)))
-    mp.setattr(hub, "_download_file", lambda repo, name, token: config)
+    mp.setattr(hub, "_download_file", lambda repo, name, token, revision=None: config)
     mp.setattr("huggingface_hub.snapshot_download", _refuse_download)
     return lambda: backend.load("Qwen/Qwen2-72B")
 

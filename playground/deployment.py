@@ -1,5 +1,6 @@
 """What a visitor may do on this deployment: in public mode (`backend.limits.public_mode()`) no server paths, only
-allowlisted Hub ids, uploads within the size cap, every sampling value within its cap whatever the API client
+allowlisted Hub ids (FORNAX_HUB_ALLOWLIST; an entry `org/name@<commit sha or tag>` pins that revision, which
+`org/name` then loads, and any other revision of it is refused), uploads within the size cap, every sampling value within its cap whatever the API client
 sends, a time limit per event, no Hub token of the server's, and training jobs, evaluation history, exports and
 uploads owned by the visitor who made them. Private mode (a local user) keeps full freedom; the caps are then the
 generous private ones.
@@ -8,7 +9,9 @@ Who a visitor is (`visitor_id`): a signed cookie (`fornax_visitor`, HMAC-SHA256 
 secret kept 0600 under the cache), set by `VisitorCookies` on every response that lacks a valid one, so a reload
 keeps ownership; a cookie without the server's signature is ignored (a new id), so nobody takes over another's id.
 A caller without the cookie (an API client that drops it) is its own visitor for its session; one without a
-session either (`/gradio_api/run/*`) a new visitor per request, so such callers never share an owner.
+session either (`/gradio_api/run/*`) a new visitor per request, so such callers never share an owner. A session hash
+never stands for a cookie (the client picks it freely): a queued event's request carries its join request's headers,
+the cookie included.
 
 FORNAX_MODEL_SWAP (`anyone` | `nobody`; default `anyone`): whether visitors may load another model into the one
 shared slot. With `nobody` the model the operator started with stays; `anyone` is the playground's point (upload a
@@ -21,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import unquote
@@ -51,10 +56,18 @@ class Bounded(OrderedDict):
 
     def put(self, key, value):
         with self._lock:
-            self[key] = value
-            self.move_to_end(key)
-            while len(self) > self.cap:
-                self.popitem(last=False)
+            return self._set(key, value)
+
+    def change(self, key, fn):
+        """Set `key` to `fn(its value or None)` under the lock (a read-modify-write no other thread interleaves)."""
+        with self._lock:
+            return self._set(key, fn(self.get(key)))
+
+    def _set(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.cap:
+            self.popitem(last=False)
         return value
 
 
@@ -62,7 +75,6 @@ MAX_VISITORS_KEPT = 4096
 MAX_GRANTS_PER_VISITOR = 32
 # Sources each visitor may load although they are paths: the results of its own finished training jobs.
 _granted: Bounded = Bounded(MAX_VISITORS_KEPT)      # visitor -> {source as shown: folder}
-_session_visitor: Bounded = Bounded(4 * MAX_VISITORS_KEPT)  # session hash -> visitor id its cookie proved
 _file_owners: Bounded = Bounded(16 * MAX_VISITORS_KEPT)     # served file path -> visitors who may download it
 _secret: bytes | None = None
 
@@ -131,18 +143,14 @@ def _cookie_of(request) -> str | None:
 
 
 def visitor_id(request: gr.Request | None) -> str:
-    """Who this request is, stable across reloads: `v:<id>` from a signed cookie (remembered for its session, so a
-    request of that session without headers is the same visitor), `s:<hash>` for a cookieless session, and a new
-    `r:<random>` for a request with neither."""
+    """Who this request is, stable across reloads: `v:<id>` from a signed cookie, `s:<hash>` for a cookieless
+    session (never the cookie's visitor of that session: the client names its session hash, so knowing another's
+    hash must not make anyone that visitor), and a new `r:<random>` for a request with neither."""
     raw = verified(_cookie_of(request))
-    session = getattr(request, "session_hash", None) if request is not None else None
     if raw is not None:
-        if session:
-            _session_visitor.put(session, f"v:{raw}")
         return f"v:{raw}"
-    if session:
-        return _session_visitor.get(session) or f"s:{session}"
-    return f"r:{secrets.token_hex(16)}"
+    session = getattr(request, "session_hash", None) if request is not None else None
+    return f"s:{session}" if session else f"r:{secrets.token_hex(16)}"
 
 
 def visitor_key(request: gr.Request | None) -> str:
@@ -152,8 +160,8 @@ def visitor_key(request: gr.Request | None) -> str:
 
 class VisitorCookies:
     """ASGI middleware: sets the signed visitor cookie on a response whose request has no valid one, serves a file
-    that a visitor owns (uploads, export downloads) to that visitor only, and caps the files one upload request may
-    carry before Gradio writes them."""
+    that a visitor owns (uploads, export downloads) to that visitor only, whichever of Gradio's file routes names it,
+    and caps an upload request's files (before Gradio writes them) and each address's upload bytes per hour."""
 
     def __init__(self, app):
         self.app = app
@@ -165,13 +173,25 @@ class VisitorCookies:
         cookie = _cookie_of(_Headers(headers))
         raw = verified(cookie)
         path = scope.get("path", "")
-        if "/file=" in path and not may_download(path.split("/file=", 1)[1], raw):
+        named = served_file(path)
+        if named is not None and not may_download(named, raw):
             return await _plain(send, 404, b"Not found")
         if raw is None:
             send = _with_cookie(send, _cookie_header(scope, headers))
         if scope.get("method") == "POST" and path.rstrip("/").endswith("/upload"):
             return await _counted_upload(self.app, scope, receive, send, headers)
         return await self.app(scope, receive, send)
+
+
+# Gradio serves a file at /file=<path> and at the deprecated /file/<path> (under /gradio_api, and wherever the app
+# is mounted); the path arrives URL-decoded in the ASGI scope.
+_FILE_ROUTE = re.compile(r"/file[=/]")
+
+
+def served_file(path: str) -> str | None:
+    """The file a request for `path` names to one of Gradio's file routes, or None when it names none."""
+    found = _FILE_ROUTE.search(path)
+    return path[found.end():] if found else None
 
 
 class _Headers:
@@ -204,19 +224,76 @@ class _TooManyFiles(Exception):
     pass
 
 
+class _OverBudget(Exception):
+    pass
+
+
+_upload_budgets: Bounded = Bounded(MAX_VISITORS_KEPT)  # address -> (bytes still allowed, when that was counted)
+HOUR_S = 3600.0
+
+
+def upload_allowance(address: str, cap: int, now: float | None = None) -> float:
+    """The bytes `address` may still upload: `cap` per hour, refilled steadily (a token bucket)."""
+    now = time.monotonic() if now is None else now
+    level, then = _upload_budgets.get(address) or (float(cap), now)
+    return min(float(cap), level + (now - then) * cap / HOUR_S)
+
+
+def spend_upload(address: str, cap: int, nbytes: int) -> float:
+    """Count `nbytes` received from `address` against its hourly budget; returns what is left (below 0: over)."""
+    now = time.monotonic()
+
+    def spent(old):
+        level = min(float(cap), old[0] + (now - old[1]) * cap / HOUR_S) if old else float(cap)
+        return (level - nbytes, now)
+
+    return _upload_budgets.change(address, spent)[0]
+
+
+def _budget_message(cap: int) -> bytes:
+    return (f"uploads from your address have used this public deployment's allowance of {cap:,} bytes per hour: "
+            f"try again later").encode()
+
+
+def _boundary(content_type: str) -> bytes | None:
+    """The multipart boundary of a Content-Type header as the multipart parser reads it (python_multipart, as
+    Starlette and Gradio parse it: case, spaces and quotes as they allow), or None when it is not multipart or has
+    none."""
+    from python_multipart.multipart import parse_options_header
+
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
+        return None
+    return options.get(b"boundary") or None
+
+
 async def _counted_upload(app, scope, receive, send, headers: dict) -> None:
-    """An upload request whose multipart body carries more than `max_upload_files` parts is cut off as it streams
-    in (Gradio writes each part to disk while parsing; only its per-file size is capped) and answered 413."""
-    boundary = headers.get("content-type", "").partition("boundary=")[2].split(";")[0].strip().strip('"')
-    if not boundary:
-        return await app(scope, receive, send)
-    cap, marker = limits.current().max_upload_files, b"--" + boundary.encode("latin-1")
+    """An upload request whose multipart body carries more than `max_upload_files` parts, or more bytes than its
+    address has left of `max_upload_bytes_per_hour`, is cut off as it streams in (Gradio writes each part to disk
+    while parsing; only its per-file size is capped) and answered 413 / 429; one without a boundary is refused."""
+    boundary = _boundary(headers.get("content-type", ""))
+    if boundary is None:
+        return await _plain(send, 400, b"an upload must be multipart/form-data with a boundary")
+    caps = limits.current()
+    cap, marker, budget = caps.max_upload_files, b"--" + boundary, caps.max_upload_bytes_per_hour
+    from starlette.requests import Request
+
+    from .hardening import declared_length, visitor_address
+
+    address = visitor_address(Request(scope))
+    if budget > 0:
+        declared = declared_length(scope) or 0
+        if upload_allowance(address, budget) < max(declared, 1):
+            return await _plain(send, 429, _budget_message(budget))
     seen = {"markers": 0, "tail": b"", "started": False}
 
     async def counting():
         message = await receive()
         if message.get("type") == "http.request":
-            chunk = seen["tail"] + message.get("body", b"")
+            body = message.get("body", b"")
+            if budget > 0 and body and spend_upload(address, budget, len(body)) < 0:
+                raise _OverBudget()
+            chunk = seen["tail"] + body
             seen["markers"] += chunk.count(marker)  # a marker in the kept tail alone is too short to count twice
             seen["tail"] = chunk[-(len(marker) - 1):]
             if seen["markers"] - 1 > cap:  # the closing marker ends the last part
@@ -232,6 +309,9 @@ async def _counted_upload(app, scope, receive, send, headers: dict) -> None:
     except _TooManyFiles:
         if not seen["started"]:
             await _plain(send, 413, f"one upload may carry at most {cap} files".encode())
+    except _OverBudget:
+        if not seen["started"]:
+            await _plain(send, 429, _budget_message(budget))
 
 
 def middleware() -> list:
@@ -243,7 +323,9 @@ def middleware() -> list:
 
 # --- what a visitor owns ------------------------------------------------------------------------------------------
 def _file_key(path: str) -> str:
-    return os.path.normpath(os.path.abspath(str(path)))
+    """A served file as the file system finds it: absolute, normalised, links resolved (so `//tmp/x`, `/tmp//x`
+    and `tmp/../tmp/x` are one file)."""
+    return os.path.realpath(os.path.abspath(str(path)))
 
 
 def own_file(request: gr.Request | None, path: str | os.PathLike) -> None:
@@ -252,15 +334,20 @@ def own_file(request: gr.Request | None, path: str | os.PathLike) -> None:
     vid = visitor_id(request)
     if not public() or not vid.startswith("v:"):
         return
-    key = _file_key(path)
-    _file_owners.put(key, (_file_owners.get(key) or frozenset()) | {vid})
+    _file_owners.change(_file_key(path), lambda owners: (owners or frozenset()) | {vid})
 
 
 def may_download(path: str, raw_visitor: str | None) -> bool:
     """Whether /gradio_api/file=<path> may be served to this cookie's visitor: a file nobody owns follows Gradio's
     own rules; an owned one (named as decoded once or twice) only to its owners."""
-    owners = _file_owners.get(_file_key(path)) or _file_owners.get(_file_key(unquote(path)))
-    return owners is None or (raw_visitor is not None and f"v:{raw_visitor}" in owners)
+    for name in (path, unquote(path)):
+        try:
+            owners = _file_owners.get(_file_key(name))
+        except (OSError, ValueError):  # a name the file system cannot take (a NUL byte): Gradio refuses it too
+            return False
+        if owners is not None:
+            return raw_visitor is not None and f"v:{raw_visitor}" in owners
+    return True
 
 
 def history_filter(request: gr.Request | None) -> str | None:
@@ -292,7 +379,7 @@ def check_export(loaded_by: str | None, request: gr.Request | None) -> None:
 def shown_source(source: str) -> str:
     """What the page shows for a model source in public mode: never a server path (an upload's original file
     name, a job's result by its job id)."""
-    if not public() or source == "default" or source in hub_allowlist() or source.startswith(JOB_SOURCE) or \
+    if not public() or source == "default" or hub_allowed(source) or source.startswith(JOB_SOURCE) or \
             remote.allowed(source):  # an allowlisted remote server: its address is the operator's, not a path
         return source
     return Path(source).name if os.sep in source else source
@@ -303,11 +390,26 @@ def public() -> bool:
 
 
 def hub_allowlist() -> list[str]:
-    """FORNAX_HUB_ALLOWLIST (comma-separated Hub ids); unset: the default model's Hub id only."""
+    """FORNAX_HUB_ALLOWLIST (comma-separated Hub ids, each `org/name` or pinned `org/name@<revision>`); unset: the
+    default model's Hub id only."""
     raw = os.environ.get("FORNAX_HUB_ALLOWLIST")
     if raw is None:
         return [DEFAULT_HUB_ID]
     return [r.strip() for r in raw.split(",") if r.strip()]
+
+
+def hub_allowed(source: str) -> str | None:
+    """What an allowlisted Hub source loads, or None: an entry as written, or a pinned entry's bare `org/name` ->
+    `org/name@<its revision>` (so a later push to the repo is never what a visitor fetches). Another revision
+    than the entry's, or a revision of an unpinned entry, is not allowed."""
+    allowlist = hub_allowlist()
+    if source in allowlist:
+        return source
+    if "@" not in source:
+        pinned = [entry for entry in allowlist if entry.partition("@")[0] == source and "@" in entry]
+        if pinned:
+            return pinned[0]
+    return None
 
 
 def job_owner(request: gr.Request | None) -> str | None:
@@ -319,19 +421,24 @@ def grant(request: gr.Request | None, folder: str, shown: str | None = None) -> 
     """Let this visitor load `folder` (the result of its own training job) although it is a path, by `shown`
     (default: the folder itself); returns the name to load it by."""
     shown = shown or folder
-    vid = visitor_id(request)
-    grants = Bounded(MAX_GRANTS_PER_VISITOR)
-    grants.update(_granted.get(vid) or {})
-    grants.put(shown, folder)
-    _granted.put(vid, grants)
+
+    def granted(old):
+        grants = Bounded(MAX_GRANTS_PER_VISITOR)
+        grants.update(old or {})
+        grants.put(shown, folder)
+        return grants
+
+    _granted.change(visitor_id(request), granted)
     return shown
 
 
 def check_source(source: str, request: gr.Request | None = None) -> str:
     """Public mode: `default`, an allowlisted Hub id, or a result granted to this visitor; one message for
     everything else, existing or not. Returns what to load (a granted name's folder)."""
-    if not public() or source == "default" or source in hub_allowlist() or remote.allowed(source):
+    if not public() or source == "default" or remote.allowed(source):
         return source  # remote.allowed: an openai+http(s) source whose host is in FORNAX_REMOTE_ALLOWLIST
+    if (hub := hub_allowed(source)) is not None:
+        return hub  # an allowlisted Hub id; a pinned entry's bare id: `org/name@<its revision>`
     folder = (_granted.get(visitor_id(request)) or {}).get(source)
     if folder is not None:
         return folder

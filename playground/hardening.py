@@ -6,13 +6,16 @@ ours runs.
 - `patch_gradio()`: Gradio downloads a file input whose FileData `path` is a URL, and `/gradio_api/file=<url>`
   fetches any public URL for the caller; in public mode a visitor uploads, it never names a URL to fetch, so both
   are refused in plain words (nothing is fetched).
-- `cap_queue(demo)`: one browser session, or one address, cannot fill the queue that every visitor shares.
+- `cap_queue(demo)`: one browser session, or one address, cannot fill the queue that every visitor shares;
+  `admit_api_request` holds the OpenAI API's requests (which wait for the model outside that queue) to the same
+  shares, counted while each is waiting or running.
 
 Everything here checks `limits.public_mode()` per request: a private app in the same process keeps Gradio's ways.
 """
 from __future__ import annotations
 
 import os
+import threading
 
 from backend import limits
 
@@ -214,3 +217,73 @@ def cap_queue(demo) -> None:
         return await push(body, request, username)
 
     queue.push = capped_push
+
+
+# --- the OpenAI API's share ---------------------------------------------------------------------------------------
+class InFlight:
+    """How many requests each key (a visitor, an address) has waiting or running now."""
+
+    def __init__(self):
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, wanted: list[tuple[str, int]]) -> "Ticket | tuple[str, int, int]":
+        """One more request for every key, or (key, count, cap) of the first key already at its cap (nothing
+        counted then)."""
+        with self._lock:
+            for key, cap in wanted:
+                if self._counts.get(key, 0) >= cap:
+                    return key, self._counts.get(key, 0), cap
+            for key, _ in wanted:
+                self._counts[key] = self._counts.get(key, 0) + 1
+        return Ticket(self, [key for key, _ in wanted])
+
+    def give_back(self, keys: list[str]) -> None:
+        with self._lock:
+            for key in keys:
+                left = self._counts.get(key, 0) - 1
+                if left > 0:
+                    self._counts[key] = left
+                else:
+                    self._counts.pop(key, None)  # (so the table holds only keys with requests in flight)
+
+    def count(self, key: str) -> int:
+        return self._counts.get(key, 0)
+
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+
+class Ticket:
+    """One admitted request's place in `InFlight`; `release()` (once or more) gives it back."""
+
+    def __init__(self, table: InFlight, keys: list[str]):
+        self._table, self._keys = table, keys
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            keys, self._keys = self._keys, []
+        if keys:
+            self._table.give_back(keys)
+
+
+api_in_flight = InFlight()
+
+
+def admit_api_request(request, visitor: str | None) -> Ticket | str:
+    """A ticket for one OpenAI API request (released when the request ends), or why it is refused now: its visitor
+    (a signed cookie, when it sends one) or its address already has its share of requests waiting or running."""
+    caps = limits.current()
+    wanted = [(f"address:{visitor_address(request)}", caps.max_queued_per_address)]
+    if visitor is not None:
+        wanted.insert(0, (f"visitor:{visitor}", caps.max_queued_per_session))
+    taken = api_in_flight.take(wanted)
+    if isinstance(taken, Ticket):
+        return taken
+    key, count, cap = taken
+    if key.startswith("visitor:"):
+        return (f"you already have {count} requests waiting or running; this deployment takes at most {cap} per "
+                f"visitor: wait for them to finish")
+    return (f"{count} requests from your address are waiting or running; this deployment takes at most {cap} per "
+            f"address: wait for them to finish")

@@ -6,8 +6,10 @@ in public mode (`deployment.check_sampling`, the event time limit). Errors come 
 status 400 with {"error": {"message", "type", "param", "code"}}.
 
 No request parks a worker thread while it waits: a request waits for the model slot on the event loop (up to the
-event time limit), and a streamed answer whose client stops reading for `stream_send_timeout_s` is closed, which
-ends its generation and frees the slot. `/v1/models` never waits for the model.
+event time limit, or until its client goes away); one visitor (its signed cookie) or address may have only its share
+of requests waiting or running (`max_queued_per_session` / `_per_address`, as in the Gradio queue; past it: 429);
+and a streamed answer whose client stops reading for `stream_send_timeout_s` is closed, which ends its generation
+and frees the slot. `/v1/models` never waits for the model.
 
 `server(demo)` is the FastAPI app that serves this API with the Gradio app mounted at "/"; `server(None)` serves the
 API alone (`python -m playground --api-only`).
@@ -184,11 +186,16 @@ class Run:
         self.n = self.params["num_samples"]
         self.stream: backend.Stream | None = None
         self._held = False
+        self.ticket: hardening.Ticket | None = None  # its place in its visitor's and address's shares (see close)
 
-    async def hold_model(self) -> None:
-        """Wait for the model slot on the event loop, looking again after a growing pause, until the time limit."""
+    async def hold_model(self, gone=None) -> None:
+        """Wait for the model slot on the event loop, looking again after a growing pause, until the time limit or
+        until `gone()` (an async check) says the client went away (its place in the share is then given back)."""
         pause = SLOT_POLL_S[0]
         while not current.try_hold():
+            if gone is not None and await gone():
+                raise APIError("the client closed the connection while it waited for the model", None,
+                               "client_closed", 499)
             if self.deadline.expired:
                 raise APIError(f"the model stayed busy past this deployment's time limit of "
                                f"{self.deadline.seconds:g} s; try again later", None, "model_busy", 503,
@@ -233,9 +240,13 @@ class Run:
             if self.stream is not None:
                 self.stream.close()
         finally:
-            if self._held:
-                self._held = False
-                current.release()
+            try:
+                if self._held:
+                    self._held = False
+                    current.release()
+            finally:
+                if self.ticket is not None:
+                    self.ticket.release()
 
     def run(self) -> backend.GenerationResult:
         """The whole answer, or TimeBudgetError when the time limit cut it short (a non-streamed answer has no
@@ -346,10 +357,25 @@ async def request_body(request: Request) -> dict:
     return body
 
 
+def admission(request: Request) -> hardening.Ticket:
+    """This request's place in its visitor's and its address's share, or a 429 (before its body is read)."""
+    vid = deployment.visitor_id(request)
+    taken = hardening.admit_api_request(request, vid if vid.startswith("v:") else None)
+    if isinstance(taken, str):
+        raise APIError(taken, None, "rate_limit_exceeded", 429, "requests")
+    return taken
+
+
 async def answer(request: Request, chat: bool):
     try:
+        ticket = admission(request)
+    except APIError as e:
+        return e.response()
+    streaming = False
+    try:
         run = Run(await request_body(request), chat)
-        await run.hold_model()
+        run.ticket = ticket
+        await run.hold_model(request.is_disconnected)
         try:
             with anyio.CancelScope(shield=True):  # a slot taken is a slot released, whatever happens to the request
                 await run_in_threadpool(run.start)
@@ -358,18 +384,28 @@ async def answer(request: Request, chat: bool):
             raise
         if not run.streamed:
             return JSONResponse(run.body(await run_in_threadpool(run.run)))
+        streaming = True  # from here the stream's end gives the ticket back (Run.close)
+        return BackpressuredStream(pull(run.events()), on_close=run.close, media_type="text/event-stream",
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     except backend.FornaxError as e:
         return from_fornax(e).response()
     except APIError as e:
         return e.response()
-    return BackpressuredStream(pull(run.events()), media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    finally:
+        if not streaming:  # refused, answered, failed or cancelled (a client gone while it waited)
+            ticket.release()
 
 
 class BackpressuredStream(StreamingResponse):
     """Server-sent events whose client must keep reading: a chunk that cannot be handed to the connection within
     `stream_send_timeout_s` (its buffers are full: the client stopped reading) ends the response, which closes the
-    generation and releases the model slot. Without this a client that never reads holds the model forever."""
+    generation and releases the model slot. Without this a client that never reads holds the model forever.
+    `on_close` runs however the response ends, even before its first chunk was pulled (then closing the events
+    generator runs none of its own clean-up)."""
+
+    def __init__(self, *args, on_close=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_close = on_close
 
     async def stream_response(self, send) -> None:
         seconds = limits.current().stream_send_timeout_s
@@ -385,6 +421,8 @@ class BackpressuredStream(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+                if self.on_close is not None:
+                    await run_in_threadpool(self.on_close)
 
 
 async def pull(events):

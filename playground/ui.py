@@ -16,6 +16,8 @@ from .tabs import chat, completion, evaluate, export, fill_mask, finetune, kerne
 
 QUEUE_MAX_SIZE = 64               # beyond this, new requests are told the queue is full (one visitor's share:
 #                                   limits.max_queued_per_session / _per_address, see hardening.cap_queue)
+DELETE_CACHE_PRIVATE = (3600, 3600)   # Gradio's delete_cache: (how often to look, age to delete) in seconds
+DELETE_CACHE_PUBLIC = (600, 1800)
 TABS = [("chat", "Chat"), ("completion", "Completion"), ("race", "Race"), ("fill_mask", "Fill-mask"),
         ("model", "Model"), ("evaluate", "Evaluate"), ("export", "Export"), ("finetune", "Finetune"),
         ("kernel_lab", "Kernel lab")]
@@ -27,8 +29,11 @@ def build_app() -> gr.Blocks:
         deployment.refuse_server_token()
     hardening.patch_gradio()  # its refusals apply to public mode only, checked per request
     info = current.info()
-    # Uploaded .gguf files are converted into the backend's own cache on load; Gradio's copies go after an hour.
-    with gr.Blocks(title="Fornax playground", delete_cache=(3600, 3600)) as demo:
+    # Uploaded .gguf files are converted into the backend's own cache on load (training data is copied by its job):
+    # Gradio's copies go after an hour, in public mode after half an hour, looked for every ten minutes (uploads
+    # per address are capped per hour too: limits.max_upload_bytes_per_hour).
+    with gr.Blocks(title="Fornax playground", delete_cache=DELETE_CACHE_PUBLIC if deployment.public() else
+                   DELETE_CACHE_PRIVATE) as demo:
         with gr.Row(equal_height=True, elem_id="fx-header"):
             gr.Markdown("## Fornax playground", elem_id="fx-title")
             badge = gr.HTML(render.model_badge(info), elem_id="fx-model-badge")

@@ -311,3 +311,78 @@ def test_models_names_no_server_path_and_no_visitor_prepares_a_backend(app):
         assert name not in current.handle.runners
     status, body = request(app[0], "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})
     assert status == 200 and body["system_fingerprint"] == "fornax-eager"
+
+
+# --- review: the OpenAI API holds one address / one visitor to its share too ------------------------------------
+def in_parallel(url: str, n: int, headers: dict | None = None) -> tuple[list, list]:
+    """`n` /v1/completions requests at once, on threads; (answers so far, threads)."""
+    answers = []
+
+    def one():
+        answers.append(request(url, "POST", "/v1/completions", {"prompt": "The", "max_tokens": 2},
+                               headers=headers, timeout=120))
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return answers, threads
+
+
+def wait_for(condition, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.parametrize("share", ["address", "visitor"])
+def test_one_client_cannot_queue_past_its_share_on_the_api(app, monkeypatch, share):
+    from playground import deployment, hardening
+
+    cookie = deployment.mint_cookie()
+    headers = {"Cookie": f"{deployment.VISITOR_COOKIE}={cookie}"} if share == "visitor" else None
+    monkeypatch.setenv("FORNAX_MAX_QUEUED_PER_ADDRESS", "3" if share == "address" else "100")
+    monkeypatch.setenv("FORNAX_MAX_QUEUED_PER_SESSION", "3")
+    assert current.try_hold()  # the model is busy: admitted requests wait for it
+    try:
+        answers, threads = in_parallel(app[0], 6, headers)
+        assert wait_for(lambda: len(answers) >= 3), "the requests past the share were not refused at once"
+        time.sleep(0.3)
+        assert len(answers) == 3  # the admitted three still wait for the model
+        for status, body in answers:
+            assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+            assert f"at most 3 per {share}" in body["error"]["message"]
+        if share == "visitor":  # another visitor from the same address still gets in
+            other = {"Cookie": f"{deployment.VISITOR_COOKIE}={deployment.mint_cookie()}"}
+            more, more_threads = in_parallel(app[0], 1, other)
+            assert wait_for(lambda: hardening.api_in_flight.total() == 4 * 2)  # (each counts its visitor + address)
+            threads += more_threads
+    finally:
+        current.release()
+    for t in threads:
+        t.join(60)
+    assert sorted(status for status, _ in answers) == [200] * 3 + [429] * 3
+    assert wait_for(lambda: hardening.api_in_flight.total() == 0)
+    assert request(app[0], "POST", "/v1/completions", {"prompt": "The", "max_tokens": 2}, headers=headers)[0] == 200
+
+
+def test_a_client_that_leaves_while_it_waits_gives_its_place_back(app):
+    from playground import hardening
+
+    assert current.try_hold()
+    try:
+        body = json.dumps({"prompt": "The", "max_tokens": 2}).encode()
+        sock = socket.create_connection(host_port(app[0]), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert wait_for(lambda: hardening.api_in_flight.total() > 0)
+        sock.close()
+        assert wait_for(lambda: hardening.api_in_flight.total() == 0), "a client gone kept its place"
+    finally:
+        current.release()
+
+
+def test_public_mode_sweeps_uploads_sooner(app):
+    from playground import ui
+
+    assert app[1].delete_cache == ui.DELETE_CACHE_PUBLIC and ui.DELETE_CACHE_PUBLIC[1] <= 1800

@@ -67,6 +67,8 @@ def port(tmp_path_factory):
     mp.setenv("FORNAX_PUBLIC", "1")
     mp.setenv("FORNAX_CACHE", str(tmp_path_factory.mktemp("cache")))
     mp.setenv("FORNAX_STREAM_SEND_TIMEOUT_S", str(SEND_TIMEOUT_S))
+    # the 46 requests below come from one address: past its public share (32), which is tested in test_network_edge
+    mp.setenv("FORNAX_MAX_QUEUED_PER_ADDRESS", "1000")
     folder = tmp_path_factory.mktemp("models") / "tiny-llama"
     make_tiny("llama", folder)
     current.load(str(folder))

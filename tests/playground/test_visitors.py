@@ -97,7 +97,7 @@ def test_callers_without_a_cookie_are_their_own_visitors():
     assert deployment.visitor_id(nobody) != deployment.visitor_id(gr.Request())
     cookie = deployment.mint_cookie()
     seen = deployment.visitor_id(browser(cookie, "page-x"))
-    assert deployment.visitor_id(browser(None, "page-x")) == seen  # the session its cookie proved, headers or not
+    assert deployment.visitor_id(browser(cookie, "page-y")) == seen  # the cookie is who it is, whatever its session
     from playground.streaming import session_key
 
     assert session_key(nobody) != session_key(gr.Request())  # nor one Stop flag for all of them
@@ -139,6 +139,24 @@ def test_the_middleware_signs_cookies_owns_files_and_caps_files_per_upload(publi
     response = mine.post("/gradio_api/upload", files=files)
     assert response.status_code == 413 and "at most 3 files" in response.text
     assert mine.post("/gradio_api/upload", files=files[:3]).text == "3 files"
+
+
+def test_another_visitors_session_hash_is_not_their_cookie(public, sleeping_jobs):
+    """The client names its session hash: knowing a visitor's (it is in their page's requests) must not make
+    anyone that visitor: not their job, not their results."""
+    cookie = deployment.mint_cookie()
+    owner = browser(cookie, "page-1")
+    finetune.start_job(corpus(public), **FORM, request=owner)
+    job = finetune.manager().latest(deployment.job_owner(owner))
+    deployment.grant(owner, "/their/result", shown="job:theirs")
+    deployment.check_upload(str(public / "corpus.txt"), request=owner)
+    impostor = browser(None, "page-1")  # the owner's session hash, without the cookie
+    assert deployment.visitor_id(impostor) != deployment.visitor_id(owner)
+    assert "no training job of yours to cancel" in refused(lambda: user_errors(finetune.cancel_job)(impostor))
+    assert job not in finetune.poll(impostor)[0]
+    assert "paths on the server" in refused(lambda: deployment.check_source("job:theirs", impostor))
+    assert deployment.check_source("job:theirs", owner) == "/their/result"
+    assert not (finetune.manager().job_dir(job) / "cancel").exists()
 
 
 # --- what a visitor owns ------------------------------------------------------------------------------------------
@@ -271,9 +289,7 @@ def test_errors_reach_a_public_page_without_paths(public, monkeypatch):
 def test_per_visitor_tables_stay_bounded(public):
     for i in range(deployment.MAX_VISITORS_KEPT + 500):
         deployment.grant(gr.Request(session_hash=f"visitor-{i}"), f"/folder/{i}")
-        deployment.visitor_id(browser(deployment.mint_cookie(), f"session-{i}"))
     assert len(deployment._granted) == deployment.MAX_VISITORS_KEPT
-    assert len(deployment._session_visitor) <= deployment._session_visitor.cap
     one = gr.Request(session_hash="greedy")
     for i in range(500):
         deployment.grant(one, f"/folder/{i}", shown=f"job:{i}")
@@ -325,3 +341,146 @@ def test_no_public_response_carries_a_server_path(public, sleeping_jobs, monkeyp
     for name, value in shown.items():
         leaks = [s for s in strings(value) if PATHISH.search(s) or str(public) in s]
         assert not leaks, (name, leaks)
+
+
+# --- review: Gradio's other file route, the boundary's spelling, upload bytes per hour, racing tables ------------
+def toy_app():
+    """A Starlette app behind VisitorCookies that serves anything (as Gradio's file routes do) and counts the files
+    of an upload."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def anything(request):
+        if request.url.path.endswith("/upload"):
+            form = await request.form()
+            return PlainTextResponse(f"{len(form.getlist('files'))} files")
+        return PlainTextResponse("served")
+
+    app = Starlette(routes=[Route("/{path:path}", anything, methods=["GET", "POST"])])
+    app.add_middleware(deployment.VisitorCookies)
+    return app
+
+
+def test_every_file_route_serves_an_owned_file_to_its_owner_only(public):
+    from urllib.parse import quote
+
+    from starlette.testclient import TestClient
+
+    app, cookie = toy_app(), deployment.mint_cookie()
+    mine, stranger = TestClient(app, cookies={deployment.VISITOR_COOKIE: cookie}), TestClient(app)
+    upload = public / "gradio" / "0123abcd" / "d.csv"
+    upload.parent.mkdir(parents=True)
+    upload.write_text("text\nhello\n")
+    deployment.check_upload(str(upload), request=browser(cookie, "page-1"))
+    name = str(upload)
+    detour = f"{upload.parent}/../{upload.parent.name}/d.csv"
+    for url in (f"/gradio_api/file={name}", f"/gradio_api/file/{name}", f"/gradio_api/file//{name}",
+                f"/gradio_api/file={name.replace('/', '//')}", f"/gradio_api/file={detour}", f"/file={name}",
+                f"/file/{name}", f"/gradio_api/file%3D{quote(name)}", f"/gradio_api/file/{quote(quote(name))}"):
+        assert stranger.get(url).status_code == 404, url
+        assert mine.get(url).text == "served", url
+    assert stranger.get("/gradio_api/file=/elsewhere/nobody-owns.csv").text == "served"  # Gradio's own rules
+
+
+def multipart(n: int, boundary: bytes = b"XyZbound", size: int = 8) -> bytes:
+    parts = b"".join(b"--" + boundary + b'\r\nContent-Disposition: form-data; name="files"; filename="f%d.txt"\r\n'
+                     b"Content-Type: text/plain\r\n\r\n" % i + b"x" * size + b"\r\n" for i in range(n))
+    return parts + b"--" + boundary + b"--\r\n"
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data; boundary=XyZbound",
+                                          "multipart/form-data; Boundary=XyZbound",
+                                          "multipart/form-data; BOUNDARY=XyZbound",
+                                          "multipart/form-data; boundary = XyZbound",
+                                          'Multipart/Form-Data; boundary="XyZbound"'])
+def test_the_file_cap_holds_however_the_boundary_is_spelled(public, monkeypatch, content_type):
+    from starlette.testclient import TestClient
+
+    monkeypatch.setenv("FORNAX_MAX_UPLOAD_FILES", "4")
+    client = TestClient(toy_app())
+    response = client.post("/gradio_api/upload", content=multipart(10), headers={"content-type": content_type})
+    assert response.status_code == 413 and "at most 4 files" in response.text
+    assert client.post("/gradio_api/upload", content=multipart(4), headers={"content-type": content_type}).text \
+        == "4 files"
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data", "multipart/form-data; boundary=",
+                                          "multipart/form-data; boundry=XyZbound", "text/plain", ""])
+def test_an_upload_without_a_boundary_is_refused(public, content_type):
+    from starlette.testclient import TestClient
+
+    response = TestClient(toy_app()).post("/gradio_api/upload", content=multipart(10),
+                                          headers={"content-type": content_type})
+    assert response.status_code == 400 and "boundary" in response.text
+
+
+def test_an_address_may_upload_only_so_many_bytes_per_hour(public, monkeypatch):
+    from starlette.testclient import TestClient
+
+    monkeypatch.setattr(deployment, "_upload_budgets", deployment.Bounded(deployment.MAX_VISITORS_KEPT))
+    monkeypatch.setenv("FORNAX_MAX_UPLOAD_BYTES_PER_HOUR", "5000")
+    client, headers = TestClient(toy_app()), {"content-type": "multipart/form-data; boundary=XyZbound"}
+    body = multipart(1, size=2000)  # ~2,130 bytes with its form: two fit in 5,000, a third does not
+    assert client.post("/gradio_api/upload", content=body, headers=headers).text == "1 files"
+    assert client.post("/gradio_api/upload", content=body, headers=headers).text == "1 files"
+    refused_declared = client.post("/gradio_api/upload", content=body, headers=headers)  # over what is left
+    assert refused_declared.status_code == 429 and "5,000 bytes per hour" in refused_declared.text
+
+    def chunked():  # no Content-Length: counted as the bytes arrive
+        yield body[:700]
+        yield body[700:]
+
+    assert client.post("/gradio_api/upload", content=chunked(), headers=headers).status_code == 429
+    assert client.get("/").text == "served"  # everything else still is
+    monkeypatch.setenv("FORNAX_MAX_UPLOAD_BYTES_PER_HOUR", "0")  # none (a private deployment's default)
+    assert client.post("/gradio_api/upload", content=body, headers=headers).text == "1 files"
+
+
+def test_an_hourly_upload_allowance_refills_over_the_hour(monkeypatch):
+    monkeypatch.setattr(deployment, "_upload_budgets", deployment.Bounded(8))
+    assert deployment.spend_upload("a", 3600, 3600) == 0
+    level, then = deployment._upload_budgets["a"]
+    assert deployment.upload_allowance("a", 3600, then + 600) == pytest.approx(600)
+    assert deployment.upload_allowance("a", 3600, then + 10 * 3600) == 3600  # never more than one hour's worth
+    assert deployment.upload_allowance("b", 3600) == 3600
+
+
+@pytest.mark.parametrize("table", ["files", "grants"])
+def test_per_visitor_tables_lose_no_concurrent_update(public, table):
+    import threading
+    import time
+
+    bounded = deployment._file_owners if table == "files" else deployment._granted
+    get = bounded.get
+
+    def slow_get(*args):  # a thread switch between reading a visitor's entry and writing it back
+        value = get(*args)
+        time.sleep(0.05)
+        return value
+
+    bounded.get = slow_get  # (on this table only; removed below)
+    path = str(public / "shared.csv")
+    one = browser(deployment.mint_cookie(), "p1")
+    visitors = [one] * 4 if table == "grants" else [browser(deployment.mint_cookie(), f"p{i}") for i in range(4)]
+
+    def act(i, request):
+        if table == "files":
+            deployment.own_file(request, path)
+        else:
+            deployment.grant(request, f"/folder/{i}", shown=f"job:{i}")
+
+    threads = [threading.Thread(target=act, args=(i, r)) for i, r in enumerate(visitors)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        del bounded.get
+    if table == "files":
+        for request in visitors:
+            raw = deployment.verified(request.headers.cookie.split("=", 1)[1])
+            assert deployment.may_download(path, raw)
+    else:
+        assert all(deployment.check_source(f"job:{i}", one) == f"/folder/{i}" for i in range(4))

@@ -11,7 +11,6 @@ from . import limits
 from .errors import ModelLoadError, UnsupportedModelError
 
 FAMILIES = ("gpt2", "llama", "bert", "lstm")
-CAUSAL_FAMILIES = ("gpt2", "llama", "lstm")  # next-token models: they generate
 # HF `model_type` -> our family. Qwen2 is Llama with QKV bias; Mistral is Llama.
 HF_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "bert": "bert",
                   "fornax_lstm": "lstm"}

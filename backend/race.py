@@ -49,7 +49,6 @@ QUICK_CONFIGS = ((32, 16),)
 BATCHES = (1, 4)
 FIDELITY_TOKENS = 257                     # 256 scored predictions
 QUICK_FIDELITY_TOKENS = 65
-PEERS = ("transformers", "llama.cpp", "genai")
 PEERS_SCRIPT = Path(__file__).with_name("race_peers.py")
 PEER_PACKAGES = {"transformers": "transformers", "llama": "llama-cpp-python", "genai": "onnxruntime-genai"}
 

@@ -46,11 +46,3 @@ def merge_lora(peft_model) -> Transformer:
         model.lm_head.weight = model.tok_emb.weight
     return model
 
-
-def base_model(module: nn.Module) -> Transformer:
-    """Our Transformer inside a PeftModel and/or a DistributedDataParallel wrapper (or the module itself)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    while isinstance(module, DistributedDataParallel) or hasattr(module, "get_base_model"):
-        module = module.module if isinstance(module, DistributedDataParallel) else module.get_base_model()
-    return module

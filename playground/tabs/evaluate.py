@@ -199,5 +199,3 @@ def build(backends: list[str] | None = None, model_events: dict | None = None) -
             "run": run, "summary": summary, "examples": examples, "chart": chart, "history": history,
             "chart_metric": chart_metric, "refresh": refresh}
 
-
-build_tab = build  # the name the brief uses

@@ -172,21 +172,25 @@ def test_default_model_export_matches_eager(default_export):
     assert abs(r["perplexity_onnx"] - r["perplexity_eager"]) < 1e-3
 
 
-OPTIMUM_ORACLE = ["optimum-onnx==0.1.0", "optimum==2.1.0", "transformers==4.57.6", "huggingface_hub==0.36.2",
-                  "tokenizers==0.22.2"]
+ROOT = Path(__file__).resolve().parents[2]
+ORACLE_PINS = [line.split("#")[0].strip() for line in (ROOT / "requirements-oracle.txt").read_text().splitlines()]
+ORACLE_PINS = [pin for pin in ORACLE_PINS if pin]
 
 
 @pytest.fixture(scope="session")
 def optimum_path():
-    """optimum-onnx needs transformers<4.58 while our oracle is transformers 5: install it apart, on its own path."""
-    target = Path(os.environ.get("FORNAX_CACHE", Path.home() / ".cache" / "fornax")) / "optimum-oracle"
-    if not (target / "optimum_onnx-0.1.0.dist-info").exists():
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                               *OPTIMUM_ORACLE], capture_output=True, text=True)
-        if done.returncode != 0:
-            if os.environ.get("CI"):
-                pytest.fail(f"could not install the optimum oracle: {done.stderr[-500:]}")
-            pytest.skip("optimum oracle not installable here (offline?)")
+    """optimum-onnx needs transformers<4.58 while our oracle is transformers 5: .ci/run installs it apart
+    (requirements-oracle.txt, --no-deps --target) into $FORNAX_OPTIMUM_ORACLE, by default .venv/optimum-oracle.
+    The test installs nothing: without that folder it skips, and under CI it fails."""
+    target = Path(os.environ.get("FORNAX_OPTIMUM_ORACLE", ROOT / ".venv" / "optimum-oracle"))
+    missing = [pin for pin in ORACLE_PINS
+               if not (target / f"{pin.split('==')[0].replace('-', '_')}-{pin.split('==')[1]}.dist-info").is_dir()]
+    if missing:
+        why = (f"optimum oracle not installed in {target} (missing {', '.join(missing)}): run `pip install -q "
+               f"--no-deps --upgrade --target {target} -r requirements-oracle.txt`")
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
     return target
 
 

@@ -9,15 +9,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FORNAX_SCORES_DB", os.path.join(tempfile.mkdtemp(prefix="fornax-scores-"), "scores.sqlite"))
 
 
+ON_REQUEST = ("fuzz", "slow")  # markers whose tests run only when `-m` names them
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "fuzz: long fuzzing runs, deselected unless asked for with `-m fuzz`")
+    config.addinivalue_line("markers", "slow: measurements over the real default model that take minutes on two "
+                                       "cores, deselected unless asked for with `-m slow`")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The long fuzz runs are for a person who asks (`pytest -m fuzz`); CI runs their short twins."""
-    if "fuzz" in (config.getoption("-m") or ""):
-        return
-    kept = [i for i in items if i.get_closest_marker("fuzz") is None]
-    if len(kept) != len(items):
-        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("fuzz") is not None])
-        items[:] = kept
+    """The long fuzz runs and the slow measurements are for a person who asks (`pytest -m fuzz`, `-m slow`); CI
+    runs their short twins."""
+    asked = config.getoption("-m") or ""
+    skipped = [m for m in ON_REQUEST if m not in asked]
+    dropped = [i for i in items if any(i.get_closest_marker(m) is not None for m in skipped)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [i for i in items if i not in dropped]

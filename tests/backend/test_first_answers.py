@@ -34,6 +34,7 @@ def test_a_models_own_generation_config_wins():
                                   )[0] == "Small model"
 
 
+@pytest.mark.slow  # ~4 minutes on two cores: `pytest -m slow`; CI asks the capital question in Chromium instead
 @pytest.mark.skipif(default_gguf_path() is None, reason=f"needs {backend.DEFAULT_INSTALL}")
 def test_the_default_models_opening_preset_answers_at_least_as_often_as_greedy():
     handle = backend.load("default")

@@ -187,7 +187,7 @@ def test_stop_ends_a_generation_in_the_page(page):
     wait_for_text(page, "#fx-complete-stats", "stopped", timeout_s=10)
     assert time.monotonic() - stopped_at < 5  # the full 400 tokens would take ~15 s
     set_number(page, "fx-max-new-tokens", 24)
-    set_number(page, "fx-temperature", 0.7)
+    set_number(page, "fx-temperature", UI_PARAMS["temperature"])  # back to the opening preset
 
 
 def test_bad_input_shows_a_readable_error_and_the_page_keeps_working(page, tmp_path):

@@ -16,19 +16,18 @@ import pytest
 from playground import build_app, current
 from playground.openai_api import server
 from tests.backend.bad_files import peak_rss_bytes, peak_rss_reset
+from tests.backend.test_evaluate_caps import labelled_csv
 from tests.backend.tiny import make_tiny
 from tests.playground.serve import PANEL, backend_kwargs
-from tests.backend.test_evaluate_caps import labelled_csv
+from tests.playground.test_many_clients import CALLS, CLIENTS, one_thread, request  # noqa: F401 (a fixture)
 from tests.playground.test_network_edge import big_file_server
 from tests.playground.test_openai_backpressure import raw_request, small_buffer_server
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError  # noqa: E402
 
-CLIENTS, CALLS = 16, 10
 ATTACKS = 3                      # each hostile client attacks this many times while the load runs
 HOSTILE_RSS_BOUND = 400 * 1024**2  # the server's peak RSS growth under load and attack (the 16 alone: ~100 MB)
-PROMPTS = ["The cat", "Once upon a time", "def main():", "Hello"]
 # ChatML, except that a message saying BOMB runs 10^10 loop iterations (the 2 s public template deadline stops it)
 TEMPLATE = ("{% for m in messages %}{% if m['content'] == 'BOMB' %}{% for i in range(100000) %}"
             "{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}<|im_start|>{{ m['role'] }}\n"
@@ -36,22 +35,6 @@ TEMPLATE = ("{% for m in messages %}{% if m['content'] == 'BOMB' %}{% for i in r
             "{% endif %}")
 PARKED = dict(model="x", messages=[{"role": "user", "content": "Hi"}], stream=True, n=4, max_tokens=110, seed=2,
               temperature=1.0)
-
-
-def request(c: int, i: int) -> dict:
-    """Call i of client c: its own seed, prompt and length, so answers differ and any mix-up shows."""
-    return dict(prompt=PROMPTS[(c + i) % len(PROMPTS)], **{**PANEL, "seed": 1000 * c + i, "max_new_tokens": 6 + i % 3,
-                                                           "num_samples": 1 + (c % 2)})
-
-
-@pytest.fixture
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def expected_answers(handle) -> dict:

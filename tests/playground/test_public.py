@@ -157,8 +157,11 @@ def test_a_second_visitor_cannot_cancel_or_see_the_first_ones_job(url, client, t
     # What each page shows (the poll is not an API endpoint): the owner its samples, anyone else only "running".
     import gradio as gr
 
-    mine = poll(gr.Request(session_hash=first.session_hash))
-    theirs = poll(gr.Request(session_hash=second.session_hash))
+    def page_of(c):  # a poll as that client's page makes it: its session and the visitor cookie it holds
+        cookie = "; ".join(f"{k}={v}" for k, v in c.cookies.items())
+        return gr.Request(session_hash=c.session_hash, headers={"cookie": cookie} if cookie else {})
+
+    mine, theirs = poll(page_of(first)), poll(page_of(second))
     assert job in mine[0] and "The with statement" in mine[2] and mine[1] is not None
     assert "another visitor" in theirs[0] and job not in theirs[0] and theirs[1] is None
     assert "The with statement" not in theirs[2]

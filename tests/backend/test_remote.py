@@ -3,15 +3,10 @@ real second server process (Fornax's own `python -m playground --api-only`) give
 a dead port, a 500, a malformed stream and a silent server are plain errors; public mode takes allowlisted hosts
 only and the key comes from the environment."""
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -19,10 +14,7 @@ import backend
 from backend.errors import FornaxError, ModelLoadError
 from backend.runners.remote import RemoteHandle
 from tests.backend.tiny import make_tiny
-from tests.playground.serve import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from tests.playground.serve import api_only_server, free_port
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
@@ -33,29 +25,10 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fornax_server(folder, tmp_path_factory):
-    """Base URL of `python -m playground --api-only --model <folder> --port <free>` (loopback)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("logs") / "remote-api-only.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FORNAX_PUBLIC": "0", "OMP_NUM_THREADS": "1",
-           "FORNAX_PREPARE": "none", "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "playground", "--api-only", "--model", str(folder),
-                                 "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            assert proc.poll() is None, f"the server exited early:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"the server did not answer in time:\n{log.read_text()}"
-            try:
-                with urllib.request.urlopen(base + "/v1/models", timeout=5):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.2)
-        yield port
-    finally:
-        proc.kill()
-        proc.wait()
+    """Port of `python -m playground --api-only --model <folder> --port <free>` (loopback)."""
+    env = {"FORNAX_PREPARE": "none", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with api_only_server(folder, tmp_path_factory.mktemp("logs") / "remote-api-only.log", env, 120) as (base, _, _):
+        yield int(base.rsplit(":", 1)[1])
 
 
 @pytest.fixture

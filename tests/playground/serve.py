@@ -57,3 +57,39 @@ def serving_asgi(app):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def api_only_server(folder, log, env: dict | None = None, timeout_s: float = 180):
+    """(base URL, process, log path) of `python -m playground --api-only --model <folder> --port <free>` in its own
+    process (loopback), once it answers /v1/models; killed afterwards if still running."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FORNAX_PUBLIC": "0", "OMP_NUM_THREADS": "1", **(env or {})}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "playground", "--api-only", "--model", str(folder),
+                                 "--port", str(port)], cwd=Path(__file__).resolve().parents[2], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert proc.poll() is None, f"the server exited early:\n{Path(log).read_text()}"
+            assert time.monotonic() < deadline, f"the server did not answer in time:\n{Path(log).read_text()}"
+            try:
+                with urllib.request.urlopen(base + "/v1/models", timeout=5):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        yield base, proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -2,14 +2,11 @@
 `openai` client and by the README's own `curl` examples (run as written, only the port changed); its answers equal
 the backend's for the same seed, and it shuts down cleanly."""
 import json
-import os
 import re
 import shlex
 import shutil
 import signal
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,7 +15,7 @@ import pytest
 
 import backend
 from tests.backend.tiny import make_tiny
-from tests.playground.serve import free_port
+from tests.playground.serve import api_only_server
 
 openai = pytest.importorskip("openai")
 
@@ -35,29 +32,9 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(folder, tmp_path_factory):
-    """(base URL, process) of `python -m playground --api-only --model <folder> --port <free>`."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("logs") / "api-only.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FORNAX_PUBLIC": "0", "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "playground", "--api-only", "--model", str(folder),
-                                 "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, f"the server exited early:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"the server did not answer in time:\n{log.read_text()}"
-        try:
-            with urllib.request.urlopen(base + "/v1/models", timeout=5):
-                break
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.3)
-    try:
-        yield base, proc, log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    """(base URL, process, log) of `python -m playground --api-only --model <folder> --port <free>`."""
+    with api_only_server(folder, tmp_path_factory.mktemp("logs") / "api-only.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,7 @@ def cmd_fill_mask(args):
 
 
 def cmd_bench(args):
-    from .bench import run_bench
+    from .bench.speed import run_bench
 
     run_bench(model=args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
               csv_path=args.csv, skip_transformers=args.skip_transformers,
@@ -99,7 +99,7 @@ def cmd_bench(args):
 
 
 def cmd_race(args):
-    from .race import QUICK_CONFIGS, QUICK_FIDELITY_TOKENS, race_paths, run_race
+    from .bench.race import QUICK_CONFIGS, QUICK_FIDELITY_TOKENS, race_paths, run_race
 
     select = [s for s in (args.paths or "").replace(",", " ").split() if s] or None
     paths = race_paths(args.model, args.onnx or [], args.llama_python, args.genai_python, select)
@@ -186,21 +186,22 @@ def cmd_finetune(args):
 
 def cmd_bench_train(args):
     if args.compare:  # learning curves of presets trained alike, not engine speed
-        from .bench_curves import run_curves
+        from .bench.curves import run_curves
 
         presets = [p for p in args.compare_presets.replace(",", " ").split() if p]
         run_curves(presets, steps=args.steps or 200, seq_len=args.seq_len or 64, batch_size=args.batch_size or 8,
                    lr=args.lr, eval_every=args.eval_every, data=args.data, csv_path=args.csv, png_path=args.png,
                    threads=args.threads)
         return
-    from .bench_train import run_bench_train
+    from .bench.train import run_bench_train
 
     run_bench_train(steps=args.steps or 30, threads=args.threads, preset=args.preset, seq_len=args.seq_len or 256,
                     batch_size=args.batch_size or 8, csv_path=args.csv, repeats=args.repeats)
 
 
 def cmd_first_answers(args):
-    from . import first_answers, presets
+    from .bench import first_answers
+    from .generation import presets
 
     handle = _load(args)
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
@@ -223,7 +224,7 @@ def cmd_first_answers(args):
 
 
 def cmd_bench_startup(args):
-    from .bench_startup import run_bench_startup
+    from .bench.startup import run_bench_startup
 
     run_bench_startup(runs=args.runs, warm=args.warm, prepare=args.prepare)
 
@@ -235,7 +236,7 @@ def cmd_evaluate(args):
 
 
 def cmd_cache(args):
-    from . import cache_dir
+    from .disk import caches as cache_dir
 
     found = cache_dir.entries()
     print(cache_dir.describe(found))

@@ -1,5 +1,5 @@
 """One ModelConfig for every model Fornax runs: GPT-2 family and Llama family (Llama, Mistral, Qwen2, SmolLM), BERT-style
-encoders (backend/encoder.py) and the LSTM baseline (backend/lstm.py)."""
+encoders (backend/models/encoder.py) and the LSTM baseline (backend/models/lstm.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -105,7 +105,7 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"model_type {model_type!r} is not supported; Fornax runs {', '.join(sorted(HF_MODEL_TYPES))}")
         if family in ("bert", "lstm"):  # their own modules read and write their configs
-            from . import encoder, lstm
+            from .models import encoder, lstm
 
             return (encoder if family == "bert" else lstm).config_from_hf(cls, hf)
         eos = hf.get("eos_token_id")
@@ -177,7 +177,7 @@ class ModelConfig:
         """The `config.json` transformers would write for this model (used for caches and saved checkpoints)."""
         eos = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else (self.eos_token_ids or None)
         if self.family in ("bert", "lstm"):
-            from . import encoder, lstm
+            from .models import encoder, lstm
 
             return (encoder if self.family == "bert" else lstm).config_to_hf(self)
         if self.family == "gpt2":

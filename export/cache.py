@@ -6,8 +6,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from backend import cache_dir
-from backend.gguf_file import cache_root
+from backend.disk import caches as cache_dir
+from backend.formats.gguf import cache_root
 from backend.loading import resolve
 
 from .onnx_export import EXPORT_VERSION, MODEL_FILE, export

@@ -1,4 +1,4 @@
-"""A BERT-style encoder (backend/encoder.py) as one ONNX graph in optimum's layout, and its parity report.
+"""A BERT-style encoder (backend/models/encoder.py) as one ONNX graph in optimum's layout, and its parity report.
 
 Graph (the contract of backend/runners/onnx_encoder_lstm.py; the names optimum's ORTModelForMaskedLM and
 ORTModelForSequenceClassification feed and read):
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from backend.encoder import Encoder
-from backend.fill_mask import MASK_TOKEN
+from backend.models.encoder import Encoder
+from backend.generation.fill_mask import MASK_TOKEN
 from backend.runners.onnx_encoder_lstm import ENCODER_INPUTS, ENCODER_OUTPUTS, OnnxEncoderRunner
-from backend.tokenizer import Tokenizer
+from backend.formats.tokenizer import Tokenizer
 
 PARITY_TEXTS = 6          # sentences of the fixed text, padded into one batch
 MASK_EVERY = 5            # every 5th ordinary token of each sentence becomes [MASK]

@@ -25,7 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from backend.config import ModelConfig
-from backend.gguf_file import unpermute_rope
+from backend.formats.gguf import unpermute_rope
 
 BLOCK = 32
 
@@ -84,7 +84,7 @@ def gguf_of(source: str, folder: Path) -> Path | None:
         return default_gguf_path()
     if str(source).lower().endswith(".gguf") and Path(source).expanduser().is_file():
         return Path(source).expanduser()
-    try:  # e.g. a converted folder passed directly: backend/gguf_file.py notes where it came from
+    try:  # e.g. a converted folder passed directly: backend/formats/gguf.py notes where it came from
         path = Path(json.loads((Path(folder) / "source.json").read_text())["gguf"])
     except (OSError, ValueError, KeyError):
         return None

@@ -15,8 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from backend.model import Transformer
-from backend.ops import rms_norm, rotate_half
+from backend.models.transformer import Transformer
+from backend.models.ops import rms_norm, rotate_half
 
 from .graph import LastPositions
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from backend.model import Transformer
+from backend.models.transformer import Transformer
 
 
 class LastPositions(torch.autograd.Function):

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from backend import budget
-from backend.atomic import atomic_folder
+from backend.disk.atomic import atomic_folder
 from backend.errors import FornaxError
-from backend.hf_format import fornax_to_hf, write_hf_folder
+from backend.formats.hf import fornax_to_hf, write_hf_folder
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

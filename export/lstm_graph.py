@@ -1,4 +1,4 @@
-"""The LSTM baseline (backend/lstm.py) as one ONNX graph with its state as inputs and outputs, and its parity report.
+"""The LSTM baseline (backend/models/lstm.py) as one ONNX graph with its state as inputs and outputs, and its parity report.
 
 Graph (the contract of backend/runners/onnx_encoder_lstm.py):
   inputs  input_ids (B, T) int64, h0, c0 (n_layer, B, D) float32 — zeros for a fresh sequence
@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from backend.handle import ModelHandle
-from backend.lstm import LSTMLM
+from backend.models.lstm import LSTMLM
 from backend.runners.onnx_encoder_lstm import LSTM_INPUTS, LSTM_OUTPUTS, OnnxLSTMRunner
-from backend.tokenizer import Tokenizer
+from backend.formats.tokenizer import Tokenizer
 
 TEXT_TOKENS = 128
 GREEDY_TOKENS = 64

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from backend import budget, limits
-from backend.atomic import atomic_folder
+from backend.disk.atomic import atomic_folder
 from backend.config import ModelConfig
 from backend.errors import FornaxError
-from backend.hf_format import write_hf_folder
+from backend.formats.hf import write_hf_folder
 from backend.loading import build_model, read_hf_config, read_weights, resolve
 from backend.runners.onnx import LOGITS_TO_KEEP, io_names
-from backend.tokenizer import Tokenizer
+from backend.formats.tokenizer import Tokenizer
 
 from .gqa_graph import GqaGraph
 from .graph import GraphWrapper

@@ -34,7 +34,8 @@ from urllib.parse import unquote
 
 import gradio as gr
 
-from backend import limits, remote
+from backend import limits
+from backend.formats import remote
 from backend.loading import DEFAULT_HUB_ID
 
 from .errors import refusal
@@ -91,7 +92,7 @@ def secret() -> bytes:
 
 
 def _stored_secret() -> bytes:
-    from backend.cache_dir import cache_root
+    from backend.disk.caches import cache_root
 
     path = cache_root() / "visitor-secret"
     try:

@@ -268,7 +268,7 @@ class Run:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": f"fornax-{self.backend}"}
 
-    def logprobs(self, completion: backend.generate.Completion, text_offset: int = 0) -> dict | None:
+    def logprobs(self, completion: backend.generation.generate.Completion, text_offset: int = 0) -> dict | None:
         if not self.want_logprobs:
             return None
         tokens = completion.tokens

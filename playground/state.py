@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 import backend
-from backend import cache_dir
+from backend.disk import caches as cache_dir
 
 cache_dir.use_capped_compiler_caches()  # before anything compiles: inductor / Triton caches under the capped cache
 

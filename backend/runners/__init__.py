@@ -1,4 +1,4 @@
-"""Execution paths. Each is a `Runner`; one generation loop (backend/generate.py) drives them all.
+"""Execution paths. Each is a `Runner`; one generation loop (backend/generation/generate.py) drives them all.
 
   eager        PyTorch eager, static KV cache                                   runners/eager.py
   compiled     torch.compile of the same model (C++/OpenMP on CPU, Triton on CUDA)  runners/compiled.py

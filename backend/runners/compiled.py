@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-from ..gguf_file import cache_root
-from ..model import Transformer
+from ..formats.gguf import cache_root
+from ..models.transformer import Transformer
 from .eager import EagerRunner
 
 MIN_CACHE = 512      # smallest static cache: short chats share one shape

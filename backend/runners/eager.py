@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import Transformer
+from ..models.transformer import Transformer
 
 CACHE_ROUND = 256  # KV cache lengths are rounded up so consecutive requests reuse one allocation (and one shape)
 

@@ -34,7 +34,7 @@ def _file_bytes(path: Path) -> int:
 
 
 class OnnxEncoderRunner:
-    """An encoder export on ONNX Runtime: full forwards only, as `backend.encoder.EncoderRunner`."""
+    """An encoder export on ONNX Runtime: full forwards only, as `backend.models.encoder.EncoderRunner`."""
 
     def __init__(self, path: str | Path, config: ModelConfig, threads: int | None = None, name: str = "onnx"):
         self.path, self.config, self.name = Path(path), config, name
@@ -64,7 +64,7 @@ class OnnxEncoderRunner:
 
 
 class OnnxLSTMRunner:
-    """An LSTM export on ONNX Runtime. Like `backend.lstm.LSTMRunner`, its cache is the state (h, c): each call
+    """An LSTM export on ONNX Runtime. Like `backend.models.lstm.LSTMRunner`, its cache is the state (h, c): each call
     feeds the state the last one returned, so positions must follow on from the last call."""
 
     def __init__(self, path: str | Path, config: ModelConfig, threads: int | None = None, name: str = "onnx"):

@@ -1,7 +1,7 @@
 """A handle whose generation runs on another server through its OpenAI API (vLLM, llama.cpp's server, Fornax).
 
 `load_remote("openai+http://HOST:PORT/v1#model-id")` (what `backend.load` calls for such a source, see
-backend/remote.py) returns a `RemoteHandle`: a `ModelHandle` with one backend, "remote", whose `stream` /
+backend/formats/remote.py) returns a `RemoteHandle`: a `ModelHandle` with one backend, "remote", whose `stream` /
 `generate` send the prompt's token ids to `POST /v1/completions` (streamed, `logprobs` asked for) and turn the
 server-sent events back into the same `Delta`s and `GenerationResult` a local run gives. Prompts are tokenized here,
 chat messages rendered with the model's chat template here, so a greedy answer is token for token the local one.
@@ -23,14 +23,14 @@ from typing import Iterator
 import torch
 
 from .. import limits
-from .. import remote as sources
+from ..formats import remote as sources
 from ..budget import Deadline
 from ..config import ModelConfig
 from ..errors import FornaxError, GenerationError, ModelLoadError
-from ..generate import Completion, Delta, GenerationResult, Stream, Timings, TokenInfo
+from ..generation.generate import Completion, Delta, GenerationResult, Stream, Timings, TokenInfo
 from ..handle import ModelHandle
-from ..sampling import SamplingParams
-from ..tokenizer import Tokenizer
+from ..generation.sampling import SamplingParams
+from ..formats.tokenizer import Tokenizer
 
 MAX_LINE_BYTES = 1 << 20        # one server-sent event line; a longer one is a malformed stream
 MAX_BODY_BYTES = 64 << 20       # a whole answer (streamed or not)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import GenerationError
-from ..model import Transformer
+from ..models.transformer import Transformer
 from .compiled import CompiledRunner
 from .eager import EagerRunner
 

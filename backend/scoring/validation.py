@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from ..model import Transformer
-    from ..tokenizer import Tokenizer
+    from ..models.transformer import Transformer
+    from ..formats.tokenizer import Tokenizer
     from ..training.data import Sequences
 
 

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ..errors import TrainError
-from ..tokenizer import Tokenizer
+from ..formats.tokenizer import Tokenizer
 
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIALS = [EOS, IM_START, IM_END]

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ..atomic import atomic_folder
+from ..disk.atomic import atomic_folder
 from ..errors import TrainError
 
 PREFIX = "checkpoint-"

@@ -34,7 +34,7 @@ import torch
 
 from .. import limits
 from ..errors import FornaxError, TrainError
-from ..tokenizer import Tokenizer
+from ..formats.tokenizer import Tokenizer
 
 IGNORE = -100                 # target id that cross_entropy skips
 MAX_VAL_SEQUENCES = 256       # validation loss is averaged over at most this many sequences

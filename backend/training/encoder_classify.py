@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TrainError
-from ..tokenizer import Tokenizer
+from ..formats.tokenizer import Tokenizer
 from .data import MAX_VAL_RECORDS, Data, EncoderBatch, EncoderExamples, Records, build_data, stratified_val_index
 
 METHOD = "classification head"  # how the encoder path classifies (the causal path: "label words")

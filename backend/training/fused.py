@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import TrainError
-from ..model import Transformer
+from ..models.transformer import Transformer
 from .data import IGNORE
 
 

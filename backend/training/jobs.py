@@ -33,7 +33,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .. import budget, cache_dir, limits
+from .. import budget, limits
+from ..disk import caches as cache_dir
 from ..errors import TrainError
 from .checkpoint import write_json_atomic
 from .config import TrainConfig

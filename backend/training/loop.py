@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..errors import FornaxError, TrainError
-from ..model import Transformer
-from ..tokenizer import Tokenizer
+from ..models.transformer import Transformer
+from ..formats.tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import IGNORE, Records, build_data, read_records
@@ -454,7 +454,7 @@ def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path |
             raise TrainError(f"{cfg.model} is an exported ONNX graph; train the PyTorch model it came from")
         model = handle.model.contiguous_layout()
         if handle.config.family == "bert" and records.task == "classify":
-            from ..encoder import Encoder
+            from ..models.encoder import Encoder
             from .encoder_classify import check_labels
 
             if model.is_classifier:
@@ -488,11 +488,11 @@ def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path |
 def new_model(cfg: ModelConfig) -> torch.nn.Module:
     """A freshly built model of the preset's family (random weights come from its init_weights)."""
     if cfg.family == "lstm":
-        from ..lstm import LSTMLM
+        from ..models.lstm import LSTMLM
 
         return LSTMLM(cfg)
     if cfg.family == "bert":
-        from ..encoder import Encoder
+        from ..models.encoder import Encoder
 
         return Encoder(cfg)
     return Transformer(cfg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..errors import TrainError
-from ..model import Transformer
+from ..models.transformer import Transformer
 
 TARGETS = ("attn.qkv", "attn.q", "attn.k", "attn.v", "attn.proj", "mlp.gate_up", "mlp.up", "mlp.down", "up", "down")
 ENCODER_HEAD = ("pooler", "classifier")  # an encoder classifier's head: new for the task, so it trains whole

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..errors import TrainError
 from ..scoring.validation import autocast
-from ..tokenizer import Tokenizer
+from ..formats.tokenizer import Tokenizer
 from .data import IGNORE, MAX_VAL_SEQUENCES, Data, EncoderExamples, Records
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

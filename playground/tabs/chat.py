@@ -9,7 +9,8 @@ import os
 import gradio as gr
 
 import backend
-from backend import limits, presets
+from backend import limits
+from backend.generation import presets
 
 from .. import deployment
 from ..errors import refusal, user_errors

@@ -9,7 +9,8 @@ import shutil
 import tempfile
 import time
 
-from backend import cache_dir, limits
+from backend.disk import caches as cache_dir
+from backend import limits
 
 from .. import deployment
 from ..errors import refusal
@@ -90,7 +91,7 @@ CHAT_EXPORT_TTL_S = 600.0
 
 
 def write(text: str, name: str) -> str:
-    """The chat as a file to download, in the capped "chats" area (backend/cache_dir.py): exports older than
+    """The chat as a file to download, in the capped "chats" area (backend/disk/caches.py): exports older than
     CHAT_EXPORT_TTL_S, or beyond the newest MAX_CHAT_EXPORTS, are removed first."""
     root = cache_dir.areas()["chats"]
     root.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import gradio as gr
 import backend
 from backend import limits
 from backend.budget import Deadline
-from backend.fill_mask import MASK_TOKEN
+from backend.generation.fill_mask import MASK_TOKEN
 
 from .. import deployment, render
 from ..errors import refusal, user_errors

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from backend import presets
+from backend.generation import presets
 
 from .. import prepare
 from ..state import current
@@ -43,7 +43,7 @@ def param_slider(*args, **kwargs) -> gr.Slider:
 
 
 # Sampler presets live in the backend (the first-answers benchmark measures them); the panel opens on the one that
-# suits the loaded model (backend.presets.opening_preset: a small model's, or the model's own generation config).
+# suits the loaded model (backend.generation.presets.opening_preset: a small model's, or the model's own generation config).
 PRESET_FIELDS = presets.FIELDS
 PRESETS = presets.PRESETS
 MAX_SAVED_PRESETS = 32

@@ -1,7 +1,7 @@
 """The Race tab: one prompt on several execution paths of the loaded model (eager, compiled, the ONNX exports
 attached to it), one after another with the same seed and settings, each streaming into its own column with its
 live speed; then a chart of decode and prefill tok/s per path, and each path's text against the first path's with
-the first differing token on highlighted (backend/compare.py finds it)."""
+the first differing token on highlighted (backend/bench/token_diff.py finds it)."""
 from __future__ import annotations
 
 import html
@@ -11,7 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from backend.budget import Deadline
-from backend.compare import divergence
+from backend.bench.token_diff import divergence
 
 from .. import deployment, prepare, render
 from ..errors import refusal, user_errors

@@ -10,7 +10,7 @@ import time
 from tokenizers import AddedToken, models
 from tokenizers import Tokenizer as HFTokenizer
 
-from backend.tokenizer import Tokenizer
+from backend.formats.tokenizer import Tokenizer
 from tests.backend.tiny import CHATML, _trained_tokenizer_json
 
 

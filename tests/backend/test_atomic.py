@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import backend
-from backend import atomic
-from backend.atomic import atomic_folder
-from backend.hf_format import fornax_to_hf, hf_to_fornax, weight_table
+from backend.disk import atomic
+from backend.disk.atomic import atomic_folder
+from backend.formats.hf import fornax_to_hf, hf_to_fornax, weight_table
 from backend.loading import read_hf_folder, read_weights
-from backend.model import Transformer
+from backend.models.transformer import Transformer
 
 from .tiny import make_tiny
 

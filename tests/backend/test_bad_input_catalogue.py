@@ -110,7 +110,7 @@ def gguf_sentencepiece_merges_bomb(tmp, mp):  # item 3: "a", "aa", ... "a"*5000 
 
 
 def merges_bomb_direct(tmp, mp):  # the same bomb against merges_from_scores itself, under the work cap
-    from backend.tokenizer import merges_from_scores
+    from backend.formats.tokenizer import merges_from_scores
 
     mp.setenv("FORNAX_MAX_MERGE_WORK", str(10**12))  # the count cap alone must hold
     mp.setenv("FORNAX_MAX_MERGES", "100000")
@@ -163,7 +163,7 @@ def hf_vocab_weight_mismatch(tmp, mp):
 
     from backend.config import ModelConfig
     from backend.loading import fornax_to_hf
-    from backend.model import Transformer
+    from backend.models.transformer import Transformer
 
     cfg = ModelConfig(vocab_size=300, n_layer=1, n_head=2, d_model=8, d_ff=16, max_seq_len=64)
     state = fornax_to_hf(Transformer(cfg).state_dict(), cfg)
@@ -175,7 +175,7 @@ def hf_tokenizer_larger_than_vocab(tmp, mp):
 
     from backend.config import ModelConfig
     from backend.loading import fornax_to_hf
-    from backend.model import Transformer
+    from backend.models.transformer import Transformer
 
     cfg = ModelConfig(vocab_size=300, n_layer=1, n_head=2, d_model=8, d_ff=16, max_seq_len=64)
     state = fornax_to_hf(Transformer(cfg).state_dict(), cfg)
@@ -187,7 +187,7 @@ def hf_missing_tokenizer(tmp, mp):
 
     from backend.config import ModelConfig
     from backend.loading import fornax_to_hf
-    from backend.model import Transformer
+    from backend.models.transformer import Transformer
 
     cfg = ModelConfig(vocab_size=384, n_layer=1, n_head=2, d_model=8, d_ff=16, max_seq_len=64)
     folder = safetensors_folder(tmp, save(fornax_to_hf(Transformer(cfg).state_dict(), cfg)), cfg.to_hf_config())
@@ -200,7 +200,7 @@ def export_over_cap(tmp, mp):  # item 8 (backend side): refused before the graph
 
     from backend.config import ModelConfig
     from backend.loading import fornax_to_hf
-    from backend.model import Transformer
+    from backend.models.transformer import Transformer
     from export.onnx_export import export
 
     cfg = ModelConfig(vocab_size=384, n_layer=1, n_head=2, d_model=8, d_ff=16, max_seq_len=64)
@@ -235,7 +235,7 @@ def template(source: str):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models
 
-    from backend.tokenizer import Tokenizer
+    from backend.formats.tokenizer import Tokenizer
 
     tk = Tokenizer(HFTokenizer(models.BPE()), chat_template=source)
     return lambda: tk.render_chat([{"role": "user", "content": "hi"}])
@@ -265,7 +265,7 @@ def template_format_width(tmp, mp):
 
 def chat_too_long(tmp, mp):  # item 7 (backend side): bounded before the template and the tokenizer run
     mp.setenv("FORNAX_PUBLIC", "1")
-    from backend.tokenizer import Tokenizer
+    from backend.formats.tokenizer import Tokenizer
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models
 
@@ -275,7 +275,7 @@ def chat_too_long(tmp, mp):  # item 7 (backend side): bounded before the templat
 
 
 def sampling(**kw):
-    from backend.sampling import SamplingParams
+    from backend.generation.sampling import SamplingParams
 
     return lambda: SamplingParams.from_kwargs(**kw)
 
@@ -331,7 +331,7 @@ def hub_dotdot(tmp, mp):  # item 9: HFValidationError before
 
 
 def hub_over_cap(tmp, mp):  # item 2: refused from config.json and the safetensors headers, nothing downloaded
-    import backend.hub as hub
+    import backend.formats.hub as hub
 
     mp.setenv("HF_HUB_OFFLINE", "0")
     mp.setenv("FORNAX_PUBLIC", "1")
@@ -436,8 +436,8 @@ def test_integer_general_name_loads_with_a_text_name(tmp_path):
 def test_the_default_model_passes_every_public_check(monkeypatch, tmp_path):
     """The caps refuse bombs, not the model the Space serves: SmolLM2's GGUF under the public caps, and every
     catalogue GGUF check applied to it."""
-    from backend.gguf_check import check_gguf
-    from backend.gguf_file import read_gguf
+    from backend.formats.gguf_check import check_gguf
+    from backend.formats.gguf import read_gguf
     from backend.loading import default_gguf_path
 
     path = default_gguf_path()

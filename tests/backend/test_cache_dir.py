@@ -5,7 +5,7 @@ import time
 import pytest
 
 import backend
-from backend import cache_dir
+from backend.disk import caches as cache_dir
 from tests.backend import bad_files as bf
 
 
@@ -44,12 +44,12 @@ def test_stale_temporary_folders_are_swept_and_fresh_ones_kept(tmp_path):
 
 
 def test_gguf_conversions_are_evicted_by_the_cap(tmp_path, monkeypatch):
-    a = backend.gguf_file.convert_gguf(bf.tiny_gguf(tmp_path / "a.gguf"))
+    a = backend.formats.gguf.convert_gguf(bf.tiny_gguf(tmp_path / "a.gguf"))
     size = cache_dir.entries()[0].bytes
     monkeypatch.setenv("FORNAX_CACHE_BYTES", str(int(size * 1.5)))  # room for one conversion
-    b = backend.gguf_file.convert_gguf(bf.tiny_gguf(tmp_path / "b.gguf", context=32))
+    b = backend.formats.gguf.convert_gguf(bf.tiny_gguf(tmp_path / "b.gguf", context=32))
     assert b.exists() and not a.exists()
-    assert backend.gguf_file.convert_gguf(tmp_path / "b.gguf") == b   # a hit is touched, not converted again
+    assert backend.formats.gguf.convert_gguf(tmp_path / "b.gguf") == b   # a hit is touched, not converted again
 
 
 def test_cli_lists_and_clears(tmp_path, capsys):

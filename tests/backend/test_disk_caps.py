@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from backend import cache_dir, limits
+from backend.disk import caches as cache_dir
+from backend import limits
 from backend.training import TrainConfig
 from backend.training import jobs as jobs_module
 from backend.training.jobs import JobManager

@@ -281,7 +281,7 @@ def test_tiny_bert_pretrains_through_the_loop_and_beats_the_unigram_baseline(tmp
     from collections import Counter
 
     from backend.__main__ import main
-    from backend.tokenizer import Tokenizer
+    from backend.formats.tokenizer import Tokenizer
     from backend.training.data import build_data, read_records
     from backend.training.mlm import SPECIALS
 

@@ -174,7 +174,7 @@ def test_nsp_pretraining_accuracy_matches_an_independent_count_in_transformers(t
     from transformers import BertForPreTraining
 
     from backend.__main__ import main
-    from backend.tokenizer import Tokenizer
+    from backend.formats.tokenizer import Tokenizer
     from backend.training.data import read_records
     from backend.training.mlm import build_nsp, split_sentences
 
@@ -208,7 +208,7 @@ def test_nsp_pretraining_accuracy_matches_an_independent_count_in_transformers(t
     # A tiny run may still guess one class everywhere; a random wide init predicts both, so the count must really
     # follow each pair: the same evaluation on such a model, saved and counted in transformers again.
     from backend.config import ModelConfig
-    from backend.encoder import Encoder
+    from backend.models.encoder import Encoder
     from backend.loading import save_pretrained
     from backend.training.mlm import MaskedLM
 

@@ -10,7 +10,7 @@ import torch
 
 import backend
 from backend.budget import Deadline, TimeBudgetError
-from backend.fill_mask import MASK_TOKEN
+from backend.generation.fill_mask import MASK_TOKEN
 from tests.backend.test_encoder import _config, _perturb, _tokenizer
 
 SENTENCE = "a list comprehension builds a new list"
@@ -66,7 +66,7 @@ def test_an_expired_deadline_is_refused_after_at_most_one_forward(bert, forwards
 
 
 def test_a_deadline_running_out_stops_the_pll_between_forwards(bert, forwards):
-    from backend.fill_mask import pseudo_log_likelihood
+    from backend.generation.fill_mask import pseudo_log_likelihood
 
     deadline = Deadline(60, "this pseudo-log-likelihood")
     forwards.then = lambda: setattr(deadline, "at", time.monotonic() - 1)  # runs out during the first forward

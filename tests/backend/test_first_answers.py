@@ -3,7 +3,8 @@
 import pytest
 
 import backend
-from backend import first_answers, presets
+from backend.bench import first_answers
+from backend.generation import presets
 from backend.loading import default_gguf_path
 
 

@@ -63,7 +63,7 @@ def tiny_gguf_bytes() -> bytes:
 @lru_cache(maxsize=1)
 def metadata_end() -> int:
     """Where the tiny file's tensor data starts: mutations aim before it."""
-    from backend.gguf_check import check_gguf
+    from backend.formats.gguf_check import check_gguf
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "t.gguf"
@@ -80,7 +80,7 @@ gguf_mutation = st.tuples(
 
 @fuzz_target("gguf_conversion", gguf_mutation, ci_examples=30)
 def check_gguf_mutation(mutation):
-    from backend.gguf_file import convert_gguf
+    from backend.formats.gguf import convert_gguf
 
     flips, ints, cut = mutation
     data = bytearray(tiny_gguf_bytes())
@@ -104,7 +104,7 @@ def check_gguf_mutation(mutation):
 
 @fuzz_target("gguf_precheck_random", st.binary(max_size=600), ci_examples=150)
 def check_gguf_random(tail):
-    from backend.gguf_check import check_gguf
+    from backend.formats.gguf_check import check_gguf
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "r.gguf"
@@ -189,7 +189,7 @@ SNIPPETS = ["{{ messages[0]['content'] }}", "{% for m in messages %}", "{% endfo
 
 @fuzz_target("chat_template", st.lists(st.sampled_from(SNIPPETS), max_size=8).map("".join), ci_examples=150)
 def check_template(source):
-    from backend.tokenizer import Tokenizer
+    from backend.formats.tokenizer import Tokenizer
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models
 

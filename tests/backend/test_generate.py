@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import backend
-from backend.generate import TextAssembler
+from backend.generation.generate import TextAssembler
 from tests.backend.tiny import make_tiny
 
 
@@ -105,7 +105,7 @@ def test_chunked_prefill_gives_the_one_shot_logits_and_reports_progress(tmp_path
     import torch
 
     import backend
-    from backend.generate import prefill
+    from backend.generation.generate import prefill
     from tests.backend.tiny import make_tiny
 
     make_tiny("llama", tmp_path / "m")
@@ -130,7 +130,7 @@ def test_chunked_prefill_gives_the_one_shot_logits_and_reports_progress(tmp_path
 def test_stop_during_a_long_prompt_ends_between_chunks(tmp_path, monkeypatch):
     """Stop pressed while a long prompt is ingested ends the run after the chunk in progress, not at the end."""
     import backend
-    import backend.generate as generate
+    import backend.generation.generate as generate
     from tests.backend.tiny import make_tiny
 
     make_tiny("llama", tmp_path / "m")

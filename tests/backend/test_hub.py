@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import backend.hub as hub
+import backend.formats.hub as hub
 from backend.errors import ModelLoadError
 from backend.limits import LimitError
 

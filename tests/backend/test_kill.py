@@ -63,7 +63,7 @@ def kill_at(work, marker: Path, *args, timeout: float = 120) -> None:
 def _convert(path: Path, cache: Path, marker: Path, point: str):
     import safetensors.torch as st
 
-    from backend.gguf_file import convert_gguf
+    from backend.formats.gguf import convert_gguf
 
     os.environ["FORNAX_CACHE"] = str(cache)
     progress = _stop_at(marker, point)

@@ -240,8 +240,8 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
     from tokenizers import decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer
 
-    from backend.gguf_file import read_gguf
-    from backend.tokenizer import Tokenizer
+    from backend.formats.gguf import read_gguf
+    from backend.formats.tokenizer import Tokenizer
     from tests.backend.tiny import corpus_text
 
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]

@@ -15,15 +15,15 @@ import backend
 from backend.config import ModelConfig
 from backend.errors import GenerationError, TrainError
 from backend.loading import save_pretrained
-from backend.lstm import LSTMLM, LSTMRunner
-from backend.tokenizer import Tokenizer
+from backend.models.lstm import LSTMLM, LSTMRunner
+from backend.formats.tokenizer import Tokenizer
 
 from .tiny import save_tokenizer
 from .train_util import write_text
 
 
 class Reference(nn.Module):
-    """The textbook recurrent LM, written independently of backend/lstm.py."""
+    """The textbook recurrent LM, written independently of backend/models/lstm.py."""
 
     def __init__(self, vocab: int, d: int, layers: int):
         super().__init__()

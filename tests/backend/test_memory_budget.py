@@ -49,7 +49,7 @@ def test_a_tiny_real_deadline_stops_a_long_run(tiny):
 
 
 def test_a_deadline_ends_a_long_prompt_between_prefill_chunks(tiny, monkeypatch):
-    import backend.generate as generate
+    import backend.generation.generate as generate
 
     monkeypatch.setattr(generate, "PREFILL_CHUNK", 16)
     seen = []
@@ -80,8 +80,8 @@ def _wide_kv_handle(folder, n_layer=16):
 
     from backend.config import ModelConfig
     from backend.handle import ModelHandle
-    from backend.model import Transformer
-    from backend.tokenizer import Tokenizer
+    from backend.models.transformer import Transformer
+    from backend.formats.tokenizer import Tokenizer
     from tests.backend.tiny import save_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The race harness (backend/race.py) on tiny random models: its fidelity and greedy-divergence columns against an
+"""The race harness (backend/bench/race.py) on tiny random models: its fidelity and greedy-divergence columns against an
 independent computation with transformers, batch 4 against batch 1, the CSV's rows and columns, missing peers, and
 an ONNX export's fidelity. No timing is asserted."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from backend.race import RacePath, RaceError, bench_text, held_out_text, onnx_path, probe, race_paths, run_race
-from backend.race_report import COLUMNS, first_divergence
+from backend.bench.race import RacePath, RaceError, bench_text, held_out_text, onnx_path, probe, race_paths, run_race
+from backend.bench.race_report import COLUMNS, first_divergence
 from tests.backend.tiny import make_tiny
 
 P, N, T = 8, 12, 40   # prompt tokens, new tokens, fidelity tokens (the tiny models hold 128 positions)

@@ -7,7 +7,7 @@ import torch
 import backend
 from backend.config import ModelConfig
 from backend.loading import default_gguf_path
-from backend.model import Transformer
+from backend.models.transformer import Transformer
 from backend.runners.compiled import CompiledRunner
 from backend.runners.eager import EagerRunner
 from tests.backend.tiny import make_tiny

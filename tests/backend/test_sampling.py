@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from backend import GenerationError, SamplingParams, sample
-from backend.sampling import apply_penalties, filter_logits
+from backend.generation.sampling import apply_penalties, filter_logits
 
 PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
 LOGITS = PROBS.log()

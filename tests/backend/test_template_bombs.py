@@ -15,8 +15,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
 
-from backend.chat_template import TemplateLimitError
-from backend.tokenizer import Tokenizer
+from backend.formats.chat_template import TemplateLimitError
+from backend.formats.tokenizer import Tokenizer
 from tests.backend.bad_files import peak_rss_bytes, peak_rss_reset
 
 MEMORY_BOUND = 200 * 1024**2
@@ -177,7 +177,7 @@ TOOLS = [{"type": "function", "function": {"name": "f", "description": "d", "par
 
 @pytest.mark.parametrize("tools", [None, TOOLS], ids=["no-tools", "tools"])
 def test_real_template_constructs_render_as_jinja_renders_them(public, tools):
-    from backend import chat_template
+    from backend.formats import chat_template
 
     context = dict(messages=MESSAGES, add_generation_prompt=True, bos_token="<s>", eos_token="</s>", tools=tools)
     want = reference_render(KITCHEN_SINK, **context)
@@ -213,7 +213,7 @@ def test_template_source_cap_is_generous_in_private_mode(monkeypatch):
 
 def test_template_that_fails_to_compile_is_compiled_once(public, monkeypatch):
     """A template that fails at its end is remembered as failing: no parsing again on every chat or gauge call."""
-    from backend import chat_template
+    from backend.formats import chat_template
     from backend.errors import GenerationError
 
     compiled = []

@@ -20,7 +20,7 @@ from tokenizers import models
 
 from backend import limits
 from backend.errors import FornaxError
-from backend.tokenizer import Tokenizer
+from backend.formats.tokenizer import Tokenizer
 from tests.backend.bad_files import peak_rss_bytes, peak_rss_reset
 
 CI_EXAMPLES = 60

@@ -8,7 +8,7 @@ import torch
 import backend
 from backend.__main__ import main
 from backend.loading import build_model, read_hf_folder
-from backend.tokenizer import Tokenizer
+from backend.formats.tokenizer import Tokenizer
 from backend.training import (add_lora, chat_sequence, latest_checkpoint, list_checkpoints, merge_lora,
                               read_checkpoint, save_checkpoint, train)
 from backend.training import checkpoint as ckpt_module

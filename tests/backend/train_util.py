@@ -9,8 +9,8 @@ import torch
 
 from backend.config import ModelConfig
 from backend.loading import save_pretrained
-from backend.model import Transformer
-from backend.tokenizer import Tokenizer
+from backend.models.transformer import Transformer
+from backend.formats.tokenizer import Tokenizer
 from backend.training import TrainConfig
 from tests.backend.tiny import corpus_text, save_tokenizer
 

@@ -14,9 +14,9 @@ import torch
 import backend
 from backend.config import ModelConfig
 from backend.loading import save_pretrained
-from backend.lstm import LSTMLM
+from backend.models.lstm import LSTMLM
 from backend.runners.onnx_encoder_lstm import OnnxEncoderRunner, OnnxLSTMRunner
-from backend.tokenizer import Tokenizer
+from backend.formats.tokenizer import Tokenizer
 from export import ExportError, export
 from export.__main__ import main as export_cli
 from tests.backend.test_encoder import SENTENCES, _config, _perturb, _tokenizer

@@ -96,7 +96,7 @@ def test_logits_to_keep_is_optional_and_a_prompt_computes_its_last_position_only
 def test_a_prompt_in_chunks_for_several_samples_matches_eager(tiny_export, monkeypatch):
     """Chunks after the first at batch 2 (GroupQueryAttention takes those for one row only), with and without
     logits_to_keep (graphs exported before it)."""
-    import backend.generate as generation
+    import backend.generation.generate as generation
 
     root, _ = tiny_export
     eager, onnx = backend.load(root / "hf"), backend.load(root / "onnx")

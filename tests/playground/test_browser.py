@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from backend import presets
+from backend.generation import presets
 from playground import create_app, current
 from tests.playground.serve import serving
 
@@ -30,7 +30,7 @@ def open_page(browser, url: str, height: int = 1000):
     page.goto(url)
     page.wait_for_selector("#fx-message textarea")
     return page, outside
-# The panel opens on the default model's preset (a small model's: backend/presets.py) with what the tests below type.
+# The panel opens on the default model's preset (a small model's: backend/generation/presets.py) with what the tests below type.
 UI_PARAMS = dict(presets.PRESETS["Small model"], stop=[], num_samples=1)
 
 

@@ -150,7 +150,7 @@ def test_a_preset_moves_the_sliders_and_a_saved_one_survives_a_reload(page):
     page.wait_for_function("() => document.querySelector('#fx-preset input').value == 'Mine'")
     page.reload()
     page.wait_for_selector("#fx-message textarea")
-    from backend import presets
+    from backend.generation import presets
 
     opening, values = presets.opening_preset(current.info())  # a fresh page starts from the model's own preset
     assert page.input_value("#fx-preset input") == opening
@@ -216,10 +216,10 @@ def test_a_long_prompt_shows_its_ingestion_before_the_first_token(page, monkeypa
     import re
     import time
 
-    import backend.generate
+    import backend.generation.generate
 
     # Chunks of 16 tokens, each taking a moment (a big model's prefill, on the tiny one), so the page can show them.
-    monkeypatch.setattr(backend.generate, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(backend.generation.generate, "PREFILL_CHUNK", 16)
     runner = current.handle.runner("eager")
     forward = runner.forward
     monkeypatch.setattr(runner, "forward", lambda ids, pos: (time.sleep(0.15) if ids.shape[1] > 1 else None,

@@ -5,7 +5,7 @@ the same text, one after the other: the loss plot shows both runs' curves."""
 import pytest
 import torch
 
-from backend.fill_mask import MASK_TOKEN
+from backend.generation.fill_mask import MASK_TOKEN
 from playground import create_app, current
 from playground.render import RUN_SLOTS
 from tests.backend.test_encoder import _config, _perturb, _tokenizer

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from backend.compare import first_divergence
+from backend.bench.token_diff import first_divergence
 from export.attach import attach_onnx
 from playground import build_app, current
 from playground.tabs.race import label

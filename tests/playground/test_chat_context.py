@@ -5,7 +5,7 @@ import re
 import gradio as gr
 import pytest
 
-import backend.generate
+import backend.generation.generate
 from playground import current
 from playground.tabs import chat as chat_tab
 from playground.tabs import completion
@@ -41,7 +41,7 @@ def slow_prefill(handle, monkeypatch):
     updates meet the ingestion midway."""
     import time
 
-    monkeypatch.setattr(backend.generate, "PREFILL_CHUNK", CHUNK)
+    monkeypatch.setattr(backend.generation.generate, "PREFILL_CHUNK", CHUNK)
     runner = handle.runner("eager")
     forward = runner.forward
 

@@ -6,8 +6,8 @@ import torch
 
 from backend.config import ModelConfig
 from backend.loading import save_pretrained
-from backend.lstm import LSTMLM
-from backend.tokenizer import Tokenizer
+from backend.models.lstm import LSTMLM
+from backend.formats.tokenizer import Tokenizer
 from playground import state
 from playground.errors import user_errors
 from playground.tabs.export import export_model, fit_precisions

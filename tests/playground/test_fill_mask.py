@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from backend.config import ModelConfig
-from backend.fill_mask import MASK_TOKEN
+from backend.generation.fill_mask import MASK_TOKEN
 from backend.loading import save_pretrained
-from backend.lstm import LSTMLM
-from backend.tokenizer import Tokenizer
+from backend.models.lstm import LSTMLM
+from backend.formats.tokenizer import Tokenizer
 from playground import render
 from playground.errors import user_errors
 from playground.state import current

@@ -1,11 +1,11 @@
 """A public deployment's Hub allowlist pinned to a revision (FORNAX_HUB_ALLOWLIST=org/name@<sha or tag>): a visitor's
 `org/name` loads the pinned revision (so a later push by the repo's owner is never what is fetched), the pinned
 `org/name@<rev>` loads too, any other revision is refused with the allowlist message; an unpinned entry keeps its
-old meaning. Offline: backend.hub's snapshot is replaced by a recorder that hands back a tiny local model."""
+old meaning. Offline: backend.formats.hub's snapshot is replaced by a recorder that hands back a tiny local model."""
 import gradio as gr
 import pytest
 
-import backend.hub as hub
+import backend.formats.hub as hub
 from playground import deployment
 from playground.state import current
 from playground.tabs import model

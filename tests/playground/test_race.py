@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from backend.compare import divergence, first_divergence
+from backend.bench.token_diff import divergence, first_divergence
 from export.attach import attach_onnx
 from playground import state
 from playground.streaming import signal_stop

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import limits
+from .. import limits
 
 STALE_TEMP_S = 3600.0
 

@@ -17,8 +17,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import limits
-from .errors import ModelLoadError
+from .. import limits
+from ..errors import ModelLoadError
 
 # GGUF value type -> fixed size in bytes (STRING = 8 and ARRAY = 9 are variable).
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -28,7 +28,7 @@ MAX_TENSORS = 1 << 16        # llama.cpp models have a few thousand
 MAX_DIMS = 4                 # GGML_MAX_DIMS
 MAX_NAME_BYTES = 1024        # keys and tensor names (llama.cpp: 64 for tensor names)
 MAX_ARRAY_DEPTH = 2          # an array of arrays at most
-DEQUANTIZED_BYTES = 4        # every tensor is converted to fp32 (backend/gguf_file.py)
+DEQUANTIZED_BYTES = 4        # every tensor is converted to fp32 (backend/formats/gguf.py)
 # Keys whose arrays are one entry per vocabulary token / per merge.
 _VOCAB_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
 _MERGES_KEY = "tokenizer.ggml.merges"
@@ -218,8 +218,8 @@ def check_hf_shapes(state: dict, cfg) -> None:
     the converted fp32 copy is written."""
     import torch
 
-    from .hf_format import hf_to_fornax
-    from .model import Transformer
+    from .hf import hf_to_fornax
+    from ..models.transformer import Transformer
 
     meta = {k: torch.empty(tuple(v.shape), device="meta") for k, v in state.items()}
     ours = hf_to_fornax(meta, cfg)

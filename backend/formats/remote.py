@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from . import limits
-from .errors import ModelLoadError
+from .. import limits
+from ..errors import ModelLoadError
 
 PREFIXES = ("openai+http://", "openai+https://")
 API_KEY_ENV, ALLOWLIST_ENV, TOKENIZER_ENV, TIMEOUT_ENV = ("FORNAX_REMOTE_API_KEY", "FORNAX_REMOTE_ALLOWLIST",

@@ -38,8 +38,8 @@ from jinja2.compiler import CodeGenerator
 from jinja2.filters import make_attrgetter
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
-from . import limits
-from .errors import GenerationError
+from .. import limits
+from ..errors import GenerationError
 
 _state = threading.local()   # per rendering thread: deadline, output cap, characters written so far
 _WIDTH = re.compile(r"\d+")  # numbers inside a format spec (widths, precisions)

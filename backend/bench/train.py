@@ -19,17 +19,17 @@ from pathlib import Path
 
 import torch
 
-from .bench_common import append_csv, bench_text, peak_rss_mb, run_child
+from .common import append_csv, bench_text, peak_rss_mb, run_child
 
 LR, WARMUP = 1e-3, 3
 
 
 def prepare(folder: Path, preset: str) -> Path:
     """Save the benchmark model (random init) and corpus into folder; returns the corpus path."""
-    from .config import ModelConfig
-    from .loading import save_pretrained
-    from .model import Transformer
-    from .training.bpe import train_tokenizer
+    from ..config import ModelConfig
+    from ..loading import save_pretrained
+    from ..models.transformer import Transformer
+    from ..training.bpe import train_tokenizer
 
     text = bench_text()
     cfg = ModelConfig.from_name(preset)
@@ -45,7 +45,7 @@ def prepare(folder: Path, preset: str) -> Path:
 
 
 def measure_ours(folder: Path, steps: int, seq_len: int, batch_size: int) -> dict:
-    from .training import TrainConfig, train
+    from ..training import TrainConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(data=str(folder / "corpus.txt"), out=str(Path(tmp) / "out"), mode="full",
@@ -59,8 +59,8 @@ def measure_ours(folder: Path, steps: int, seq_len: int, batch_size: int) -> dic
 def measure_transformers(folder: Path, steps: int, seq_len: int, batch_size: int) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from .tokenizer import Tokenizer
-    from .training.data import build_data, read_records
+    from ..formats.tokenizer import Tokenizer
+    from ..training.data import build_data, read_records
 
     tokenizer = Tokenizer.from_folder(folder / "model")
     data = build_data(read_records(folder / "corpus.txt"), tokenizer, seq_len, 0.0, 0)  # the same blocks as ours
@@ -104,7 +104,7 @@ def run_bench_train(steps: int = 30, threads: int = 2, preset: str = "small-llam
               f"threads · each engine in its own process, {repeats} alternated runs, best kept", file=sys.stderr)
         for _ in range(repeats):  # alternated, best of each: a busy machine slows whichever runs then
             for engine in ("fornax", "transformers"):
-                r = run_child("backend.bench_train:measure_one",
+                r = run_child("backend.bench.train:measure_one",
                               [engine, str(folder), steps, seq_len, batch_size, threads], threads)
                 if r is not None and (engine not in results or r["tokens_per_s"] > results[engine]["tokens_per_s"]):
                     results[engine] = r

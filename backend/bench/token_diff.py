@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .tokenizer import Tokenizer
+from ..formats.tokenizer import Tokenizer
 
 
 def first_divergence(reference: Sequence[int], other: Sequence[int]) -> int | None:

@@ -2,7 +2,7 @@
 
 A 135M model at temperature 0.7 rambles where a 7B one answers: small models open on "Small model" (low
 temperature, a min-p floor that drops the long tail), which answers the simple-question set of
-`backend/first_answers.py` at least as often as greedy does (`python -m backend first-answers`; docs/first-answers.md
+`backend/bench/first_answers.py` at least as often as greedy does (`python -m backend first-answers`; docs/first-answers.md
 has the measured rates). A model whose own `generation_config.json` sets sampling values opens on those instead.
 """
 from __future__ import annotations

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .bench_common import append_csv, bench_text, memory_read_gb_s, peak_rss_mb, run_child
-from .gguf_file import cache_root
-from .loading import load, resolve
+from .common import append_csv, bench_text, memory_read_gb_s, peak_rss_mb, run_child
+from ..formats.gguf import cache_root
+from ..loading import load, resolve
 
 REPEATS = 3
 
@@ -121,7 +121,7 @@ def run_bench(rows: list[tuple[str, str, str, str]] | None = None, model: str = 
           f"memory read {floor:.1f} GB/s (each engine in its own process)", file=sys.stderr)
     results = {}
     for label, engine, backend, source in rows:
-        r = run_child("backend.bench:measure", [engine, backend, source, prompt_tokens, new_tokens, threads], threads)
+        r = run_child("backend.bench.speed:measure", [engine, backend, source, prompt_tokens, new_tokens, threads], threads)
         if r is not None:
             results[label] = r
             print(f"  {label}: decode {r['decode_tok_s']:.1f} tok/s", file=sys.stderr)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import GenerationError, ModelLoadError, UnsupportedModelError
+from ..errors import GenerationError, ModelLoadError, UnsupportedModelError
 
 MLM_ARCHITECTURES = ("BertForMaskedLM", "BertForPreTraining", "BertModel")
 CLASSIFY_ARCHITECTURE = "BertForSequenceClassification"

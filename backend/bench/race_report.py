@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from . import compare
+from . import token_diff as compare
 
 COLUMNS = ["date", "model", "path", "precision", "status", "prompt_tokens", "new_tokens", "batch", "threads",
            "repeats", "ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "weight_mb", "gb_s",

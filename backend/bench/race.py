@@ -8,7 +8,7 @@ Paths: Fornax eager and compiled; each ONNX export given by --onnx (its precisio
 fornax.json); triton and compiled+triton where CUDA is present. Peers, when installed: transformers eager fp32 (on
 the HF folder Fornax's GGUF conversion writes), llama.cpp (llama-cpp-python) on the GGUF file itself, and
 onnxruntime-genai on its own int4 CPU model (built once from that HF folder, cached). The peers run
-backend/race_peers.py under their own virtualenvs' interpreters; a peer that is missing gets a row that says so.
+backend/bench/race_peers.py under their own virtualenvs' interpreters; a peer that is missing gets a row that says so.
 
 The prompt is tokenized once by Fornax and every path gets those ids. Configurations 128+128 and 512+256, batch 1
 and 4 (batch 4 = the same prompt as four sequences decoded together: Fornax's engine batches the samples of one
@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_folder
-from .bench_common import bench_text, memory_read_gb_s, peak_rss_mb, run_child
-from .cache_dir import cache_root
-from .errors import FornaxError
-from .loading import default_gguf_path, load, resolve
+from ..disk.atomic import atomic_folder
+from .common import bench_text, memory_read_gb_s, peak_rss_mb, run_child
+from ..disk.caches import cache_root
+from ..errors import FornaxError
+from ..loading import default_gguf_path, load, resolve
 from .race_report import print_table, rows_of, write_csv, write_png
-from .scoring.agreement import agreement_sums, summarize
+from ..scoring.agreement import agreement_sums, summarize
 
 CONFIGS = ((128, 128), (512, 256))        # (prompt tokens, new tokens)
 QUICK_CONFIGS = ((32, 16),)
@@ -157,7 +157,7 @@ def measure(path: RacePath, job: dict, isolate: bool = True) -> tuple[dict | Non
         return run_peer(path.python, job)
     if not isolate:
         return fornax_job(job), ""
-    result = run_child("backend.race:fornax_job", [job], job["threads"])
+    result = run_child("backend.bench.race:fornax_job", [job], job["threads"])
     return result, "" if result is not None else "failed (see the error above)"
 
 

@@ -12,10 +12,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from .budget import Deadline
-from .runners import Runner
+from ..budget import Deadline
+from ..runners import Runner
 from .sampling import SamplingParams, sample
-from .tokenizer import Tokenizer
+from ..formats.tokenizer import Tokenizer
 
 
 @dataclass

@@ -17,8 +17,9 @@ import jinja2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from . import chat_template, limits
-from .errors import GenerationError, ModelLoadError, UnsupportedModelError
+from . import chat_template
+from .. import limits
+from ..errors import GenerationError, ModelLoadError, UnsupportedModelError
 
 # Used when a model ships no chat template (base models): plain "role: content" turns.
 FALLBACK_CHAT_TEMPLATE = (

@@ -1,6 +1,6 @@
 """The model's numeric ops in plain PyTorch: the reference every other implementation is checked against.
 
-`backend.model` calls these through `module.ops`, so a runner can swap in another namespace with the same names
+`backend.models.transformer` calls these through `module.ops`, so a runner can swap in another namespace with the same names
 and signatures (`kernels.OPS`: Triton kernels) without touching the model: `kernels.patch(model)`.
 """
 from __future__ import annotations

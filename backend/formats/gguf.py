@@ -13,13 +13,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import budget, cache_dir
-from .cache_dir import cache_root  # noqa: F401 -- imported from here by export, playground, bench
-from .atomic import atomic_folder
-from .config import ModelConfig
-from .errors import FornaxError, ModelLoadError, UnsupportedModelError
+from .. import budget
+from ..disk import caches as cache_dir
+from ..disk.caches import cache_root  # noqa: F401 -- imported from here by export, playground, bench
+from ..disk.atomic import atomic_folder
+from ..config import ModelConfig
+from ..errors import FornaxError, ModelLoadError, UnsupportedModelError
 from .gguf_check import DEQUANTIZED_BYTES, check_gguf, check_hf_shapes
-from .hf_format import write_hf_folder
+from .hf import write_hf_folder
 from .tokenizer import Tokenizer
 
 CONVERTER_VERSION = 1  # bump when the conversion changes, so stale caches are not reused

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from . import limits
-from .errors import GenerationError
+from .. import limits
+from ..errors import GenerationError
 
 MAX_STOP_STRINGS = 16
 MAX_SAMPLES = 16

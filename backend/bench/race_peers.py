@@ -2,7 +2,7 @@
 onnxruntime-genai, each run under its own interpreter (llama.cpp and genai live in their own virtualenvs: genai
 pulls the CPU `onnxruntime`, which must never meet the project's `onnxruntime-gpu`).
 
-Self-contained on purpose: no Fornax imports, only the peer's own package and numpy. backend/race.py runs it as
+Self-contained on purpose: no Fornax imports, only the peer's own package and numpy. backend/bench/race.py runs it as
 `PYTHON -I race_peers.py` (isolated: the repo's folders cannot shadow a peer's imports) with one JSON job on
 standard input, and reads one JSON result from the last line of standard output:
 

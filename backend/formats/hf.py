@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .errors import ModelLoadError
+from ..config import ModelConfig
+from ..errors import ModelLoadError
 from .tokenizer import Tokenizer
 
 
@@ -94,7 +94,7 @@ def hf_to_fornax(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 def fornax_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The inverse of hf_to_fornax: our tensor names -> the names (and layouts) transformers uses."""
     if cfg.family in ("bert", "lstm"):  # their own modules hold their name tables
-        from . import encoder, lstm
+        from ..models import encoder, lstm
 
         return (encoder if cfg.family == "bert" else lstm).to_hf_state(state, cfg)
     out = {}

@@ -15,7 +15,7 @@ import torch
 
 def bench_text() -> str:
     """Real English prose: the shared corpus when it is beside the repo, else the Python docs shipped with Python."""
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "prideprejudice.txt"
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data" / "prideprejudice.txt"
     if shared.exists():
         return shared.read_text(encoding="utf-8")[20000:80000]
     from pydoc_data.topics import topics
@@ -62,7 +62,7 @@ def run_child(function: str, args: list, threads: int) -> dict | None:
             f"print(json.dumps({name}(*json.loads(sys.argv[1]))))")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     if done.returncode != 0:
         print(f"{function}{tuple(args)} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
         return None

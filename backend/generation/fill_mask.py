@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from .budget import Deadline
-from .errors import GenerationError
+from ..budget import Deadline
+from ..errors import GenerationError
 
 MASK_TOKEN = "[MASK]"
 MAX_TOP_K = 100

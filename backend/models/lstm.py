@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .errors import GenerationError, ModelLoadError
+from ..errors import GenerationError, ModelLoadError
 
 HF_MODEL_TYPE = "fornax_lstm"
 

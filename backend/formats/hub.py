@@ -15,8 +15,8 @@ import os
 import re
 from pathlib import Path
 
-from . import budget, limits
-from .errors import FornaxError, ModelLoadError
+from .. import budget, limits
+from ..errors import FornaxError, ModelLoadError
 
 _REVISION = re.compile(r"^[A-Za-z0-9_][\w.\-/]{0,199}$")
 
@@ -98,7 +98,7 @@ def precheck(repo_id: str, token=None, revision: str | None = None) -> dict:
     deployment's caps from its config.json and safetensors headers; returns {"params", "bytes"} as declared."""
     from huggingface_hub.errors import NotASafetensorsRepoError
 
-    from .config import ModelConfig
+    from ..config import ModelConfig
 
     caps = limits.current()
     token = hub_token(token)

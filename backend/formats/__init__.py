@@ -1,0 +1,1 @@
+"""What models arrive as: Hugging Face folders and the Hub, GGUF files, tokenizers and chat templates, remote OpenAI servers."""

@@ -1,6 +1,6 @@
 """Fornax backend, the runtime: owns the model, its config and the HF/GGUF formats, loading, tokenizer, sampling,
 generation, runners, training and `python -m backend`. Imports neither gradio nor `export`."""
-from .config import PRESETS, ModelConfig
+from .models.config import PRESETS, ModelConfig
 from .errors import FornaxError, GenerationError, ModelLoadError, TrainError, UnsupportedModelError
 from .generation.generate import Completion, Delta, GenerationResult, Stream, Timings, TokenInfo
 from .handle import ModelHandle

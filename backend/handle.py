@@ -9,7 +9,7 @@ import torch
 from . import budget
 from .generation import generate
 from .budget import Deadline, TimeBudgetError
-from .config import ModelConfig
+from .models.config import ModelConfig
 from .errors import GenerationError
 from .generation.generate import GenerationResult, Stream, run_generation
 from .models.transformer import Transformer

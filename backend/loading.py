@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from . import budget, limits
-from .config import ModelConfig
+from .models.config import ModelConfig
 from .errors import FornaxError, ModelLoadError
 from .disk.atomic import atomic_folder
 from .formats.gguf import convert_gguf

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from backend.config import ModelConfig
+from backend.models.config import ModelConfig
 from backend.formats.gguf import unpermute_rope
 
 BLOCK = 32

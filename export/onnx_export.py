@@ -15,7 +15,7 @@ import torch
 
 from backend import budget, limits
 from backend.disk.atomic import atomic_folder
-from backend.config import ModelConfig
+from backend.models.config import ModelConfig
 from backend.errors import FornaxError
 from backend.formats.hf import write_hf_folder
 from backend.loading import build_model, read_hf_config, read_weights, resolve

@@ -26,7 +26,7 @@ LR, WARMUP = 1e-3, 3
 
 def prepare(folder: Path, preset: str) -> Path:
     """Save the benchmark model (random init) and corpus into folder; returns the corpus path."""
-    from ..config import ModelConfig
+    from ..models.config import ModelConfig
     from ..loading import save_pretrained
     from ..models.transformer import Transformer
     from ..training.bpe import train_tokenizer

@@ -17,7 +17,7 @@ from .. import budget
 from ..disk import caches as cache_dir
 from ..disk.caches import cache_root  # noqa: F401 -- imported from here by export, playground, bench
 from ..disk.atomic import atomic_folder
-from ..config import ModelConfig
+from ..models.config import ModelConfig
 from ..errors import FornaxError, ModelLoadError, UnsupportedModelError
 from .gguf_check import DEQUANTIZED_BYTES, check_gguf, check_hf_shapes
 from .hf import write_hf_folder

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..models.config import ModelConfig
 from ..errors import ModelLoadError
 from .tokenizer import Tokenizer
 

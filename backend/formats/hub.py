@@ -98,7 +98,7 @@ def precheck(repo_id: str, token=None, revision: str | None = None) -> dict:
     deployment's caps from its config.json and safetensors headers; returns {"params", "bytes"} as declared."""
     from huggingface_hub.errors import NotASafetensorsRepoError
 
-    from ..config import ModelConfig
+    from ..models.config import ModelConfig
 
     caps = limits.current()
     token = hub_token(token)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from ..config import ModelConfig
+from .config import ModelConfig
 from .ops import TorchOps
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..models.config import ModelConfig
 from ..errors import GenerationError, ModelLoadError
 
 MODEL_FILE = "model.onnx"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..models.config import ModelConfig
 from ..errors import GenerationError, ModelLoadError
 from .onnx import MODEL_FILE, OnnxRunner, open_session
 

@@ -25,7 +25,7 @@ import torch
 from .. import limits
 from ..formats import remote as sources
 from ..budget import Deadline
-from ..config import ModelConfig
+from ..models.config import ModelConfig
 from ..errors import FornaxError, GenerationError, ModelLoadError
 from ..generation.generate import Completion, Delta, GenerationResult, Stream, Timings, TokenInfo
 from ..handle import ModelHandle

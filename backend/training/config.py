@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ..config import PRESETS
+from ..models.config import PRESETS
 from .. import limits
 from ..errors import TrainError
 
@@ -24,7 +24,7 @@ class TrainConfig:
     mode: str = "lora"               # lora | full | pretrain (from scratch: new tokenizer + preset architecture)
     task: str = "auto"               # auto (from the file) | lm | chat | classify
     model: str = "default"           # what backend.load accepts; unused by pretrain
-    preset: str = "tiny-llama"       # pretrain: architecture from backend.config.PRESETS
+    preset: str = "tiny-llama"       # pretrain: architecture from backend.models.config.PRESETS
     vocab_size: int = 512            # pretrain: byte-level BPE vocabulary size (incl. 256 bytes + specials)
     steps: int = 200                 # optimizer steps
     lr: float | None = None          # peak learning rate; None = DEFAULT_LR[mode]

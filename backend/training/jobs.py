@@ -381,7 +381,7 @@ def _job_model_config(cfg: TrainConfig):
     """The architecture a job will train, read without its weights: the preset for pretraining, else the config of
     the model folder (the default model's cached conversion). None where that needs a download (a Hub id not yet
     here): the job's own load checks the weights then."""
-    from ..config import ModelConfig
+    from ..models.config import ModelConfig
     from ..loading import read_hf_config, resolve
 
     if cfg.mode == "pretrain":

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from ..models.config import ModelConfig
 from ..errors import FornaxError, TrainError
 from ..models.transformer import Transformer
 from ..formats.tokenizer import Tokenizer

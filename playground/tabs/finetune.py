@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 import backend
-from backend.config import PRESETS
+from backend.models.config import PRESETS
 from backend.formats.gguf import cache_root
 from backend.scoring.history import History
 from backend.training import DEFAULT_LR, MODES, TASKS, JobManager, TrainConfig

@@ -161,7 +161,7 @@ def hf_huge_context(tmp, mp):
 def hf_vocab_weight_mismatch(tmp, mp):
     from safetensors.torch import save
 
-    from backend.config import ModelConfig
+    from backend.models.config import ModelConfig
     from backend.loading import fornax_to_hf
     from backend.models.transformer import Transformer
 
@@ -173,7 +173,7 @@ def hf_vocab_weight_mismatch(tmp, mp):
 def hf_tokenizer_larger_than_vocab(tmp, mp):
     from safetensors.torch import save
 
-    from backend.config import ModelConfig
+    from backend.models.config import ModelConfig
     from backend.loading import fornax_to_hf
     from backend.models.transformer import Transformer
 
@@ -185,7 +185,7 @@ def hf_tokenizer_larger_than_vocab(tmp, mp):
 def hf_missing_tokenizer(tmp, mp):
     from safetensors.torch import save
 
-    from backend.config import ModelConfig
+    from backend.models.config import ModelConfig
     from backend.loading import fornax_to_hf
     from backend.models.transformer import Transformer
 
@@ -198,7 +198,7 @@ def hf_missing_tokenizer(tmp, mp):
 def export_over_cap(tmp, mp):  # item 8 (backend side): refused before the graph holds the weights 4-5 times
     from safetensors.torch import save
 
-    from backend.config import ModelConfig
+    from backend.models.config import ModelConfig
     from backend.loading import fornax_to_hf
     from backend.models.transformer import Transformer
     from export.onnx_export import export

@@ -207,7 +207,7 @@ def test_nsp_pretraining_accuracy_matches_an_independent_count_in_transformers(t
 
     # A tiny run may still guess one class everywhere; a random wide init predicts both, so the count must really
     # follow each pair: the same evaluation on such a model, saved and counted in transformers again.
-    from backend.config import ModelConfig
+    from backend.models.config import ModelConfig
     from backend.models.encoder import Encoder
     from backend.loading import save_pretrained
     from backend.training.mlm import MaskedLM

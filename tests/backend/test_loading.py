@@ -277,7 +277,7 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
 
 
 def test_model_config_from_dict_round_trips_and_refuses_unknown_keys():
-    from backend.config import PRESETS, ModelConfig
+    from backend.models.config import PRESETS, ModelConfig
 
     for name in PRESETS:
         cfg = ModelConfig.from_name(name)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import backend
-from backend.config import ModelConfig
+from backend.models.config import ModelConfig
 from backend.errors import GenerationError, TrainError
 from backend.loading import save_pretrained
 from backend.models.lstm import LSTMLM, LSTMRunner

@@ -78,7 +78,7 @@ def _wide_kv_handle(folder, n_layer=16):
     dimension 256 over a model width of 8 -> 1 MiB of cache per token per layer group of 2 (fp32)."""
     import torch
 
-    from backend.config import ModelConfig
+    from backend.models.config import ModelConfig
     from backend.handle import ModelHandle
     from backend.models.transformer import Transformer
     from backend.formats.tokenizer import Tokenizer

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import backend
-from backend.config import ModelConfig
+from backend.models.config import ModelConfig
 from backend.loading import default_gguf_path
 from backend.models.transformer import Transformer
 from backend.runners.compiled import CompiledRunner

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from backend.config import ModelConfig
+from backend.models.config import ModelConfig
 from backend.loading import save_pretrained
 from backend.models.transformer import Transformer
 from backend.formats.tokenizer import Tokenizer

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import backend
-from backend.config import ModelConfig
+from backend.models.config import ModelConfig
 from backend.loading import save_pretrained
 from backend.models.lstm import LSTMLM
 from backend.runners.onnx_encoder_lstm import OnnxEncoderRunner, OnnxLSTMRunner

@@ -4,7 +4,7 @@ import gradio as gr
 import pytest
 import torch
 
-from backend.config import ModelConfig
+from backend.models.config import ModelConfig
 from backend.loading import save_pretrained
 from backend.models.lstm import LSTMLM
 from backend.formats.tokenizer import Tokenizer

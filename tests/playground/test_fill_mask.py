@@ -14,7 +14,7 @@ import gradio as gr
 import pytest
 import torch
 
-from backend.config import ModelConfig
+from backend.models.config import ModelConfig
 from backend.generation.fill_mask import MASK_TOKEN
 from backend.loading import save_pretrained
 from backend.models.lstm import LSTMLM

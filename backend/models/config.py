@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import limits
-from .errors import ModelLoadError, UnsupportedModelError
+from .. import limits
+from ..errors import ModelLoadError, UnsupportedModelError
 
 FAMILIES = ("gpt2", "llama", "bert", "lstm")
 # HF `model_type` -> our family. Qwen2 is Llama with QKV bias; Mistral is Llama.
@@ -105,7 +105,7 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"model_type {model_type!r} is not supported; Fornax runs {', '.join(sorted(HF_MODEL_TYPES))}")
         if family in ("bert", "lstm"):  # their own modules read and write their configs
-            from .models import encoder, lstm
+            from . import encoder, lstm
 
             return (encoder if family == "bert" else lstm).config_from_hf(cls, hf)
         eos = hf.get("eos_token_id")
@@ -177,7 +177,7 @@ class ModelConfig:
         """The `config.json` transformers would write for this model (used for caches and saved checkpoints)."""
         eos = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else (self.eos_token_ids or None)
         if self.family in ("bert", "lstm"):
-            from .models import encoder, lstm
+            from . import encoder, lstm
 
             return (encoder if self.family == "bert" else lstm).config_to_hf(self)
         if self.family == "gpt2":

@@ -15,7 +15,7 @@ def _load(args):
     handle = load(args.model, dtype=args.dtype)
     info = handle.info()
     print(f"[fornax] loaded {handle.config.name or args.model} ({handle.config.family}, "
-          f"{info['parameters'] / 1e6:.0f}M params, {handle.dtype}, runs on {', '.join(handle.backends())}) "
+          f"{info['parameters'] / 1e6:.0f}M params, {handle.dtype}, runs on {', '.join(handle.runner_names())}) "
           f"in {handle.load_seconds:.1f} s", file=sys.stderr)
     backend = getattr(args, "backend", None)
     if backend is not None:
@@ -50,7 +50,7 @@ def cmd_info(args):
 def cmd_generate(args):
     handle = _load(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    _print_stream(handle.stream(prompt, backend=args.backend, **_params(args)), args.num_samples)
+    _print_stream(handle.stream(prompt, backend=args.runner, **_params(args)), args.num_samples)
 
 
 def cmd_chat(args):
@@ -70,7 +70,7 @@ def cmd_chat(args):
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        stream = handle.stream(messages, backend=args.backend, **_params(args))
+        stream = handle.stream(messages, backend=args.runner, **_params(args))
         if interactive:
             print("model> ", end="", flush=True)
         _print_stream(stream, 1)
@@ -95,7 +95,7 @@ def cmd_bench(args):
 
     run_bench(model=args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
               csv_path=args.csv, skip_transformers=args.skip_transformers,
-              backends=[b for b in args.backends.replace(",", " ").split() if b], onnx=args.onnx)
+              backends=[b for b in args.runners.replace(",", " ").split() if b], onnx=args.onnx)
 
 
 def cmd_race(args):
@@ -213,7 +213,7 @@ def cmd_first_answers(args):
 
     batches = -(-args.seeds // 5)
     bar = tqdm(total=len(first_answers.QUESTIONS) * (1 + len(chosen) * batches), desc="questions", file=sys.stderr)
-    rates = first_answers.compare(handle, chosen, seeds=args.seeds, runner=args.backend,
+    rates = first_answers.compare(handle, chosen, seeds=args.seeds, runner=args.runner,
                                   progress=lambda done, total: bar.update(1))
     bar.close()
     opening, _ = presets.opening_preset(handle.info())
@@ -254,8 +254,8 @@ def main(argv=None):
         p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
     def sampling_args(p):
-        p.add_argument("--backend", default=None,
-                       help="execution path: eager (default), compiled (torch.compile; compiles on first use), triton "
+        p.add_argument("--runner", "--backend", dest="runner", default=None,
+                       help="execution path (runner): eager (default), compiled (torch.compile; compiles on first use), triton "
                             "(CUDA), onnx (an export folder)")
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -350,7 +350,7 @@ def main(argv=None):
     p = sub.add_parser("first-answers", help="how often sampling presets answer simple questions right, vs greedy")
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--backend", "--runner", dest="backend", default=None, help="execution path (default: eager)")
+    p.add_argument("--runner", "--backend", dest="runner", default=None, help="execution path (default: eager)")
     p.add_argument("--presets", default="Small model,Precise,Balanced,Creative")
     p.add_argument("--seeds", type=int, default=10, help="samples per question and preset (batches of five)")
     p.set_defaults(func=cmd_first_answers)

@@ -36,6 +36,7 @@ import time
 
 from . import limits
 from .errors import FornaxError, GenerationError
+from .models import family
 
 
 class MemoryBudgetError(limits.LimitError):
@@ -125,17 +126,7 @@ def dtype_bytes(dtype) -> int:
 
 def param_count(cfg) -> int:
     """Parameters of a model of config `cfg` (every family), from its sizes alone."""
-    d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layer
-    heads = 1 if cfg.tie_embeddings else 2
-    if cfg.family == "lstm":  # 4 gates × (input + hidden weights + two biases) per layer
-        return L * 4 * (2 * d * d + 2 * d) + V * d * heads
-    if cfg.family == "bert":
-        f = cfg.d_ff
-        layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d
-        emb = (V + cfg.max_seq_len + cfg.type_vocab_size) * d + 2 * d
-        head = d * d + 3 * d + V + (0 if cfg.tie_embeddings else V * d) + (d * d + d) * 2
-        return L * layer + emb + head
-    return cfg.n_params
+    return family(cfg).param_count(cfg)
 
 
 def weight_bytes(cfg, dtype="float32") -> int:
@@ -144,9 +135,10 @@ def weight_bytes(cfg, dtype="float32") -> int:
 
 def kv_cache_bytes(cfg, batch: int, length: int, dtype="float32") -> int:
     """A static cache of `length` positions for `batch` sequences (an LSTM's cache is its state: no length)."""
-    if cfg.family == "bert":
+    cache = family(cfg).kv_cache
+    if cache == "none":
         return 0
-    if cfg.family == "lstm":
+    if cache == "state":
         return 2 * cfg.n_layer * batch * cfg.d_model * 4
     return 2 * cfg.n_layer * batch * length * cfg.n_kv_head * cfg.head_dim * dtype_bytes(dtype)
 
@@ -162,15 +154,16 @@ def forward_parts(cfg, batch: int, tokens: int, cache_len: int | None = None, dt
     them. A causal forward without cache runs PyTorch's flash kernel, which does not (measured on CPU: 9 MB for
     B×H×T×T = 537 MB of scores), so none are counted there."""
     B, T, S = batch, tokens, cache_len or tokens
-    scores = cache_len is not None or cfg.family == "bert"
+    fam = family(cfg)
+    scores = cache_len is not None or fam.bidirectional
     b = dtype_bytes(dtype)
     d, f, V = cfg.d_model, cfg.d_ff or 4 * cfg.d_model, cfg.vocab_size
     layers = cfg.n_layer if training else 1
-    if cfg.family == "lstm":
+    if fam.kv_cache == "state":  # recurrent: gates and states, no attention
         parts = {"hidden states": 6 * B * T * d * b * layers}
     else:
         nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim or d // cfg.n_head
-        gated = 3 if cfg.family == "llama" else 2
+        gated = fam.mlp_matrices
         repeat = nkv != nh and cache_len is not None  # masked attention repeats K/V per query head
         parts = {"hidden states": 4 * B * T * d * b * layers,
                  "attention (QKV, scores B×H×T×S fp32)": layers * (2 * B * T * (nh + 2 * nkv) * hd * b

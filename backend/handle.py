@@ -12,7 +12,7 @@ from .budget import Deadline, TimeBudgetError
 from .models.config import ModelConfig
 from .errors import GenerationError
 from .generation.generate import GenerationResult, Stream, run_generation
-from .models.transformer import Transformer
+from .models import Family, LanguageModel, family
 from .runners import PREPARABLE, Runner, offered
 from .runners.eager import EagerRunner
 from .generation.sampling import SamplingParams
@@ -21,7 +21,7 @@ from .formats.tokenizer import Tokenizer
 
 @dataclass
 class ModelHandle:
-    model: Transformer | None   # None for a handle that runs an exported graph only
+    model: LanguageModel | None  # Transformer, Encoder or LSTMLM; None for a handle that runs an exported graph only
     tokenizer: Tokenizer
     source: str
     load_seconds: float = 0.0
@@ -40,12 +40,17 @@ class ModelHandle:
         self.eos_ids = set(self.eos_ids) | set(self.config.eos_token_ids) | self.tokenizer.end_of_turn_ids()
         self._lock = threading.Lock()  # one KV cache per model: generations take turns
 
+    @property
+    def family(self) -> Family:
+        """What this model's family can do (chats, generates, fills masks, ...): ask it, not the family's name."""
+        return family(self.config)
+
     def add_runner(self, name: str, runner: Runner) -> None:
         """Offer another execution path (e.g. an ONNX Runtime session of this model's export)."""
         with self._lock:
             self.runners[name] = runner
 
-    def backends(self) -> list[str]:
+    def runner_names(self) -> list[str]:
         """Execution paths offered: the prepared ones, then those prepared on first use (compiled, triton)."""
         offered_here = [n for n in PREPARABLE if offered(n)]
         more = [n for n in offered_here if n not in self.runners] if self.model is not None else []
@@ -56,7 +61,7 @@ class ModelHandle:
         name = name or self.backend
         if name not in self.runners:
             if name not in PREPARABLE or self.model is None:
-                raise GenerationError(f"no backend {name!r}; available: {', '.join(self.backends())}")
+                raise GenerationError(f"no backend {name!r}; available: {', '.join(self.runner_names())}")
             with self._lock:
                 if name not in self.runners:
                     self.runners[name] = PREPARABLE[name](self.model, progress)
@@ -77,12 +82,13 @@ class ModelHandle:
     def info(self) -> dict:
         cfg = self.config
         n_params = sum(p.numel() for p in self.model.parameters()) if self.model is not None else cfg.n_params
-        return dict(source=self.source, name=cfg.name, family=cfg.family, model_type=cfg.hf_model_type,
+        return dict(source=self.source, name=cfg.name, family=cfg.family, capabilities=self.family.capabilities(),
+                    model_type=cfg.hf_model_type,
                     parameters=n_params, layers=cfg.n_layer, heads=cfg.n_head, kv_heads=cfg.n_kv_head,
                     d_model=cfg.d_model, vocab_size=cfg.vocab_size, context_length=cfg.max_seq_len,
                     dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
                     weight_bytes=self.runners[self.backend].weight_bytes, load_seconds=round(self.load_seconds, 2),
-                    chat_template="model" if self.chat_template else "fallback", backends=self.backends(),
+                    chat_template="model" if self.chat_template else "fallback", runners=self.runner_names(),
                     prepared=list(self.runners), generation_config=self.generation_config)
 
     # --- prompts ---
@@ -95,8 +101,8 @@ class ModelHandle:
             if max(ids) >= self.config.vocab_size or min(ids) < 0:
                 raise GenerationError(f"token ids must be in [0, {self.config.vocab_size})")
         else:
-            if self.config.family in ("bert", "lstm"):
-                raise GenerationError(f"a {self.config.family} model has no chat template and does not chat; "
+            if not self.family.chats:
+                raise GenerationError(f"{self.family.described} has no chat template and does not chat; "
                                       "give it plain text")
             ids = self.tokenizer.encode_chat(prompt_or_messages, add_generation_prompt=True)
         if not ids:
@@ -115,7 +121,7 @@ class ModelHandle:
         # masked-LM and causal logits are (B, T, V); a classifier's are (B, labels): its activations still count
         budget.check_forward(self.config, int(rows), int(tokens), self.dtype, what="this forward pass",
                              all_logits=self.config.labels is None)
-        if self.config.family == "bert":
+        if self.family.bidirectional:
             return self.runners[self.backend].full_logits(input_ids, attention_mask).to(dtype)  # eager or onnx
         if attention_mask is not None:
             raise GenerationError("attention_mask is for encoders; a causal model's logits take unpadded ids")
@@ -134,7 +140,7 @@ class ModelHandle:
         `deadline` (budget.Deadline): once the run holds the model, passing it ends the run at the next step with
         finish_reason "time", keeping the text so far (see generate.run_generation). Passing it while still
         waiting for another generation to release the model raises TimeBudgetError (nothing was started)."""
-        if self.config.family == "bert":
+        if not self.family.generates:
             raise GenerationError("this is an encoder (BERT-style): it fills masks, it does not generate text; "
                                   "use fill_mask or load a causal model")
         p = SamplingParams.from_kwargs(**params)

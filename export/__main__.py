@@ -69,14 +69,15 @@ def cmd_verify(args):
 
 def cmd_bench(args):
     from backend.bench.speed import run_bench
+    from backend.models import family
     from backend.loading import read_hf_config, resolve
 
     from .cache import cached_export
 
-    family = read_hf_config(resolve(args.model)).family  # the config only: no weights read to learn the family
-    if family not in ("gpt2", "llama"):
-        raise FornaxError(f"the benchmark races decoding speed of causal Transformers; {args.model} is a {family} "
-                          f"model")
+    fam = family(read_hf_config(resolve(args.model)))  # the config only: no weights read to learn the family
+    if fam.kv_cache != "positions":
+        raise FornaxError(f"the benchmark races decoding speed of causal Transformers; {args.model} is "
+                          f"{fam.described}")
     rows = [("transformers eager", "transformers", "", args.model), ("fornax eager", "fornax", "eager", args.model),
             ("fornax compiled", "fornax", "compiled", args.model)]
     for quant in ("none", "int8", "int4"):

@@ -14,16 +14,16 @@ from backend.runners.onnx import read_onnx_config
 from backend.runners.onnx_encoder_lstm import onnx_runner
 
 from .cache import cached_export
-from .onnx_export import ExportError, quants_for
+from .onnx_export import ExportError
 
 # runner name -> quantisation; the names are what `handle.stream(backend=...)` takes
 ONNX_BACKENDS = {"onnx-fp32": "none", "onnx-int8": "int8", "onnx-int4": "int4"}
 PRECISIONS = {"fp32": "none", "int8": "int8", "int4": "int4"}
 
 
-def precisions_for(family: str) -> list[str]:
-    """The precisions the Export tab offers for a model family (encoders and LSTMs: fp32 and int8)."""
-    return [p for p, quant in PRECISIONS.items() if quant in quants_for(family)]
+def precisions_for(quants) -> list[str]:
+    """The precisions the Export tab offers for a model family's `quants` (encoders and LSTMs: fp32 and int8)."""
+    return [p for p, quant in PRECISIONS.items() if quant in quants]
 
 
 def runner_name(quant: str) -> str:

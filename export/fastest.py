@@ -16,7 +16,6 @@ from backend.handle import ModelHandle
 
 from .attach import runner_name
 from .cache import cached_export, export_folder, is_cached
-from .onnx_export import quants_for
 
 # llama.cpp's own quantization of the default model keeps mean KL(fp32 || quantized) at about 0.003 on held-out text
 # (issue #12): an export no worse than that is as faithful as what people already run.
@@ -71,10 +70,10 @@ def fastest_faithful(handle: ModelHandle, max_kl: float = FAITHFUL_KL, quants: t
     if handle.model is None:
         result.problems["onnx"] = "the model was loaded from an ONNX export: it runs on ONNX Runtime already"
         return result
-    if handle.config.family == "bert":
-        result.problems["onnx"] = "an encoder does not generate"
+    if not handle.family.generates:
+        result.problems["onnx"] = f"{handle.family.described} does not generate"
         return result
-    quants = tuple(q for q in quants if q in quants_for(handle.config.family))  # an LSTM has no int4
+    quants = tuple(q for q in quants if q in handle.family.quants)  # an LSTM has no int4
     cached = [q for q in quants if is_cached(handle.source, q)]
     for quant in cached + [q for q in quants if q not in cached]:
         name = runner_name(quant)

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from backend.models import family
 from backend.models.config import ModelConfig
 from backend.formats.gguf import unpermute_rope
 
@@ -95,7 +96,7 @@ def quantized_linears(gguf_path: Path, cfg: ModelConfig) -> dict[str, QuantizedL
     """Our Linear names (blocks.3.attn.qkv, ..., lm_head) -> their GGUF blocks, for the Llama family."""
     import gguf
 
-    if cfg.family != "llama":
+    if not family(cfg).gguf_blocks:
         return {}
     reader = gguf.GGUFReader(str(gguf_path))
     field = reader.fields.get("general.architecture")

@@ -38,9 +38,10 @@ def export_hf(source: str, out: str | Path, dtype: str = "bfloat16", progress=No
         progress(0.05, "loading the model")
     handle = backend.load(source, dtype="float32", device="cpu")
     cfg = handle.config
-    if handle.model is None or cfg.family not in ("gpt2", "llama"):
+    if handle.model is None or not handle.family.hf_export:
+        what = "an ONNX export" if handle.model is None else f"{handle.family.described}"
         raise FornaxError(f"the HF export is for causal Transformers (GPT-2 and Llama families, what vLLM serves); "
-                          f"this model is {'an ONNX export' if handle.model is None else 'a ' + cfg.family + ' model'}")
+                          f"this model is {what}")
     state = fornax_to_hf(handle.model.state_dict(), cfg)
     out_bytes = sum(t.numel() for t in state.values()) * DTYPES[dtype].itemsize
     budget.check_memory(out_bytes, "the HF export", {"the weights in " + dtype: out_bytes})

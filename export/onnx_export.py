@@ -15,6 +15,7 @@ import torch
 
 from backend import budget, limits
 from backend.disk.atomic import atomic_folder
+from backend.models import family
 from backend.models.config import ModelConfig
 from backend.errors import FornaxError
 from backend.formats.hf import write_hf_folder
@@ -25,9 +26,7 @@ from backend.formats.tokenizer import Tokenizer
 from .gqa_graph import GqaGraph
 from .graph import GraphWrapper
 
-QUANTS = ("none", "int8", "int4")
-# encoders and the LSTM: no GGUF source, and int4 of a tiny model's few MatMuls is not worth a second route
-FAMILY_QUANTS = {"bert": ("none", "int8"), "lstm": ("none", "int8")}
+QUANTS = ("none", "int8", "int4")  # every family offers a subset (Family.quants: encoders and the LSTM, no int4)
 EXPORT_VERSION = 6  # bump when graphs change, so cached exports are made again
 OPSET = 17
 MODEL_FILE = "model.onnx"
@@ -43,15 +42,15 @@ class ExportError(FornaxError):
     """The export could not be written or checked."""
 
 
-def quants_for(family: str) -> tuple[str, ...]:
-    """The quantisations `export` offers for a model family."""
-    return FAMILY_QUANTS.get(family, QUANTS)
+def quants_for(name: str) -> tuple[str, ...]:
+    """The quantisations `export` offers for a model family (by its name, as `ModelHandle.info()` gives it)."""
+    return family(name).quants
 
 
-def check_quant(family: str, quant: str) -> None:
-    if quant not in quants_for(family):
-        what = {"bert": "an encoder (BERT-style)", "lstm": "an LSTM"}.get(family, f"a {family} model")
-        raise ExportError(f"{quant!r} is not offered for {what}; choose one of {', '.join(quants_for(family))}")
+def check_quant(name: str, quant: str) -> None:
+    if quant not in quants_for(name):
+        raise ExportError(f"{quant!r} is not offered for {family(name).described}; choose one of "
+                          f"{', '.join(quants_for(name))}")
 
 
 def check_out_dir(out: Path) -> None:
@@ -66,7 +65,8 @@ def check_out_dir(out: Path) -> None:
 def export_fp32(model, path: Path) -> None:
     """torch.onnx.export (TorchScript exporter) with dynamic batch and sequence axes."""
     cfg: ModelConfig = model.config
-    if cfg.family in FAMILY_QUANTS:
+    graph_kind = family(cfg).export_graph
+    if graph_kind in ("encoder", "lstm"):
         return _export_other(model, path)
     inputs, outputs = io_names(cfg.n_layer)
     B, S, P = 2, 3, 4  # example sizes; every axis below is dynamic
@@ -80,7 +80,7 @@ def export_fp32(model, path: Path) -> None:
             "logits": {0: "batch_size", 1: "sequence_length"}}
     axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in inputs[3:]})
     axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in outputs[1:]})
-    graph = GqaGraph(model) if cfg.family == "llama" else GraphWrapper(model)
+    graph = GqaGraph(model) if graph_kind == "gqa" else GraphWrapper(model)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape branches are constant with a mask
@@ -91,7 +91,7 @@ def export_fp32(model, path: Path) -> None:
         raise
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed for this model: {type(e).__name__}: {e}") from e
-    _finish_graph(path, packed_qkv=cfg.family == "llama")
+    _finish_graph(path, packed_qkv=graph_kind == "gqa")
 
 
 def _finish_graph(path: Path, packed_qkv: bool) -> None:
@@ -118,7 +118,7 @@ def _export_other(model, path: Path) -> None:
     if _needs_external_data(model):
         raise ExportError("encoders and LSTMs over 2 GB are not exported (one protobuf file only)")
     try:
-        (export_encoder if model.config.family == "bert" else export_lstm)(model, path, OPSET)
+        (export_encoder if family(model).export_graph == "encoder" else export_lstm)(model, path, OPSET)
     except OSError:
         raise
     except Exception as e:
@@ -187,8 +187,9 @@ def quantize_model(source: str, folder: Path, model, src: Path, dst: Path, quant
 
 def write_side_files(folder: Path, cfg: ModelConfig, tokenizer: Tokenizer, info: dict) -> None:
     """What a user needs to run the graph elsewhere: HF config, generation config, tokenizer, our own config."""
-    write_hf_folder(folder, cfg, tokenizer, None, {} if cfg.family in FAMILY_QUANTS else {"use_cache": True})
-    if cfg.family == "bert":
+    fam = family(cfg)
+    write_hf_folder(folder, cfg, tokenizer, None, {"use_cache": True} if fam.kv_cache == "positions" else {})
+    if fam.export_graph == "encoder":
         from .encoder_graph import name_special_tokens
 
         name_special_tokens(folder, tokenizer)
@@ -236,14 +237,15 @@ def _export(source: str, folder: Path, cfg: ModelConfig, out: Path, quant: str, 
             if quant != "none":
                 say(0.5, f"quantising to {quant}")
                 method = quantize_model(source, folder, model, fp32, tmp / MODEL_FILE, quant, float_layers)
-                if cfg.family == "lstm":  # MatMulNBits takes MatMuls only
+                if family(cfg).export_graph == "lstm":  # MatMulNBits takes MatMuls only
                     method += " (the output layer; the LSTM node's own weights stay fp32)"
                 check_graph(tmp / MODEL_FILE)
                 sizes[quant] = _size(tmp / MODEL_FILE)
                 for f in tmp.glob("model_fp32.onnx*"):
                     f.unlink()
             info = {"source": source, "quant": quant, "quant_method": method, "opset": OPSET,
-                    "attention": "GroupQueryAttention" if cfg.family == "llama" else "generic", "sizes_bytes": sizes,
+                    "attention": "GroupQueryAttention" if family(cfg).export_graph == "gqa" else "generic",
+                    "sizes_bytes": sizes,
                     "export_seconds": round(time.perf_counter() - t0, 1)}
             write_side_files(tmp, cfg, tokenizer, info)
             if verify:

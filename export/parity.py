@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from backend.models import family
+
 from .verify import fixed_text, format_report, verify_export
 
 
 def verify_any(folder: Path, model, tokenizer) -> dict:
-    family = model.config.family
-    if family == "bert":
+    graph = family(model).export_graph
+    if graph == "encoder":
         from .encoder_graph import verify_encoder
 
         return verify_encoder(folder, model, tokenizer, fixed_text())
-    if family == "lstm":
+    if graph == "lstm":
         from .lstm_graph import verify_lstm
 
         return verify_lstm(folder, model, tokenizer, fixed_text())

@@ -445,7 +445,7 @@ def routes(app: FastAPI) -> FastAPI:
         handle = current.handle
         if handle is None:
             return {"object": "list", "data": []}
-        backends = list(handle.runners) if limits.public_mode() else handle.backends()
+        backends = list(handle.runners) if limits.public_mode() else handle.runner_names()
         return {"object": "list", "data": [{"id": model_id(handle), "object": "model", "created": 0,
                                             "owned_by": "fornax", "backends": backends}]}
 

@@ -12,6 +12,7 @@ import time
 import pandas as pd
 
 import backend
+from backend.models import family
 
 # A token's colour runs from red (unlikely, p -> 0) through amber to green (likely, p -> 1). Translucent fills
 # read well on both the light and the dark theme.
@@ -48,6 +49,11 @@ def human_bytes(n: int) -> str:
 
 
 # --- model ---
+def capabilities(info: dict) -> dict:
+    """What the model `info` describes can do (`ModelHandle.info()["capabilities"]`; a family name alone will do)."""
+    return info.get("capabilities") or family(info["family"]).capabilities()
+
+
 def model_card(info: dict | None) -> str:
     """The Model tab's summary of what is loaded: one tile per fact."""
     if info is None:
@@ -59,10 +65,11 @@ def model_card(info: dict | None) -> str:
              ("Context length", f"{info['context_length']:,}"), ("Dtype", info["dtype"]), ("Device", info["device"]),
              ("Weight memory", human_bytes(info["weight_bytes"])), ("Load time", f"{info['load_seconds']:.2f} s"),
              ("Chat template", "the model's" if info["chat_template"] == "model" else "generic fallback"),
-             ("Backends", ", ".join(info["backends"]))]
-    if info["family"] in ("bert", "lstm"):  # an encoder fills masks, an LSTM completes: neither chats
+             ("Backends", ", ".join(info["runners"]))]
+    can = capabilities(info)
+    if not can["chats"]:  # an encoder fills masks, an LSTM completes
         tiles = [(k, "none: does not chat") if k == "Chat template" else (k, v) for k, v in tiles
-                 if not (k == "Heads / KV heads" and info["family"] == "lstm")]
+                 if not (k == "Heads / KV heads" and not can["attends"])]
     grid = "".join(f"<div class='fx-tile'><div class='fx-tile-label'>{k}</div>"
                    f"<div class='fx-tile-value'>{html.escape(str(v))}</div></div>" for k, v in tiles)
     return (f"<div class='fx-card'><div class='fx-card-name'>{html.escape(info['name'])}</div>"
@@ -104,7 +111,7 @@ def export_report(summary: dict, precision: str, folder: str, backend_label: str
         lines.insert(2, f"Weights: {html.escape(summary['quant_method'])}.")
     lines += [f"| model.onnx ({kind}) | {human_bytes(n)} |" for kind, n in sizes.items()]
     r = summary.get("report")
-    family = summary["config"].get("family")
+    graph = family(summary["config"]["family"]).export_graph
     if r and r.get("kind") in ("encoder", "lstm"):  # no perplexity or KV cache: their own checks
         from export.parity import report_rows
 
@@ -120,22 +127,22 @@ def export_report(summary: dict, precision: str, folder: str, backend_label: str
                   f"| greedy tokens identical | {r['greedy_match_length']} / {r['greedy_tokens']} |",
                   f"| perplexity | {r['perplexity_eager']:.3f} eager → {r['perplexity_onnx']:.3f} onnx "
                   f"({delta:+.3f}) |"]
-    loader = {"bert": "optimum's `ORTModelForMaskedLM` / `ORTModelForSequenceClassification` load",
-              "lstm": "`backend.load` runs"}.get(family, "optimum's `ORTModelForCausalLM` loads")
+    loader = {"encoder": "optimum's `ORTModelForMaskedLM` / `ORTModelForSequenceClassification` load",
+              "lstm": "`backend.load` runs"}.get(graph, "optimum's `ORTModelForCausalLM` loads")
     lines += ["", f"Folder: `{html.escape(folder)}` — ONNX graph, `config.json`, tokenizer and `parity.json`; "
               f"{loader} it as it is."]
     return "\n".join(lines)
 
 
 # --- generation stats ---
-def stats_line(result: backend.GenerationResult, backend_name: str) -> str:
+def stats_line(result: backend.GenerationResult, runner_name: str) -> str:
     """TTFT, decode speed and the weight bandwidth it implies, for one finished generation."""
     t = result.timings
     finish = ", ".join(sorted({c.finish_reason for c in result.completions}))
     stopped = "**stopped** · " if any(c.finish_reason == "cancelled" for c in result.completions) else ""
     return (f"{stopped}**{t.new_tokens}** tokens · TTFT **{t.ttft_s * 1000:.0f} ms** · **{t.decode_tok_s:.1f} tok/s** · "
             f"**{t.bandwidth_gb_s:.1f} GB/s** · prefill {t.prefill_tok_s:.0f} tok/s · finish: {finish} · "
-            f"seed {result.seed} · {backend_name}")
+            f"seed {result.seed} · {runner_name}")
 
 
 def stopped_line(ttft_s: float | None, elapsed_s: float) -> str:

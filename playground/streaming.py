@@ -157,18 +157,18 @@ class Generation:
         self.ingesting = False
         return [got["delta"]] if "delta" in got else []
 
-    def stats(self, backend_name: str) -> str:
+    def stats(self, runner_name: str) -> str:
         if self.stream.result is None:
             return render.stopped_line(self.ttft_s, time.perf_counter() - self.started)
-        return render.stats_line(self.stream.result, backend_name)
+        return render.stats_line(self.stream.result, runner_name)
 
 
-def start_stream(handle: backend.ModelHandle, prompt_or_messages, backend_name: str | None, params: dict,
+def start_stream(handle: backend.ModelHandle, prompt_or_messages, runner_name: str | None, params: dict,
                  request: gr.Request | None = None, **extra) -> tuple[Generation, str]:
     """Validates everything (raising before the first UI update) and returns the run and the backend used.
     The engine asks this session's Stop flag before every token, so Stop ends the run with its timings."""
-    name = backend_name or handle.backend  # an unknown name is the backend's to reject, naming the ones it has
-    preparable = name in handle.backends() or name in ONNX_BACKENDS
+    name = runner_name or handle.backend  # an unknown name is the backend's to reject, naming the ones it has
+    preparable = name in handle.runner_names() or name in ONNX_BACKENDS
     if deployment.public() and name not in handle.runners and preparable:
         # An export or a compile holds the model for minutes: on a public server a generation runs on a path that
         # is ready, and a new one is made on purpose (the Backend selector, the Export tab), never as a side effect.

@@ -58,13 +58,13 @@ def build_app() -> gr.Blocks:
         with tabs["fill_mask"]:
             mask_token, insert_mask = fill_mask.build()
         with tabs["model"]:
-            model_tab = model.build(info, badge, panel.backend_name)
+            model_tab = model.build(info, badge, panel.runner_name)
         with tabs["evaluate"]:
-            evaluate_tab = evaluate.build((info or {}).get("backends"), MODEL_EVENTS)
+            evaluate_tab = evaluate.build((info or {}).get("runners"), MODEL_EVENTS)
         with tabs["export"]:
-            export.build(panel.backend_name, model_tab.card)
+            export.build(panel.runner_name, model_tab.card)
         with tabs["finetune"]:
-            poll_fn, poll_outputs = finetune.build(model_tab.source, [model_tab.card, badge, panel.backend_name],
+            poll_fn, poll_outputs = finetune.build(model_tab.source, [model_tab.card, badge, panel.runner_name],
                                                    model.load_model, model_tab.dtype, MODEL_EVENTS,
                                                    [evaluate_tab["history"], evaluate_tab["chart"]])
         with tabs["kernel_lab"]:
@@ -77,7 +77,7 @@ def build_app() -> gr.Blocks:
         badge.change(fill_mask.switch_tabs, None, [*generation_tabs, mask_token, insert_mask],
                      api_visibility="private", queue=False)
         demo.load(*panel.on_load, api_visibility="private", queue=False)  # this browser's saved presets
-        demo.load(model.refresh, None, [model_tab.card, badge, panel.backend_name], api_visibility="private")
+        demo.load(model.refresh, None, [model_tab.card, badge, panel.runner_name], api_visibility="private")
         # shows the latest training job, and reattaches to it if it is running
         demo.load(poll_fn, None, poll_outputs, api_visibility="private", show_progress="hidden")
     # Public mode: /gradio_api/run/* may not skip the queue (Gradio opens it off Spaces); queue=False events stay.

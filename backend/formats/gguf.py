@@ -17,6 +17,7 @@ from .. import budget
 from ..disk import caches as cache_dir
 from ..disk.caches import cache_root  # noqa: F401 -- imported from here by export, playground, bench
 from ..disk.atomic import atomic_folder
+from ..models import family
 from ..models.config import ModelConfig
 from ..errors import FornaxError, ModelLoadError, UnsupportedModelError
 from .gguf_check import DEQUANTIZED_BYTES, check_gguf, check_hf_shapes
@@ -24,18 +25,6 @@ from .hf import write_hf_folder
 from .tokenizer import Tokenizer
 
 CONVERTER_VERSION = 1  # bump when the conversion changes, so stale caches are not reused
-
-# GGUF tensor name (after `blk.N.`) -> HF name (after `model.layers.N.` / `transformer.h.N.`), per family.
-_LLAMA_BLOCK = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-                "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                "ffn_down": "mlp.down_proj"}
-_LLAMA_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_GPT2_BLOCK = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
-               "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
-_GPT2_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
-             "output": "lm_head"}
-
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -97,32 +86,22 @@ def gguf_to_hf_state_dict(reader, cfg: ModelConfig, arch: str, progress: Callabl
     import gguf
     from tqdm import tqdm
 
-    block_map, top_map = (_LLAMA_BLOCK, _LLAMA_TOP) if cfg.family == "llama" else (_GPT2_BLOCK, _GPT2_TOP)
-    block_prefix = "model.layers" if cfg.family == "llama" else "transformer.h"
+    hf_name = family(cfg).gguf_tensor
     out = {}
     tensors = reader.tensors
     for n, t in enumerate(tqdm(tensors, desc="dequantizing GGUF", unit="tensor", leave=False)):
         if progress:
             progress(n / len(tensors), f"dequantizing {t.name}")
-        base, _, kind = t.name.rpartition(".")   # "blk.3.attn_q", "weight"
-        parts = base.split(".")
-        if parts[0] == "blk" and len(parts) == 3 and parts[2] in block_map:
-            name = f"{block_prefix}.{parts[1]}.{block_map[parts[2]]}.{kind}"
-        elif base in top_map:
-            name = f"{top_map[base]}.{kind}"
-        else:
-            raise UnsupportedModelError(f"GGUF tensor {t.name!r} has no place in a {arch} model")
+        name, fix = hf_name(cfg, arch, t.name)
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
             raise UnsupportedModelError(f"GGUF tensor type {t.tensor_type.name} ({t.name}) cannot be dequantized") from e
         w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)] if w.ndim != 1 else -1)
-        if arch == "llama" and parts[-1] == "attn_q":
-            w = unpermute_rope(w, cfg.n_head)
-        elif arch == "llama" and parts[-1] == "attn_k":
-            w = unpermute_rope(w, cfg.n_kv_head)
-        if cfg.family == "gpt2" and kind == "weight" and parts[-1] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
-            w = w.T  # HF GPT-2 stores Conv1D weights as (in, out)
+        if fix in ("rope_q", "rope_k"):
+            w = unpermute_rope(w, cfg.n_head if fix == "rope_q" else cfg.n_kv_head)
+        elif fix == "transpose":
+            w = w.T
         w = np.ascontiguousarray(w)
         out[name] = torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are read-only file views
     return out

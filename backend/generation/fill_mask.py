@@ -19,9 +19,9 @@ MAX_TOP_K = 100
 
 def _check_encoder(handle) -> int:
     """The [MASK] id of an encoder handle; a plain error for anything else."""
-    if handle.config.family != "bert":
+    if not handle.family.fills_masks:
         raise GenerationError(f"fill-mask needs an encoder (BERT-style masked LM); this model is a "
-                              f"{handle.config.family} model that predicts the next token")
+                              f"{handle.family.title} model that predicts the next token")
     if handle.config.labels is not None:
         raise GenerationError("this encoder is a sequence classifier; fill-mask needs a masked-LM head")
     mask_id = handle.tokenizer.token_to_id(MASK_TOKEN)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import GenerationError, ModelLoadError, UnsupportedModelError
+from .family import Family
 
 MLM_ARCHITECTURES = ("BertForMaskedLM", "BertForPreTraining", "BertModel")
 CLASSIFY_ARCHITECTURE = "BertForSequenceClassification"
@@ -262,8 +263,10 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def build(cfg, state: dict[str, torch.Tensor], dtype=torch.float32, device=torch.device("cpu")) -> Encoder:
-    """An Encoder holding the given HF-named weights (shapes checked against the config)."""
+def build(cfg, state: dict[str, torch.Tensor], dtype=torch.float32, device=torch.device("cpu"),
+          cpu_decode_layout: bool = True) -> Encoder:
+    """An Encoder holding the given HF-named weights (shapes checked against the config). It has no decode
+    layout: an encoder never runs a batch-1 decode step."""
     ours = from_hf_state(state, cfg)
     with torch.device("meta"):
         model = Encoder(cfg)
@@ -278,3 +281,18 @@ def build(cfg, state: dict[str, torch.Tensor], dtype=torch.float32, device=torch
         model.lm_head.weight = model.tok_emb.weight
     model.requires_grad_(False)
     return model.eval()
+
+
+def param_count(cfg) -> int:
+    d, f, V, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layer
+    layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d
+    emb = (V + cfg.max_seq_len + cfg.type_vocab_size) * d + 2 * d
+    head = d * d + 3 * d + V + (0 if cfg.tie_embeddings else V * d) + (d * d + d) * 2
+    return L * layer + emb + head
+
+
+ENCODER = Family(name="bert", title="BERT-style encoder", generates=False, chats=False, fills_masks=True,
+                 classifies=True, bidirectional=True, kv_cache="none", objective="encoder",
+                 pretrain_tokenizer="wordpiece", lora=True, shards=False, quants=("none", "int8"),
+                 export_graph="encoder", hf_export=False, gguf_blocks=False, new=Encoder, build=build,
+                 from_hf_state=from_hf_state, to_hf_state=to_hf_state, param_count=param_count)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import GenerationError, ModelLoadError
+from .family import Family
 
 HF_MODEL_TYPE = "fornax_lstm"
 
@@ -111,7 +112,9 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
     return {k: state[k].detach().contiguous().cpu() for k in names}
 
 
-def build(cfg, state: dict[str, torch.Tensor], dtype=torch.float32, device=torch.device("cpu")) -> LSTMLM:
+def build(cfg, state: dict[str, torch.Tensor], dtype=torch.float32, device=torch.device("cpu"),
+          cpu_decode_layout: bool = True) -> LSTMLM:
+    """An LSTMLM holding the given weights (saved under our own names); nn.LSTM keeps its own layout."""
     with torch.device("meta"):
         model = LSTMLM(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
@@ -129,3 +132,20 @@ def build(cfg, state: dict[str, torch.Tensor], dtype=torch.float32, device=torch
     model.lstm.flatten_parameters()
     model.requires_grad_(False)
     return model.eval()
+
+
+def from_hf_state(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    return dict(state)  # saved under our own names (transformers has no LSTM model)
+
+
+def param_count(cfg) -> int:
+    """4 gates × (input + hidden weights + two biases) per layer, the embedding, an untied head."""
+    d, V = cfg.d_model, cfg.vocab_size
+    return cfg.n_layer * 4 * (2 * d * d + 2 * d) + V * d * (1 if cfg.tie_embeddings else 2)
+
+
+LSTM = Family(name="lstm", title="LSTM", generates=True, chats=False, fills_masks=False, classifies=False,
+              bidirectional=False, kv_cache="state", objective="next_token", pretrain_tokenizer="bpe", lora=False,
+              shards=False, quants=("none", "int8"), export_graph="lstm", hf_export=False, gguf_blocks=False,
+              new=LSTMLM, build=build, from_hf_state=from_hf_state, to_hf_state=to_hf_state,
+              param_count=param_count)

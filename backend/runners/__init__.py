@@ -8,7 +8,7 @@
                (an encoder's or an LSTM's export: runners/onnx_encoder_lstm.py)
 
 `ModelHandle.runners` holds the prepared ones; `PREPARABLE` names those a handle with PyTorch weights prepares on
-first use (`ModelHandle.runner(name)`); `ModelHandle.backends()` lists both, for the CLI and the playground.
+first use (`ModelHandle.runner(name)`); `ModelHandle.runner_names()` lists both, for the CLI and the playground.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models import family
 from ..models.config import ModelConfig
 from ..errors import GenerationError, ModelLoadError
 from .onnx import MODEL_FILE, OnnxRunner, open_session
@@ -104,6 +105,6 @@ class OnnxLSTMRunner:
 
 
 def onnx_runner(folder: str | Path, config: ModelConfig, threads: int | None = None, name: str = "onnx"):
-    """The runner of an export folder, by the family its config names."""
-    cls = {"bert": OnnxEncoderRunner, "lstm": OnnxLSTMRunner}.get(config.family, OnnxRunner)
+    """The runner of an export folder, by the graph its family exports."""
+    cls = {"encoder": OnnxEncoderRunner, "lstm": OnnxLSTMRunner}.get(family(config).export_graph, OnnxRunner)
     return cls(Path(folder) / MODEL_FILE, config, threads=threads, name=name)

@@ -193,7 +193,7 @@ class RemoteRunner:
 class RemoteHandle(ModelHandle):
     """A ModelHandle with no weights here: `stream` and `generate` go to the server; the rest is local."""
 
-    def backends(self) -> list[str]:
+    def runner_names(self) -> list[str]:
         return list(self.runners)
 
     def runner(self, name: str | None = None, progress=None):
@@ -209,10 +209,11 @@ class RemoteHandle(ModelHandle):
     def info(self) -> dict:
         cfg = self.config
         return dict(source=self.source, name=cfg.name, family="remote", model_type="openai-api",
+                    capabilities=dict(self.family.capabilities(), quants=[]),  # the server's weights: no export
                     parameters=0, layers=0, heads=0, kv_heads=0, d_model=0, vocab_size=cfg.vocab_size,
                     context_length=cfg.max_seq_len, dtype="remote", device=f"remote {self.client.source.address}",
                     weight_bytes=0, load_seconds=round(self.load_seconds, 2),
-                    chat_template="model" if self.chat_template else "fallback", backends=self.backends(),
+                    chat_template="model" if self.chat_template else "fallback", runners=self.runner_names(),
                     prepared=list(self.runners), remote=self.client.source.address)
 
     def logits(self, input_ids, attention_mask=None, dtype=torch.float32):

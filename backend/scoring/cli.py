@@ -12,7 +12,8 @@ from .run import KINDS
 def add_arguments(p) -> None:
     p.add_argument("--model", default="default", help="default | HF folder | .gguf file | hub id | ONNX export")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--backend", default=None, help="execution path that scores (default: the model's own)")
+    p.add_argument("--runner", "--backend", dest="runner", default=None,
+                   help="execution path that scores (default: the model's own)")
     p.add_argument("--metric", action="append", required=True,
                    help=f"repeatable or comma-separated: {', '.join(KINDS)}")
     p.add_argument("--data", required=True, help=".txt / JSONL {'text'} (perplexity, agreement); JSONL {'prompt' or "
@@ -20,7 +21,7 @@ def add_arguments(p) -> None:
                    "(accuracy, f1, precision, recall)")
     p.add_argument("--max-length", type=int, default=None, help="window length in tokens (default min(1024, context))")
     p.add_argument("--stride", type=int, default=None, help="tokens between windows (default max-length / 2)")
-    p.add_argument("--against", default=None, help="agreement: the backend compared with --backend")
+    p.add_argument("--against", default=None, help="agreement: the runner compared with --runner")
     p.add_argument("--average", default="macro", choices=["macro", "micro"], help="f1 / precision / recall")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default here)")
@@ -52,7 +53,7 @@ def run_cli(args) -> dict:
     history = False if args.no_history else History(args.history) if args.history else None
     handle = load(args.model, dtype=args.dtype)
     print(f"[fornax] loaded {args.model} in {handle.load_seconds:.1f} s", file=sys.stderr)
-    result = evaluate_model(handle, metrics, data, source=args.model, backend=args.backend, against=args.against,
+    result = evaluate_model(handle, metrics, data, source=args.model, backend=args.runner, against=args.against,
                             max_length=args.max_length, stride=args.stride, sampling=sampling, average=args.average,
                             history=history, progress=True)
     for name, value in result["values"].items():

@@ -66,11 +66,11 @@ def evaluate_model(handle, metrics: Sequence[str], data, *, source: str | None =
     metrics = list(dict.fromkeys(metrics))
     kind = metric_kind(metrics)
     dataset = read_data(metrics, data)
-    backend_name = backend or handle.backend
+    runner_name = backend or handle.backend
     settings: dict = {"metrics": metrics}
     out: dict = {}
     if kind == "text":
-        values = _score_texts(handle, dataset, metrics, backend, backend_name, against, max_length, stride,
+        values = _score_texts(handle, dataset, metrics, backend, runner_name, against, max_length, stride,
                               settings, out, progress, deadline)
     elif kind == "generation":
         values = _score_generations(handle, dataset, metrics, backend, sampling, settings, out, progress, deadline)
@@ -78,18 +78,18 @@ def evaluate_model(handle, metrics: Sequence[str], data, *, source: str | None =
         values = _score_labels(handle, dataset, metrics, backend, max_length, average, settings, out, progress,
                                deadline)
 
-    settings["backend"] = backend_name
+    settings["backend"] = runner_name
     source = source or handle.source
     if history is not False:
         store = history if history is not None else History()
         out["run_id"] = store.append(model=str(source), model_fingerprint=model_fingerprint(handle),
-                                     backend=backend_name, data=dataset.path.name,
+                                     backend=runner_name, data=dataset.path.name,
                                      data_fingerprint=dataset.fingerprint, values=values, settings=settings)
-    return {"values": values, "model": str(source), "backend": backend_name, "data": str(dataset.path),
+    return {"values": values, "model": str(source), "backend": runner_name, "data": str(dataset.path),
             "settings": settings, **out}
 
 
-def _score_texts(handle, dataset: TextSet, metrics, backend, backend_name, against, max_length, stride,
+def _score_texts(handle, dataset: TextSet, metrics, backend, runner_name, against, max_length, stride,
                  settings: dict, out: dict, progress: bool, deadline: Deadline) -> dict:
     """Perplexity and / or backend agreement over sliding windows; fills `settings` and `out`, returns values."""
     from . import perplexity as ppl
@@ -115,11 +115,11 @@ def _score_texts(handle, dataset: TextSet, metrics, backend, backend_name, again
         if "agreement" in metrics:
             from .agreement import backend_agreement
 
-            other = against or ("eager" if backend_name != "eager" else None)
-            if other is None or other == backend_name:
+            other = against or ("eager" if runner_name != "eager" else None)
+            if other is None or other == runner_name:
                 raise ScoringError(f"agreement compares two backends: give --against NAME (available: "
-                                   f"{', '.join(handle.backends())})")
-            result = backend_agreement(ppl.handle_logits_fn(handle, backend_name),
+                                   f"{', '.join(handle.runner_names())})")
+            result = backend_agreement(ppl.handle_logits_fn(handle, runner_name),
                                        ppl.handle_logits_fn(handle, other), token_ids, max_length, stride,
                                        context, on_window=lambda: bar.update(1), deadline=deadline)
             settings["against"] = other

@@ -5,6 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from ..models import family
 from ..models.config import PRESETS
 from .. import limits
 from ..errors import TrainError
@@ -97,7 +98,7 @@ class TrainConfig:
              f"no preset {self.preset!r}; presets: {', '.join(PRESETS)}")
         need(self.mode == "pretrain" or bool(self.model), "no model to finetune: give one (--model)")
         need(isinstance(self.nsp, bool), f"nsp must be true or false, got {self.nsp!r}")
-        need(not self.nsp or (self.mode == "pretrain" and PRESETS[self.preset]["family"] == "bert"),
+        need(not self.nsp or (self.mode == "pretrain" and family(PRESETS[self.preset]["family"]).fills_masks),
              "next-sentence prediction (--nsp) is for pretraining an encoder: --mode pretrain --preset tiny-bert")
         need(300 <= self.vocab_size <= 65536, f"vocab_size must be in [300, 65536], got {self.vocab_size}")
         for name in ("steps", "batch_size", "grad_accum", "lora_r", "sample_tokens"):

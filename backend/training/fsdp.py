@@ -26,13 +26,14 @@ from .config import TrainConfig
 from .distributed import Dist
 
 
-def check_fsdp(cfg: TrainConfig, family: str) -> None:
+def check_fsdp(cfg: TrainConfig, family) -> None:
+    """`family`: the model's backend.models.Family."""
     if cfg.mode not in ("full", "pretrain"):
         raise TrainError("--strategy fsdp shards full finetuning and pretraining; LoRA trains few parameters: run it "
                          "with the default strategy (ddp)")
-    if family not in ("gpt2", "llama"):
-        raise TrainError(f"--strategy fsdp shards the Transformer's blocks (GPT-2 and Llama families); a {family} "
-                         f"model trains with the default strategy (ddp)")
+    if not family.shards:
+        raise TrainError(f"--strategy fsdp shards the Transformer's blocks (GPT-2 and Llama families); "
+                         f"{family.described} trains with the default strategy (ddp)")
     if cfg.kernels != "eager":
         raise TrainError("--strategy fsdp runs the eager kernels; drop --kernels triton")
 

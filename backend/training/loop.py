@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..models.config import ModelConfig
 from ..errors import FornaxError, TrainError
-from ..models.transformer import Transformer
+from ..models import LanguageModel, family
 from ..formats.tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -190,16 +190,17 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
     if seq_len > context:
         raise TrainError(f"seq_len {seq_len} is beyond the model's context of {context} tokens")
     reporter.update(force=True, message="tokenizing the data")
+    fam = family(core.config)
     objective = None  # None: next-token loss; else an encoder's (masked LM [+ NSP], classification head)
-    if core.config.family == "bert":
+    if fam.objective == "encoder":
         from .encoder_classify import encoder_objective
 
         data, objective = encoder_objective(cfg, core, tokenizer, records, seq_len)
     else:
         data = build_data(records, tokenizer, seq_len, cfg.val_fraction, cfg.seed)
-    if core.config.family == "lstm" and (data.task == "chat" or cfg.mode == "lora"):
-        raise TrainError("an LSTM has no chat template and no attention projections for LoRA: train it on text "
-                         "(--task lm) with --mode pretrain or full")
+    if (data.task == "chat" and not fam.chats) or (cfg.mode == "lora" and not fam.lora):
+        raise TrainError(f"{fam.described} has no chat template and no attention projections for LoRA: train "
+                         "it on text (--task lm) with --mode pretrain or full")
     prompts = cfg.sample_prompts or data.prompts
 
     core.train()
@@ -216,7 +217,7 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
     if cfg.strategy == "fsdp" and dist.world > 1:  # FSDP2: parameters become shards before the optimizer sees them
         from .fsdp import Sharded, check_fsdp
 
-        check_fsdp(cfg, core.config.family)
+        check_fsdp(cfg, fam)
         fsdp = Sharded(core, dist)
     named = {n: p for n, p in module.named_parameters() if p.requires_grad}
     optimizer, scheduler = make_optimizer(named, cfg, device)
@@ -300,7 +301,7 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
         reporter.update(force=True)
 
     def sample(step: int):
-        if cfg.sample_every and prompts and core.config.family != "bert":  # (encoders do not generate)
+        if cfg.sample_every and prompts and fam.generates:
             model = fsdp.gathered(step) if fsdp is not None else core  # FSDP: rank 0's whole copy (collective)
             if not dist.main:
                 return
@@ -439,7 +440,7 @@ def _run(cfg: TrainConfig, device: torch.device, dist: Dist, reporter: Reporter,
 
 
 def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path | None, device: torch.device, dist: Dist,
-                         reporter: Reporter) -> tuple[Transformer, Tokenizer]:
+                         reporter: Reporter) -> tuple[LanguageModel, Tokenizer]:
     """The model to train (fp32, row-major weights) and its tokenizer: loaded for lora/full; for pretrain a new
     byte-level BPE tokenizer trained on the data (or the checkpoint's) and a freshly initialised preset model."""
     if cfg.mode != "pretrain":
@@ -453,7 +454,7 @@ def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path |
         if handle.model is None:
             raise TrainError(f"{cfg.model} is an exported ONNX graph; train the PyTorch model it came from")
         model = handle.model.contiguous_layout()
-        if handle.config.family == "bert" and records.task == "classify":
+        if handle.family.classifies and records.task == "classify":
             from ..models.encoder import Encoder
             from .encoder_classify import check_labels
 
@@ -468,7 +469,7 @@ def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path |
     else:
         reporter.update(force=True, message="training the tokenizer")
         mcfg = ModelConfig.from_name(cfg.preset)
-        if mcfg.family == "bert":  # WordPiece, as BERT's (deterministic: every rank trains the same one)
+        if family(mcfg).pretrain_tokenizer == "wordpiece":  # as BERT's (deterministic: every rank trains the same one)
             from .mlm import train_wordpiece
 
             tokenizer = train_wordpiece(records.corpus, cfg.vocab_size)
@@ -487,15 +488,7 @@ def _model_and_tokenizer(cfg: TrainConfig, records: Records, resume_from: Path |
 
 def new_model(cfg: ModelConfig) -> torch.nn.Module:
     """A freshly built model of the preset's family (random weights come from its init_weights)."""
-    if cfg.family == "lstm":
-        from ..models.lstm import LSTMLM
-
-        return LSTMLM(cfg)
-    if cfg.family == "bert":
-        from ..models.encoder import Encoder
-
-        return Encoder(cfg)
-    return Transformer(cfg)
+    return family(cfg).new(cfg)
 
 
 def _shared_tokenizer(corpus: str, vocab_size: int, dist: Dist) -> Tokenizer:

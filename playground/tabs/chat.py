@@ -20,15 +20,13 @@ from . import branches, chat_files
 from .params import Panel, sampling_kwargs
 
 
-NO_CHAT = ("bert", "lstm")  # an encoder fills masks, an LSTM completes: neither has a chat template
-
-
 def refuse_no_chat(handle: backend.ModelHandle) -> None:
     """A plain error before a chat template is rendered for a model that has none (the tab may be left open from
     before a load, or the API called)."""
-    if handle.config.family in NO_CHAT:
-        raise refusal(f"a {handle.config.family} model has no chat template; use "
-                      f"{'Fill-mask' if handle.config.family == 'bert' else 'Completion'}")
+    can = handle.family
+    if not can.chats:
+        raise refusal(f"{can.described} has no chat template; use "
+                      f"{'Fill-mask' if can.fills_masks else 'Completion'}")
 
 
 def message_text(content) -> str:
@@ -138,7 +136,7 @@ def trimmed_note(dropped: int) -> str:
 
 
 @user_errors
-def chat(message: str, history: list, system_prompt: str, backend_name: str, max_new_tokens: int,
+def chat(message: str, history: list, system_prompt: str, runner_name: str, max_new_tokens: int,
          temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float,
          presence_penalty: float, frequency_penalty: float, stop: list, seed: int | None, num_samples: int,
          tree: dict | None = None, trim: bool = False, request: gr.Request = None):
@@ -151,12 +149,12 @@ def chat(message: str, history: list, system_prompt: str, backend_name: str, max
                              presence_penalty, frequency_penalty, stop, seed, num_samples)
     check(params, tree, system_prompt, message)
     branches.append(tree, branches.node("user", message))
-    for shown, stats, tree in reply(tree, system_prompt, backend_name, params, request, trim=trim):
+    for shown, stats, tree in reply(tree, system_prompt, runner_name, params, request, trim=trim):
         yield shown, "", stats, tree
 
 
 @user_errors
-def regenerate(history: list, system_prompt: str, backend_name: str, max_new_tokens: int, temperature: float,
+def regenerate(history: list, system_prompt: str, runner_name: str, max_new_tokens: int, temperature: float,
                top_k: int, top_p: float, min_p: float, repetition_penalty: float, presence_penalty: float,
                frequency_penalty: float, stop: list, seed: int | None, num_samples: int,
                tree: dict | None = None, trim: bool = False, request: gr.Request = None):
@@ -172,11 +170,11 @@ def regenerate(history: list, system_prompt: str, backend_name: str, max_new_tok
                              presence_penalty, frequency_penalty, stop, seed, num_samples)
     check(params, tree, system_prompt)
     replace = at + 1 if at + 1 < len(branches.path(tree)) else None
-    yield from reply(tree, system_prompt, backend_name, params, request, sibling_of=replace, trim=trim)
+    yield from reply(tree, system_prompt, runner_name, params, request, sibling_of=replace, trim=trim)
 
 
 @user_errors
-def edit(history: list, system_prompt: str, backend_name: str, max_new_tokens: int, temperature: float,
+def edit(history: list, system_prompt: str, runner_name: str, max_new_tokens: int, temperature: float,
          top_k: int, top_p: float, min_p: float, repetition_penalty: float, presence_penalty: float,
          frequency_penalty: float, stop: list, seed: int | None, num_samples: int, tree: dict | None,
          trim: bool, edited: gr.EditData, request: gr.Request = None):
@@ -194,11 +192,11 @@ def edit(history: list, system_prompt: str, backend_name: str, max_new_tokens: i
                              presence_penalty, frequency_penalty, stop, seed, num_samples)
     check(params, tree, system_prompt, text)
     branches.branch(tree, at, branches.node("user", text))
-    yield from reply(tree, system_prompt, backend_name, params, request, trim=trim)
+    yield from reply(tree, system_prompt, runner_name, params, request, trim=trim)
 
 
 @user_errors
-def continue_reply(history: list, system_prompt: str, backend_name: str, max_new_tokens: int, temperature: float,
+def continue_reply(history: list, system_prompt: str, runner_name: str, max_new_tokens: int, temperature: float,
                    top_k: int, top_p: float, min_p: float, repetition_penalty: float, presence_penalty: float,
                    frequency_penalty: float, stop: list, seed: int | None, num_samples: int,
                    tree: dict | None = None, trim: bool = False, request: gr.Request = None):
@@ -221,7 +219,7 @@ def continue_reply(history: list, system_prompt: str, backend_name: str, max_new
         head, dropped = fit(model_messages(view(tree)[:-1], system_prompt), params["max_new_tokens"],
                             handle.config.max_seq_len, count, trim)
         ids = handle.tokenizer.encode_chat(head, add_generation_prompt=True) + started
-        run, name = start_stream(handle, ids, backend_name, params, request)
+        run, name = start_stream(handle, ids, runner_name, params, request)
         before = view(tree)[:-1]
         for texts in run.updates():
             if run.flag.discard:
@@ -233,7 +231,7 @@ def continue_reply(history: list, system_prompt: str, backend_name: str, max_new
             yield view(tree), run.stats(name) + trimmed_note(dropped), tree
 
 
-def reply(tree: dict, system_prompt: str, backend_name: str, params: dict, request, sibling_of: int | None = None,
+def reply(tree: dict, system_prompt: str, runner_name: str, params: dict, request, sibling_of: int | None = None,
           trim: bool = False):
     """Stream a reply to the visible path (as a sibling of the message at `sibling_of`, else after the path);
     yields (shown history, stats, tree). Samples 2..n are kept as siblings of sample 1 and shown as notes.
@@ -243,7 +241,7 @@ def reply(tree: dict, system_prompt: str, backend_name: str, params: dict, reque
         refuse_no_chat(handle)
         messages, dropped = fit(model_messages(before, system_prompt), params["max_new_tokens"],
                                 handle.config.max_seq_len, lambda m: len(handle.encode(m)), trim)
-        run, name = start_stream(handle, messages, backend_name, params, request)
+        run, name = start_stream(handle, messages, runner_name, params, request)
         note = trimmed_note(dropped)
         yield before + reply_messages(run.texts), run.status() + note, tree
         for texts in run.updates():
@@ -314,8 +312,8 @@ def gauge(message: str, history: list, system_prompt: str, max_new_tokens, trim:
     if message and message.strip():
         msgs.append({"role": "user", "content": message})
     budget, context = int(max_new_tokens or 0), handle.config.max_seq_len
-    if handle.config.family in NO_CHAT:
-        return render_gauge(None, 0, 0, f"a {handle.config.family} model does not chat")
+    if not handle.family.chats:
+        return render_gauge(None, 0, 0, f"{handle.family.described} does not chat")
 
     def count(m: list[dict]) -> int:
         return len(handle.tokenizer.encode_chat(m, add_generation_prompt=True)) if m else 0
@@ -367,7 +365,7 @@ GAUGE_CSS = """
 """
 
 
-PANEL_NAMES = ("backend_name", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+PANEL_NAMES = ("runner_name", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                "presence_penalty", "frequency_penalty", "stop", "seed", "num_samples")
 
 

@@ -20,7 +20,7 @@ def joined_samples(texts: list[str]) -> str:
 
 
 @user_errors
-def complete(prompt: str, backend_name: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+def complete(prompt: str, runner_name: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
              min_p: float, repetition_penalty: float, presence_penalty: float, frequency_penalty: float,
              stop: list, seed: int | None, num_samples: int, request: gr.Request = None):
     """Continue `prompt`; streams (continuation text, probability-coloured tokens HTML, stats)."""
@@ -31,7 +31,7 @@ def complete(prompt: str, backend_name: str, max_new_tokens: int, temperature: f
     deployment.check_sampling(params, len(prompt))
     pending = "<div class='fx-empty'>token probabilities appear when the run finishes…</div>"
     with current.using() as handle:
-        run, name = start_stream(handle, prompt, backend_name, params, request, top_logprobs=TOP_ALTERNATIVES)
+        run, name = start_stream(handle, prompt, runner_name, params, request, top_logprobs=TOP_ALTERNATIVES)
         yield "", pending, run.status()
         for texts in run.updates():  # a long prompt's ingestion first ("ingesting 1,536 / 4,096 tokens"), then text
             yield joined_samples(texts), pending, run.status()

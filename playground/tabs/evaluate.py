@@ -44,7 +44,7 @@ def history_frames(metric: str | None, request: gr.Request | None = None) -> tup
     return table, chart
 
 
-def run_evaluation(upload, sample: str, metrics: list[str], backend_name: str, against: str, max_length: int,
+def run_evaluation(upload, sample: str, metrics: list[str], runner_name: str, against: str, max_length: int,
                    stride: int, max_new_tokens: int, temperature: float, progress=gr.Progress(track_tqdm=True),
                    request: gr.Request = None):
     """Evaluate the loaded model; returns (summary, per-example rows, history table, history chart)."""
@@ -60,7 +60,7 @@ def run_evaluation(upload, sample: str, metrics: list[str], backend_name: str, a
     path = upload if upload else SAMPLES_DIR / SAMPLES.get(sample, "prose.txt")
     data = read_data(metrics or [], path)                  # bad data is refused before the model is touched
     with current.using() as handle:
-        result = evaluate_model(handle, metrics, data, backend=backend_name or None, against=against or None,
+        result = evaluate_model(handle, metrics, data, backend=runner_name or None, against=against or None,
                                 max_length=int(max_length or 0) or None, stride=int(stride or 0) or None,
                                 sampling=sampling, progress=True, deadline=deadline,
                                 history=History(visitor=deployment.visitor_key(request)))
@@ -167,7 +167,7 @@ def build(backends: list[str] | None = None, model_events: dict | None = None) -
     with gr.Row(equal_height=True):
         metrics = gr.Dropdown(list(KINDS), value=["perplexity"], multiselect=True, label="Metrics",
                               elem_id="fx-eval-metrics")
-        backend_name = gr.Dropdown(backends or [], value=None, allow_custom_value=True, label="Backend",
+        runner_name = gr.Dropdown(backends or [], value=None, allow_custom_value=True, label="Backend",
                                    info="empty = the model's own", elem_id="fx-eval-backend")
         against = gr.Dropdown(backends or [], value=None, allow_custom_value=True, label="Agreement against",
                               elem_id="fx-eval-against")
@@ -189,13 +189,13 @@ def build(backends: list[str] | None = None, model_events: dict | None = None) -
     history = gr.Dataframe(label="All evaluations (newest first)", interactive=False, elem_id="fx-eval-history")
 
     sample.change(pick_sample, sample, metrics)
-    run.click(user_errors(run_evaluation), [upload, sample, metrics, backend_name, against, max_length, stride,
+    run.click(user_errors(run_evaluation), [upload, sample, metrics, runner_name, against, max_length, stride,
                                             max_new_tokens, temperature], [summary, examples, history, chart],
               api_name="evaluate", **(model_events or dict(concurrency_id="model", concurrency_limit=1)),
               **deployment.event_options())
     refresh.click(user_errors(refresh_history), chart_metric, [history, chart], api_name="evaluation_history",
                   concurrency_limit=None)
-    return {"upload": upload, "sample": sample, "metrics": metrics, "backend": backend_name, "against": against,
+    return {"upload": upload, "sample": sample, "metrics": metrics, "backend": runner_name, "against": against,
             "run": run, "summary": summary, "examples": examples, "chart": chart, "history": history,
             "chart_metric": chart_metric, "refresh": refresh}
 

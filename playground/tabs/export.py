@@ -27,9 +27,9 @@ def export_model(precision: str, progress=gr.Progress(), request: gr.Request = N
     quant = PRECISIONS[precision]
     deployment.check_export(current.loaded_by, request)
     with current.using() as handle:
-        offered = precisions_for(handle.config.family)
+        offered = precisions_for(handle.family.quants)
         if precision not in offered:
-            raise refusal(f"{precision} is not offered for a {handle.config.family} model; pick {', '.join(offered)}")
+            raise refusal(f"{precision} is not offered for {handle.family.described}; pick {', '.join(offered)}")
         folder = export_for(handle, quant, progress=lambda f, m: progress(0.9 * f, desc=m))
         name = attach_onnx(handle, quant)
     progress(0.92, desc="packing the download")
@@ -58,12 +58,12 @@ def served_download(archive: Path, request: gr.Request | None) -> str:
 def fit_precisions(precision: str | None) -> gr.Radio:
     """The precisions offered for the loaded model's family (the choice kept when it is still offered)."""
     info = current.info()
-    choices = precisions_for(info["family"]) if info else list(PRECISIONS)
+    choices = precisions_for(render.capabilities(info)["quants"]) if info else list(PRECISIONS)
     return gr.Radio(choices=choices, value=precision if precision in choices else choices[-1])
 
 
-def build(backend_name: gr.Dropdown, card: gr.HTML) -> None:
-    """The tab's components and events; an export adds its backend to the panel's `backend_name` and the `card`."""
+def build(runner_name: gr.Dropdown, card: gr.HTML) -> None:
+    """The tab's components and events; an export adds its backend to the panel's `runner_name` and the `card`."""
     gr.Markdown("Export the loaded model to **ONNX** for ONNX Runtime: one graph with a KV cache that optimum's "
                 "`ORTModelForCausalLM` and any ONNX Runtime client can run. int8 and int4 quantise the weights "
                 "(onnxruntime's MatMulNBits): smaller and faster on a CPU, a little less exact — the parity report "
@@ -76,6 +76,6 @@ def build(backend_name: gr.Dropdown, card: gr.HTML) -> None:
         export_button = gr.Button("Export to ONNX", variant="primary", scale=1, elem_id="fx-export")
     export_report = gr.Markdown("", elem_id="fx-export-report")
     export_file = gr.File(label="Download (.zip)", interactive=False, elem_id="fx-export-file")
-    export_button.click(export_model, precision, [export_report, export_file, backend_name, card], api_name="export",
+    export_button.click(export_model, precision, [export_report, export_file, runner_name, card], api_name="export",
                         **MODEL_EVENTS)
     card.change(fit_precisions, precision, precision, api_visibility="private", queue=False)  # a model was loaded

@@ -24,9 +24,10 @@ SWITCHED = ("chat", "completion", "race", "fill_mask")  # the tabs shown or hidd
 
 def tabs_for(info: dict | None) -> dict[str, bool]:
     """Which of the SWITCHED tabs the model described by `info` can use."""
-    family = (info or {}).get("family")
-    generates = family != "bert"
-    return dict(chat=family not in ("bert", "lstm"), completion=generates, race=generates, fill_mask=not generates)
+    if info is None:  # nothing loaded: the tabs of a causal model, which say so when used
+        return dict(chat=True, completion=True, race=True, fill_mask=False)
+    can = render.capabilities(info)
+    return dict(chat=can["chats"], completion=can["generates"], race=can["generates"], fill_mask=can["fills_masks"])
 
 
 def tab_visible(shown: bool) -> bool | str:

@@ -9,7 +9,6 @@ import gradio as gr
 
 from backend.runners import PREPARABLE
 from export.attach import ONNX_BACKENDS, attach_onnx
-from export.onnx_export import quants_for
 
 from .. import deployment, prepare, render
 from ..errors import refusal, user_errors
@@ -58,8 +57,8 @@ def backend_dropdown(model_info: dict | None, value: str | None = None, **layout
     PyTorch weights can be exported; one loaded from an ONNX folder already runs on ONNX Runtime only). Opens on
     `value`, else on the path prepared at start-up (playground/prepare.py) when it is ready, else the first one."""
     ready = model_info["prepared"] if model_info else []
-    offered = [n for n in model_info["backends"] if n not in ready] if model_info else []
-    exportable = quants_for(model_info["family"]) if model_info else ()  # encoders, LSTMs: no int4
+    offered = [n for n in model_info["runners"] if n not in ready] if model_info else []
+    exportable = render.capabilities(model_info)["quants"] if model_info else ()  # encoders, LSTMs: no int4
     on_demand = offered + ([n for n, q in ONNX_BACKENDS.items() if n not in ready and q in exportable]
                            if "eager" in ready else [])
     if value not in ready:
@@ -106,8 +105,8 @@ class ModelTab:
     card: gr.HTML
 
 
-def build(info: dict | None, badge: gr.HTML, backend_name: gr.Dropdown) -> ModelTab:
-    """The tab's components and events; loading updates the card, the page `badge` and the panel's `backend_name`."""
+def build(info: dict | None, badge: gr.HTML, runner_name: gr.Dropdown) -> ModelTab:
+    """The tab's components and events; loading updates the card, the page `badge` and the panel's `runner_name`."""
     with gr.Row(equal_height=True):
         source = gr.Textbox(label="Model", value="default", scale=5, elem_id="fx-source",
                             info="default · a model folder · a .gguf path · a Hub id (org/name)")
@@ -117,11 +116,11 @@ def build(info: dict | None, badge: gr.HTML, backend_name: gr.Dropdown) -> Model
         upload = gr.File(show_label=False, file_types=[".gguf"], type="filepath", height=110, elem_id="fx-gguf-upload")
     card = gr.HTML(render.model_card(info), elem_id="fx-model-card")
 
-    outputs = [card, badge, backend_name]
+    outputs = [card, badge, runner_name]
     gr.on([load_button.click, source.submit], load_model, [source, dtype], outputs, api_name="load",
           show_progress_on=card, **MODEL_EVENTS)
     upload.upload(load_upload, [upload, dtype], outputs, api_name="load_upload", show_progress_on=card,
                   **MODEL_EVENTS)
-    backend_name.input(choose_backend, backend_name, [backend_name, card], show_progress_on=backend_name,
+    runner_name.input(choose_backend, runner_name, [runner_name, card], show_progress_on=runner_name,
                        api_visibility="private", **MODEL_EVENTS)
     return ModelTab(source, dtype, card)

@@ -95,22 +95,22 @@ def poll_preparation(chosen: bool):
 
 @dataclass
 class Panel:
-    backend_name: gr.Dropdown
-    inputs: list  # in the order of the handlers' parameters: backend_name, max_new_tokens, ..., num_samples
+    runner_name: gr.Dropdown
+    inputs: list  # in the order of the handlers' parameters: runner_name, max_new_tokens, ..., num_samples
     on_load: tuple = ()  # (fn, inputs, outputs) to run on page load: this browser's saved presets into the dropdown
 
 
 def build(info: dict | None) -> Panel:
     """The panel's components, inside the caller's column."""
     gr.Markdown("### Parameters")
-    backend_name = backend_dropdown(info, label="Backend", allow_custom_value=True, elem_id="fx-backend",
+    runner_name = backend_dropdown(info, label="Backend", allow_custom_value=True, elem_id="fx-backend",
                                     info="execution path of the loaded model")
     # what the start-up preparation of the fastest faithful path is doing (empty when it is off)
     prepare_status = gr.Markdown(prepare.status.message, elem_id="fx-prepare-status", elem_classes="fx-stats")
     chosen = gr.State(False)  # this session picked a backend itself: never switch it for them
-    backend_name.input(lambda: True, None, chosen, api_visibility="private", queue=False)
+    runner_name.input(lambda: True, None, chosen, api_visibility="private", queue=False)
     timer = gr.Timer(1.0)  # turns itself off on its first tick once no preparation is running
-    timer.tick(poll_preparation, chosen, [prepare_status, backend_name, timer], api_visibility="private",
+    timer.tick(poll_preparation, chosen, [prepare_status, runner_name, timer], api_visibility="private",
                queue=False, show_progress="hidden")
     # Callable values are computed again at each page load: the panel opens on the preset of the model loaded now.
     def opening(field: str | None = None):
@@ -147,5 +147,5 @@ def build(info: dict | None) -> Panel:
     save.click(save_preset, [preset_name, saved, *sliders], [saved, preset, preset_name], api_visibility="private",
                queue=False)
     on_load = (lambda s: gr.update(choices=preset_choices(s, current.info())), [saved], [preset])
-    return Panel(backend_name, [backend_name, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+    return Panel(runner_name, [runner_name, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                                 presence_penalty, frequency_penalty, stop_strings, seed, num_samples], on_load)

@@ -34,7 +34,7 @@ def label(name: str) -> str:
 
 
 def path_choices(info: dict | None) -> list[tuple[str, str]]:
-    return [(label(n), n) for n in (info or {}).get("backends", [])]
+    return [(label(n), n) for n in (info or {}).get("runners", [])]
 
 
 def default_paths(info: dict | None) -> list[str]:
@@ -141,11 +141,11 @@ def done_label(name: str, result) -> str:
 
 
 @user_errors
-def race(prompt: str, paths: list[str], greedy: bool, backend_name: str, max_new_tokens: int, temperature: float,
+def race(prompt: str, paths: list[str], greedy: bool, runner_name: str, max_new_tokens: int, temperature: float,
          top_k: int, top_p: float, min_p: float, repetition_penalty: float, presence_penalty: float,
          frequency_penalty: float, stop: list, seed: int | None, num_samples: int = 1, request: gr.Request = None):
     """Run `prompt` on each of `paths` in turn with the same settings; streams the columns (one per path), the
-    decode and prefill speed charts, the comparison (HTML) and a summary line. `backend_name` and `num_samples`
+    decode and prefill speed charts, the comparison (HTML) and a summary line. `runner_name` and `num_samples`
     are the panel's and not used: every path runs, one sample each."""
     if not prompt or not prompt.strip():
         raise refusal("the prompt is empty: write something for the paths to continue")
@@ -159,7 +159,7 @@ def race(prompt: str, paths: list[str], greedy: bool, backend_name: str, max_new
     race_flag = StopFlag()  # Stop between two paths (or during a warm-up) ends the race there
     try:
         with current.using() as handle:
-            order = ordered_paths(paths, handle.backends())
+            order = ordered_paths(paths, handle.runner_names())
             unprepared = [p for p in order if p not in handle.runners]
             if deployment.public() and unprepared:  # its warm-up would compile or export under the model lock
                 raise refusal(f"not prepared on this server: {', '.join(unprepared)}; race the prepared paths "

@@ -7,7 +7,8 @@ import torch
 import backend
 from backend.disk import atomic
 from backend.disk.atomic import atomic_folder
-from backend.formats.hf import fornax_to_hf, hf_to_fornax, weight_table
+from backend.formats.hf import fornax_to_hf, hf_to_fornax
+from backend.models.transformer_hf import weight_table
 from backend.loading import read_hf_folder, read_weights
 from backend.models.transformer import Transformer
 

@@ -114,10 +114,11 @@ def test_fsdp_checkpoint_resumes_to_the_same_losses(setup, two, tmp_path):
 
 
 def test_fsdp_refuses_lora_plainly(tmp_path):
+    from backend.models import family
     from backend.training.fsdp import check_fsdp
 
     cfg = TrainConfig(data="x", out="y", mode="lora", strategy="fsdp").check()
     with pytest.raises(TrainError, match="LoRA"):
-        check_fsdp(cfg, "llama")
+        check_fsdp(cfg, family("llama"))
     with pytest.raises(TrainError, match="strategy must be one of ddp, fsdp"):
         TrainConfig(data="x", out="y", strategy="zero3").check()

@@ -40,7 +40,7 @@ def tokenizer_env(folder, monkeypatch):
 def test_remote_greedy_tokens_equal_local(folder, fornax_server, tokenizer_env):
     local = backend.load(folder)
     remote = backend.load(f"openai+http://127.0.0.1:{fornax_server}/v1#tiny-llama")
-    assert isinstance(remote, RemoteHandle) and remote.backends() == ["remote"]
+    assert isinstance(remote, RemoteHandle) and remote.runner_names() == ["remote"]
     for prompt in ("The capital of France is", [{"role": "user", "content": "Hi there"}]):
         want = local.generate(prompt, temperature=0, max_new_tokens=12, ignore_eos=False, top_logprobs=2)
         stream = remote.stream(prompt, temperature=0, max_new_tokens=12, top_logprobs=2)
@@ -83,7 +83,7 @@ def test_playground_and_its_api_run_on_a_remote_handle(folder, fornax_server, to
     previous = current.handle
     try:
         current.load(f"openai+http://127.0.0.1:{fornax_server}/v1#tiny-llama")
-        assert current.info()["backends"] == ["remote"]
+        assert current.info()["runners"] == ["remote"]
         *_, (text, token_html, stats) = complete("The capital of France is", "remote", 8, 0.0, 0, 1.0, 0.0, 1.0,
                                                  0.0, 0.0, [], 1, 1)
         assert text == want and "mean log-prob" in token_html  # per-token colours from the server's logprobs

@@ -67,7 +67,7 @@ def test_compiled_logits_equal_eager_and_second_prompt_does_not_recompile(compil
 
 
 def test_handle_prepares_compiled_on_first_use_and_generates_like_eager(tiny_llama):
-    assert "compiled" in tiny_llama.backends() and "compiled" not in tiny_llama.runners
+    assert "compiled" in tiny_llama.runner_names() and "compiled" not in tiny_llama.runners
     kw = dict(max_new_tokens=12, temperature=0, ignore_eos=True)
     eager = tiny_llama.generate("The quick brown fox", backend="eager", **kw)
     compiled = tiny_llama.generate("The quick brown fox", backend="compiled", **kw)

@@ -135,7 +135,7 @@ def test_optimum_loads_both_encoder_exports_and_agrees_with_transformers(bert_ex
 
 def test_encoder_refuses_int4_and_leaves_nothing(bert_exports, tmp_path, capsys):
     root, *_ = bert_exports
-    with pytest.raises(ExportError, match="not offered for an encoder"):
+    with pytest.raises(ExportError, match="not offered for a BERT-style encoder model"):
         export(str(root / "mlm"), tmp_path / "int4", quant="int4")
     assert not (tmp_path / "int4").exists()
     assert export_cli(["--model", str(root / "mlm"), "--out", str(tmp_path / "x"), "--quant", "int4"]) == 2

@@ -40,7 +40,7 @@ def test_tiny_export_matches_eager(tiny_export):
 def test_onnx_folder_loads_as_a_handle_with_the_same_generations(tiny_export):
     root, _ = tiny_export
     eager, onnx = backend.load(root / "hf"), backend.load(root / "onnx")
-    assert list(onnx.runners) == ["onnx"] and onnx.info()["backends"] == ["onnx"]
+    assert list(onnx.runners) == ["onnx"] and onnx.info()["runners"] == ["onnx"]
     kw = dict(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=4, num_samples=2, ignore_eos=True)
     assert onnx.generate("The quick", **kw).texts == eager.generate("The quick", **kw).texts
     ids = torch.randint(0, eager.config.vocab_size, (2, 17))

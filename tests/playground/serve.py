@@ -5,14 +5,14 @@ import socket
 from contextlib import contextmanager
 
 # Every keyword of the parameters panel, as gradio_client passes them (by the handlers' parameter names).
-PANEL = dict(backend_name="eager", max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.9, min_p=0.02,
+PANEL = dict(runner_name="eager", max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.9, min_p=0.02,
              repetition_penalty=1.1, presence_penalty=0.1, frequency_penalty=0.1, stop=[], seed=1234, num_samples=1)
 
 
 def backend_kwargs(**panel) -> dict:
     """The same settings as `h.generate` keyword arguments, for calling the backend directly."""
     kwargs = {**PANEL, **panel}
-    kwargs["backend"] = kwargs.pop("backend_name")
+    kwargs["backend"] = kwargs.pop("runner_name")
     kwargs["stop"] = [s.replace("\\n", "\n") for s in kwargs["stop"]]
     return kwargs
 

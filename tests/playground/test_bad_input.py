@@ -24,7 +24,7 @@ CATALOGUE = [
     ("private", "/complete", dict(prompt="The", **{**PANEL, "top_p": 5}), "top_p"),
     ("private", "/complete", dict(prompt="The", **{**PANEL, "temperature": -1}), "temperature"),
     ("private", "/complete", dict(prompt="The", **{**PANEL, "num_samples": 0}), "num_samples"),
-    ("private", "/complete", dict(prompt="The", **{**PANEL, "backend_name": "no-such-backend"}), "no-such-backend"),
+    ("private", "/complete", dict(prompt="The", **{**PANEL, "runner_name": "no-such-backend"}), "no-such-backend"),
     ("public", "/complete", dict(prompt="The", **{**PANEL, "max_new_tokens": 100_000}), "max_new_tokens is 100,000"),
     ("public", "/chat", dict(**CHAT, **{**PANEL, "num_samples": 12}), "num_samples is 12"),
     ("public", "/complete", dict(prompt="The", **{**PANEL, "stop": ["\\n"] * 9}), "the number of stop strings is 9"),
@@ -53,7 +53,7 @@ CATALOGUE = [
     ("private", "/compare_classifiers", {}, "first finish a classification run"),
     # scoring
     ("private", "/evaluate", dict(upload=None, sample="prose (perplexity, agreement)", metrics=["perplexity"],
-                                  backend_name="eager", against=None, max_length=32, stride=64, max_new_tokens=8,
+                                  runner_name="eager", against=None, max_length=32, stride=64, max_new_tokens=8,
                                   temperature=0), "stride 64 > max_length 32"),
     # kernel lab
     ("public", "/kernel_check", dict(op="layer_norm", shape="64, 4096", dtype="float32"), "the cap here is 40,000"),

@@ -12,7 +12,7 @@ from playground.tabs import completion
 from playground.tabs.chat import message_text
 from tests.backend.tiny import make_tiny
 
-GREEDY = dict(backend_name="eager", temperature=0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+GREEDY = dict(runner_name="eager", temperature=0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
               presence_penalty=0.0, frequency_penalty=0.0, stop=[], seed=1, num_samples=1)
 INGESTING = re.compile(r"ingesting ([\d,]+) / ([\d,]+) tokens")
 CHUNK = 16

@@ -15,7 +15,7 @@ from playground.tabs import branches
 from playground.tabs import chat as chat_tab
 from tests.backend.tiny import make_tiny
 
-GREEDY = dict(backend_name="eager", max_new_tokens=4, temperature=0, top_k=0, top_p=1.0, min_p=0.0,
+GREEDY = dict(runner_name="eager", max_new_tokens=4, temperature=0, top_k=0, top_p=1.0, min_p=0.0,
               repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop=[], seed=1, num_samples=1)
 
 

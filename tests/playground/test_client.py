@@ -170,7 +170,7 @@ BAD_CALLS = {
     "too many samples": (dict(prompt=PROMPT, **{**PANEL, "num_samples": 100}, api_name="/complete"),
                          "num_samples must be"),
     "negative seed": (dict(prompt=PROMPT, **{**PANEL, "seed": -7}, api_name="/complete"), "seed must be"),
-    "unknown backend": (dict(prompt=PROMPT, **{**PANEL, "backend_name": "warp-drive"}, api_name="/complete"),
+    "unknown backend": (dict(prompt=PROMPT, **{**PANEL, "runner_name": "warp-drive"}, api_name="/complete"),
                         "no backend 'warp-drive'"),
     "nothing to regenerate": (dict(history=[], system_prompt="", **PANEL, api_name="/regenerate"),
                               "nothing to regenerate"),
@@ -229,7 +229,7 @@ def test_streaming_sends_small_diffs_at_a_throttled_rate(url):
                     {"role": "assistant", "content": [{"type": "text", "text": "=" * 10_000}]}]
     panel = {**PANEL, "max_new_tokens": 30, "stop": []}
     data = ["Tell me a story.", long_history, "", *(panel[k] for k in (
-        "backend_name", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+        "runner_name", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
         "presence_penalty", "frequency_penalty", "stop", "seed", "num_samples")), None, False]  # tree, trim
     joined = httpx.post(url + "gradio_api/queue/join", json=dict(data=data, fn_index=fn_index, session_hash="wire",
                                                                  event_data=None, trigger_id=None))

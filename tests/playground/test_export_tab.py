@@ -32,7 +32,7 @@ def test_lstm_gets_fp32_and_int8_and_its_own_report(tmp_path, monkeypatch):
     radio = fit_precisions("int4")
     assert _values(radio) == ["fp32", "int8"] and radio.value == "int8"
     assert fit_precisions("fp32").value == "fp32"
-    with pytest.raises(gr.Error, match="int4 is not offered for a lstm model; pick fp32, int8"):
+    with pytest.raises(gr.Error, match="int4 is not offered for an LSTM model; pick fp32, int8"):
         user_errors(export_model)("int4", progress=lambda *a, **k: None)
     report, archive, backends, _ = export_model("fp32", progress=lambda *a, **k: None)
     assert "state carried step by step" in report and "greedy tokens identical | 64 / 64" in report

@@ -129,7 +129,7 @@ def test_bad_inputs_are_plain_errors_and_the_app_keeps_serving(folders, monkeypa
     # an encoder asked to complete or chat (the API, or a tab left open from before the load)
     expect_plain(lambda: completion.complete("The", **PANEL), "it does not generate text")
     expect_plain(lambda: race.race("The", ["eager"], True, **PANEL), "it does not generate text")
-    expect_plain(lambda: chat.chat("Hi", [], "", **PANEL), "a bert model has no chat template; use Fill-mask")
+    expect_plain(lambda: chat.chat("Hi", [], "", **PANEL), "a BERT-style encoder model has no chat template; use Fill-mask")
     # public caps, before anything is tokenized
     monkeypatch.setenv("FORNAX_PUBLIC", "1")
     expect_plain(lambda: fill_mask.fill(TWO_MASKS, 50), "top-k is 50")

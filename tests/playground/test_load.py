@@ -81,8 +81,8 @@ def test_an_onnx_export_plugs_into_the_backend_selector(client, tiny_folders, tm
     export(str(tiny_folders[0]), tmp_path / "onnx", verify=False)
     card, _, backends = client.predict(source=str(tmp_path / "onnx"), dtype="auto", api_name="/load")
     assert backends["choices"] == [["ONNX Runtime", "onnx"]] and backends["value"] == "onnx" and "onnx" in card
-    text, _, stats = client.predict(prompt="def", **{**PANEL, "backend_name": "onnx"}, api_name="/complete")
-    assert text == current.handle.generate("def", **backend_kwargs(backend_name="onnx")).text
+    text, _, stats = client.predict(prompt="def", **{**PANEL, "runner_name": "onnx"}, api_name="/complete")
+    assert text == current.handle.generate("def", **backend_kwargs(runner_name="onnx")).text
     assert stats.endswith("onnx")
     with pytest.raises(gradio_client.exceptions.AppError, match="no backend 'eager'; available: onnx"):
         client.predict(prompt="def", **PANEL, api_name="/complete")
@@ -105,8 +105,8 @@ def test_export_tab_exports_reports_parity_offers_a_zip_and_adds_the_backend(cli
     assert "onnx-fp32" in current.handle.runners and "onnx-fp32" in card
     # the new path serves generations, greedy tokens equal to the eager model's
     kwargs = {**PANEL, "temperature": 0.0, "max_new_tokens": 16}
-    text, _, stats = client.predict(prompt="def", **{**kwargs, "backend_name": "onnx-fp32"}, api_name="/complete")
-    assert text == current.handle.generate("def", **backend_kwargs(**{**kwargs, "backend_name": "eager"})).text
+    text, _, stats = client.predict(prompt="def", **{**kwargs, "runner_name": "onnx-fp32"}, api_name="/complete")
+    assert text == current.handle.generate("def", **backend_kwargs(**{**kwargs, "runner_name": "eager"})).text
     assert stats.endswith("onnx-fp32")
 
 
@@ -115,9 +115,9 @@ def test_an_onnx_backend_picked_through_the_api_is_exported_on_first_use(client,
     monkeypatch.setenv("FORNAX_CACHE", str(tmp_path / "cache"))
     client.predict(source=str(tiny_folders[1]), dtype="auto", api_name="/load")
     assert "onnx-int8" not in current.handle.runners
-    text, _, stats = client.predict(prompt="def", **{**PANEL, "backend_name": "onnx-int8"}, api_name="/complete")
+    text, _, stats = client.predict(prompt="def", **{**PANEL, "runner_name": "onnx-int8"}, api_name="/complete")
     assert "onnx-int8" in current.handle.runners and stats.endswith("onnx-int8")
-    assert text == current.handle.generate("def", **backend_kwargs(backend_name="onnx-int8")).text
+    assert text == current.handle.generate("def", **backend_kwargs(runner_name="onnx-int8")).text
     assert list((tmp_path / "cache" / "exports").glob("*-int8/model.onnx"))
 
 

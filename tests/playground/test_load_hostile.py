@@ -94,7 +94,7 @@ class Hostile:
         for _ in range(ATTACKS):
             self.refused("evaluate", lambda: client.predict(
                 upload=gradio_client.handle_file(str(self.csv)), sample=None, metrics=["accuracy"],
-                backend_name="eager", against="", max_length=64, stride=32, max_new_tokens=8, temperature=0.0,
+                runner_name="eager", against="", max_length=64, stride=32, max_new_tokens=8, temperature=0.0,
                 api_name="/evaluate"))
 
     def url_file(self):

@@ -119,7 +119,7 @@ def test_a_visitor_cannot_make_the_server_export_or_compile_by_naming_a_path(cli
     exports = os.listdir(os.environ["FORNAX_CACHE"])
     for api_name, call in (("/complete", dict(prompt="The")), ("/chat", dict(message="Hi", history=[],
                                                                                system_prompt=""))):
-        message = refused(lambda: client.predict(**call, **{**PANEL, "backend_name": path}, api_name=api_name))
+        message = refused(lambda: client.predict(**call, **{**PANEL, "runner_name": path}, api_name=api_name))
         assert f"the {path} path is not prepared on this server" in message, message
     assert path not in current.handle.runners
     assert os.listdir(os.environ["FORNAX_CACHE"]) == exports  # nothing exported into the cache

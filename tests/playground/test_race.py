@@ -18,7 +18,7 @@ from tests.backend.tiny import make_tiny
 
 PROMPT = "The quick brown fox"
 TOKENS = 40
-# the panel as the handler takes it after (prompt, paths, greedy): backend_name ... num_samples
+# the panel as the handler takes it after (prompt, paths, greedy): runner_name ... num_samples
 PANEL = ["eager", TOKENS, 0.7, 0, 0.95, 0.0, 1.0, 0.0, 0.0, [], -1, 1]
 
 
@@ -124,7 +124,7 @@ def test_bad_input_and_public_caps_are_plain_errors(tiny, monkeypatch):
 def test_a_public_race_never_compiles_or_exports_a_path(tiny, monkeypatch):
     """A path that is not prepared would be compiled (or exported) by its warm-up, under the model lock."""
     monkeypatch.setenv("FORNAX_PUBLIC", "1")
-    assert "compiled" not in tiny.runners and "compiled" in tiny.backends()
+    assert "compiled" not in tiny.runners and "compiled" in tiny.runner_names()
     with pytest.raises(gr.Error, match="not prepared on this server: compiled"):
         list(race.race(PROMPT, ["eager", "compiled"], True, *PANEL))
     assert "compiled" not in tiny.runners
@@ -153,7 +153,7 @@ def test_race_opens_with_the_prepared_fast_path_ticked_beside_eager(monkeypatch)
     up when the tab is opened, a visitor's own choice stands."""
     from playground import prepare
 
-    info = {"source": "m", "prepared": ["eager", "onnx-int4"], "backends": ["eager", "onnx-int4", "compiled"]}
+    info = {"source": "m", "prepared": ["eager", "onnx-int4"], "runners": ["eager", "onnx-int4", "compiled"]}
     monkeypatch.setattr(prepare, "status", prepare.Status(backend="onnx-int4", source="m"))
     monkeypatch.setattr(race.current, "info", lambda: info)
     assert race.default_paths(info) == ["eager", "onnx-int4"]

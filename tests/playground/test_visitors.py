@@ -324,7 +324,7 @@ def test_no_public_response_carries_a_server_path(public, sleeping_jobs, monkeyp
         shown = {"load_upload": client.predict(file=gradio_client.handle_file(str(gguf)), dtype="auto",
                                                api_name="/load_upload"),
                  "evaluate": client.predict(upload=None, sample="prose (perplexity, agreement)",
-                                            metrics=["perplexity"], backend_name="", against="", max_length=32,
+                                            metrics=["perplexity"], runner_name="", against="", max_length=32,
                                             stride=16, max_new_tokens=4, temperature=0, api_name="/evaluate"),
                  "history": client.predict(metric="perplexity", api_name="/evaluation_history"),
                  "finetune": client.predict(upload=gradio_client.handle_file(corpus(public)),

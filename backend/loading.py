@@ -47,7 +47,7 @@ def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None 
     t0 = time.perf_counter()
     source = str(source)
     if source.lower().startswith(("openai+http://", "openai+https://")):  # a model on another server: remote.py
-        from .runners.remote import load_remote
+        from .remote import load_remote
 
         return load_remote(source, resolve)
     folder = resolve(source, progress)

@@ -6,7 +6,8 @@ another OpenAI-compatible server (vLLM, llama.cpp's server, Fornax's own `python
 
 The server's API key is the operator's: `FORNAX_REMOTE_API_KEY` (sent as `Authorization: Bearer …`), never part
 of a source a visitor types. In public mode a visitor may name only hosts in `FORNAX_REMOTE_ALLOWLIST`
-(comma-separated `host:port`; unset: none). The handle itself lives in backend/runners/remote.py.
+(comma-separated `host:port`; unset: none). The handle itself lives in backend/remote.py, its runner in
+backend/runners/remote.py.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The remote runner (backend/runners/remote.py): a handle loaded from `openai+http://HOST:PORT/v1[#model]` against a
+"""The remote handle and runner (backend/remote.py, backend/runners/remote.py): a handle loaded from
+`openai+http://HOST:PORT/v1[#model]` against a
 real second server process (Fornax's own `python -m playground --api-only`) gives the local handle's greedy tokens;
 a dead port, a 500, a malformed stream and a silent server are plain errors; public mode takes allowlisted hosts
 only and the key comes from the environment."""
@@ -12,7 +13,7 @@ import pytest
 
 import backend
 from backend.errors import FornaxError, ModelLoadError
-from backend.runners.remote import RemoteHandle
+from backend.remote import RemoteHandle
 from tests.backend.tiny import make_tiny
 from tests.playground.serve import api_only_server, free_port
 

@@ -245,30 +245,30 @@ def cmd_cache(args):
         print(f"cleared {len(removed)} entries, {sum(e.bytes for e in removed) / 1e6:.1f} MB")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m backend", description="Fornax backend")
-    sub = parser.add_subparsers(dest="verb", required=True)
+def model_args(p):
+    p.add_argument("--model", default="default", help="default | HF folder | .gguf file | hub id")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
-    def model_args(p):
-        p.add_argument("--model", default="default", help="default | HF folder | .gguf file | hub id")
-        p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
-    def sampling_args(p):
-        p.add_argument("--runner", "--backend", dest="runner", default=None,
-                       help="execution path (runner): eager (default), compiled (torch.compile; compiles on first use), triton "
-                            "(CUDA), onnx (an export folder)")
-        p.add_argument("--max-new-tokens", type=int, default=128)
-        p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--min-p", type=float, default=0.0)
-        p.add_argument("--repetition-penalty", type=float, default=1.0)
-        p.add_argument("--presence-penalty", type=float, default=0.0)
-        p.add_argument("--frequency-penalty", type=float, default=0.0)
-        p.add_argument("--stop", action="append", help="stop string (repeatable)")
-        p.add_argument("--seed", type=int, default=None)
-        p.add_argument("--num-samples", type=int, default=1)
+def sampling_args(p):
+    p.add_argument("--runner", "--backend", dest="runner", default=None,
+                   help="execution path (runner): eager (default), compiled (torch.compile; compiles on first use), "
+                        "triton (CUDA), onnx (an export folder)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
 
+
+def add_run_verbs(sub) -> None:
+    """info, generate, chat, fill-mask: load a model and run it."""
     p = sub.add_parser("info", help="load a model and print what it is")
     model_args(p)
     p.set_defaults(func=cmd_info)
@@ -288,6 +288,10 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--pll", action="store_true", help="pseudo-log-likelihood: each token masked in turn")
     p.set_defaults(func=cmd_fill_mask)
+
+
+def add_bench_verbs(sub) -> None:
+    """bench, race, bench-train, first-answers, bench-startup: measurements."""
     p = sub.add_parser("bench", help="time our execution paths against transformers' on the same model")
     p.add_argument("--model", default="default")
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -317,19 +321,6 @@ def main(argv=None):
     p.add_argument("--png", default=None, help="a chart (default docs/race.png; needs matplotlib; '' = none)")
     p.add_argument("--quick", action="store_true", help="smoke run: one small configuration, one repeat")
     p.set_defaults(func=cmd_race)
-    p = sub.add_parser("finetune", help="train: LoRA or full finetuning of a model, or pretraining from scratch",
-                       description="Data: .txt (plain text), .jsonl ({'text'} / {'messages'} / {'text','label'} per "
-                                   "line) or .csv (text,label). See backend/training/data.py.")
-    p.add_argument("--config", default=None, help="a TrainConfig JSON file; flags given override it")
-    for name, kind in TRAIN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
-    p.add_argument("--lora-targets", default=None, help="e.g. attn.qkv,attn.proj (default: every projection)")
-    p.add_argument("--sample-prompt", action="append", help="prompt sampled during training (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--nsp", action="store_true", help="pretrain an encoder with next-sentence prediction too "
-                   "(sentence pairs from the text's own order; saved as BertForPreTraining)")
-    p.add_argument("--job-dir", default=None, help="write live state to DIR/state.json; DIR/cancel stops the run")
-    p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("bench-train", help="time our training loop against transformers' Trainer, same model and data")
     p.add_argument("--steps", type=int, default=None, help="default 30 (--compare: 200)")
     p.add_argument("--threads", type=int, default=2)
@@ -360,6 +351,22 @@ def main(argv=None):
     p.add_argument("--prepare", choices=["fast", "none"], default="fast")
     p.set_defaults(func=cmd_bench_startup)
 
+
+def add_train_and_score_verbs(sub) -> None:
+    """finetune, evaluate, cache."""
+    p = sub.add_parser("finetune", help="train: LoRA or full finetuning of a model, or pretraining from scratch",
+                       description="Data: .txt (plain text), .jsonl ({'text'} / {'messages'} / {'text','label'} per "
+                                   "line) or .csv (text,label). See backend/training/data.py.")
+    p.add_argument("--config", default=None, help="a TrainConfig JSON file; flags given override it")
+    for name, kind in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    p.add_argument("--lora-targets", default=None, help="e.g. attn.qkv,attn.proj (default: every projection)")
+    p.add_argument("--sample-prompt", action="append", help="prompt sampled during training (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--nsp", action="store_true", help="pretrain an encoder with next-sentence prediction too "
+                   "(sentence pairs from the text's own order; saved as BertForPreTraining)")
+    p.add_argument("--job-dir", default=None, help="write live state to DIR/state.json; DIR/cancel stops the run")
+    p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("evaluate", help="score a model: perplexity, BLEU / chrF / ROUGE / exact match, accuracy / "
                                         "F1, backend agreement (recorded in the history)")
     from .scoring.cli import add_arguments as evaluate_arguments
@@ -371,6 +378,12 @@ def main(argv=None):
     p.add_argument("--clear", action="store_true", help="delete every cache entry")
     p.set_defaults(func=cmd_cache)
 
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m backend", description="Fornax backend")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for add in (add_run_verbs, add_bench_verbs, add_train_and_score_verbs):
+        add(sub)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from backend.disk import caches as cache_dir
-from backend.formats.gguf import cache_root
+from backend.disk.caches import cache_root
 from backend.loading import resolve
 
 from .onnx_export import EXPORT_VERSION, MODEL_FILE, export

@@ -88,3 +88,34 @@ def test_no_private_names_imported_across_modules():
                 wrong += [f"{name}: from {node.module} import {a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert not wrong, "\n".join(wrong)
+
+
+# backend's own rooms, lowest first: each may import only rooms to its left (and the root's errors, limits, budget).
+# The root's handle and loading sit above them; training, scoring and bench above those; only bench and the root's
+# __main__ import bench.
+SUBROOMS = ["disk", "models", "formats", "generation", "runners"]
+LOW_ROOT = {"backend.errors", "backend.limits", "backend.budget"}
+
+
+def subroom(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "backend" or len(parts) < 2:
+        return None
+    return parts[1] if len(parts) > 2 or parts[1] in SUBROOMS + ["data", "training", "scoring", "bench"] else "root"
+
+
+def test_backend_subrooms_import_downwards_only():
+    wrong = []
+    for name, targets in graph().items():
+        room = subroom(name)
+        for target in targets:
+            other = subroom(target)
+            if room is None or other is None or other == room:
+                continue
+            if room in SUBROOMS + ["data"]:
+                allowed = SUBROOMS[:SUBROOMS.index(room)] if room in SUBROOMS else ["disk", "models", "formats"]
+                if not (other in allowed or target in LOW_ROOT):
+                    wrong.append(f"{name} imports {target}")
+            if other == "bench" and not (room == "bench" or name == "backend.__main__"):
+                wrong.append(f"{name} imports {target} (benchmarks are imported by the CLI only)")
+    assert not wrong, "\n".join(sorted(wrong))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .common import append_csv, bench_text, memory_read_gb_s, peak_rss_mb, run_child
-from ..formats.gguf import cache_root
+from ..disk.caches import cache_root
 from ..loading import load, resolve
 
 REPEATS = 3
@@ -121,7 +121,8 @@ def run_bench(rows: list[tuple[str, str, str, str]] | None = None, model: str = 
           f"memory read {floor:.1f} GB/s (each engine in its own process)", file=sys.stderr)
     results = {}
     for label, engine, backend, source in rows:
-        r = run_child("backend.bench.speed:measure", [engine, backend, source, prompt_tokens, new_tokens, threads], threads)
+        r = run_child("backend.bench.speed:measure", [engine, backend, source, prompt_tokens, new_tokens, threads],
+                      threads)
         if r is not None:
             results[label] = r
             print(f"  {label}: decode {r['decode_tok_s']:.1f} tok/s", file=sys.stderr)

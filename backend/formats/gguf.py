@@ -15,7 +15,7 @@ import torch
 
 from .. import budget
 from ..disk import caches as cache_dir
-from ..disk.caches import cache_root  # noqa: F401 -- imported from here by export, playground, bench
+from ..disk.caches import cache_root
 from ..disk.atomic import atomic_folder
 from ..models import family
 from ..models.config import ModelConfig

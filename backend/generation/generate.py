@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..budget import Deadline
-from ..runners import Runner
+from .runner import Runner
 from .sampling import SamplingParams, sample
 from ..formats.tokenizer import Tokenizer
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..formats.gguf import cache_root
+from ..disk.caches import cache_root
 from ..models.transformer import Transformer
 from .eager import EagerRunner
 

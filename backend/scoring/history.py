@@ -50,7 +50,7 @@ CREATE INDEX IF NOT EXISTS scores_visitor ON scores (visitor, time);
 
 def default_path() -> Path:
     """$FORNAX_SCORES_DB, else scores.sqlite under the Fornax cache (the test suite points it at a temporary file)."""
-    from ..formats.gguf import cache_root
+    from ..disk.caches import cache_root
 
     override = os.environ.get("FORNAX_SCORES_DB", "").strip()
     return Path(override).expanduser() if override else cache_root() / "scores.sqlite"

@@ -17,7 +17,7 @@ import gradio as gr
 
 import backend
 from backend.models.config import PRESETS
-from backend.formats.gguf import cache_root
+from backend.disk.caches import cache_root
 from backend.scoring.history import History
 from backend.training import DEFAULT_LR, MODES, TASKS, JobManager, TrainConfig
 from backend.training.compare import KINDS as CLASSIFY_KINDS

@@ -75,7 +75,10 @@ class ModelConfig:
         mlp = (3 if self.family == "llama" else 2) * d * f
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         pos = self.max_seq_len * d if self.family == "gpt2" else 0
-        return self.n_layer * (attn + mlp) + emb + pos
+        norms = (2 * self.n_layer + 1) * d * (2 if self.family == "gpt2" else 1)  # LayerNorm has a bias, RMSNorm not
+        biases = (self.qkv_bias * hd * (self.n_head + 2 * self.n_kv_head) + self.out_bias * d
+                  + self.mlp_bias * ((mlp // (d * f) - 1) * f + d))
+        return self.n_layer * (attn + mlp + biases) + emb + pos + norms
 
     # --- serialisation ---
     def to_dict(self) -> dict:

@@ -287,7 +287,10 @@ def param_count(cfg) -> int:
     d, f, V, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layer
     layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d
     emb = (V + cfg.max_seq_len + cfg.type_vocab_size) * d + 2 * d
-    head = d * d + 3 * d + V + (0 if cfg.tie_embeddings else V * d) + (d * d + d) * 2
+    if cfg.labels is not None:  # pooler + classifier
+        head = d * d + d + (d + 1) * len(cfg.labels)
+    else:                       # transform (dense + LayerNorm), decoder bias, an untied decoder, NSP's pooler + head
+        head = d * d + 3 * d + V + (0 if cfg.tie_embeddings else V * d) + (d * d + d + 2 * d + 2) * cfg.nsp_head
     return L * layer + emb + head
 
 

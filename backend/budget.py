@@ -151,8 +151,8 @@ def forward_parts(cfg, batch: int, tokens: int, cache_len: int | None = None, dt
 
     Attention scores B×H×T×S in fp32 are counted once where attention runs under a mask (a prefill against the
     cache, an encoder's padding mask): an ONNX graph's MatMul -> Softmax and PyTorch's math fallback materialise
-    them. A causal forward without cache runs PyTorch's flash kernel, which does not (measured on CPU: 9 MB for
-    B×H×T×T = 537 MB of scores), so none are counted there."""
+    them. A causal forward without cache runs PyTorch's flash kernel, which does not (on CPU too), so none are
+    counted there."""
     B, T, S = batch, tokens, cache_len or tokens
     fam = family(cfg)
     scores = cache_len is not None or fam.bidirectional
@@ -233,10 +233,9 @@ def check_load(cfg, dtype="float32", what: str = "loading this model", extra: di
     _check_parts({**load_parts(cfg, dtype), **(extra or {})}, what)
 
 
-# Export's peak beside the loaded model. Measured (peak RSS growth of `export.onnx_export.export`, verify off, on
-# random Llamas of 25.6 M and 75.9 M parameters): 713 MB and 1,679 MB with no quantisation, 707 MB and 1,720 MB with
-# int8 — a slope of 4.8x the fp32 weight bytes (5.0x with int8: the file's pages, the fp32 model, the tracer's
-# constants, the ONNX proto and its serialization) over ~220 MB of exporter code and buffers.
+# Export's peak beside the loaded model: a multiple of the fp32 weight bytes (the file's pages, the fp32 model, the
+# tracer's constants, the ONNX proto and its serialization) over a fixed part for the exporter itself; both
+# measured, see docs/playground.md#public-mode-budgets.
 EXPORT_PEAK_FACTOR = 4.8
 EXPORT_QUANT_FACTOR = 0.25
 EXPORT_FIXED_BYTES = 256 * 1024**2

@@ -17,8 +17,8 @@ from backend.handle import ModelHandle
 from .attach import runner_name
 from .cache import cached_export, export_folder, is_cached
 
-# llama.cpp's own quantization of the default model keeps mean KL(fp32 || quantized) at about 0.003 on held-out text
-# (issue #12): an export no worse than that is as faithful as what people already run.
+# llama.cpp's own quantization of the default model keeps mean KL(fp32 || quantized) at about 0.003 on held-out text:
+# an export no worse than that is as faithful as what people already run.
 FAITHFUL_KL = 0.0030
 FAST_QUANTS = ("int4", "int8")  # fastest first
 

@@ -77,8 +77,8 @@ class CompiledRunner(EagerRunner):
         from torch._inductor.compile_fx import compile_fx
 
         self.compiles += 1
-        # (Frozen weights with inductor's C++ GEMM template autotuned against MKL were measured too: no faster at
-        # 2 threads here, 13.2-14.0 vs 14.0 GB/s on SmolLM2's matmuls, and slower to compile.)
+        # (not inductor's frozen-weight C++ GEMM template: no faster than MKL here and slower to compile;
+        # docs/benchmarks.md)
         return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": cudagraphs})
 
     def _decode_backend(self, gm: torch.fx.GraphModule, example_inputs):

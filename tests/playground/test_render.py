@@ -67,7 +67,7 @@ def test_model_card_lists_what_was_loaded():
     info = dict(source="default", name="Tiny <model>", family="llama", model_type="llama", parameters=135_000_000,
                 layers=30, heads=9, kv_heads=3, d_model=576, vocab_size=49152, context_length=8192,
                 dtype="float32", device="cpu", weight_bytes=538_000_000, load_seconds=0.52, chat_template="model",
-                backends=["eager", "onnx"])
+                runners=["eager", "onnx"])
     card = render.model_card(info)
     for fact in ("Tiny &lt;model&gt;", "135M", "9 / 3", "8,192", "538.0 MB", "0.52 s", "eager, onnx", "float32"):
         assert fact in card

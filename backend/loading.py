@@ -16,7 +16,8 @@ from . import budget, limits
 from .models.config import ModelConfig
 from .errors import FornaxError, ModelLoadError
 from .disk.atomic import atomic_folder
-from .formats.gguf import convert_gguf
+from .formats.gguf import GGUFConversion, convert_gguf, open_gguf
+from .formats.gguf_check import check_hf_shapes
 from .handle import ModelHandle
 from .formats.hf import fornax_to_hf, write_hf_folder
 from .formats.hub import HUB_FILES  # noqa: F401 -- re-exported: the patterns a hub load fetches
@@ -50,7 +51,9 @@ def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None 
         from .remote import load_remote
 
         return load_remote(source, resolve)
-    folder = resolve(source, progress)
+    gguf_path = gguf_file(source)
+    conversion = open_gguf(gguf_path, progress) if gguf_path is not None else None
+    folder = conversion.folder if conversion is not None else resolve(source, progress)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -58,6 +61,8 @@ def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None 
         if dtype not in ("float32", "float16", "bfloat16"):
             raise ModelLoadError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
         dtype = getattr(torch, dtype)
+    if conversion is not None and conversion.state is not None:
+        return load_first_conversion(conversion, source, dtype, device, progress, t0)
     if (folder / "model.onnx").exists() and not _weight_files(folder, "model.safetensors"):
         return load_onnx(folder, source, t0)
     if (folder / "parity.json").exists() or (folder / "fornax.json").exists():
@@ -110,12 +115,53 @@ def load_onnx(folder: Path, source: str, t0: float) -> ModelHandle:
                        backend="onnx", config=cfg)
 
 
+def load_first_conversion(conversion: GGUFConversion, source: str, dtype: torch.dtype, device: torch.device,
+                          progress: Callable | None, t0: float) -> ModelHandle:
+    """A GGUF's first load: the model is built from the tensors dequantized in memory while a thread writes the
+    cache folder (not read back); what the folder gives a later load (config, tokenizer, generation config) is
+    what this gives, and it returns once the folder is written."""
+    cfg, tokenizer = conversion.folder_config(), conversion.tokenizer
+    check_hf_shapes(conversion.state, cfg)  # before the fp32 copy is written
+    # (the weights' fp32 bytes were capped by max_model_bytes before they were dequantized: gguf_check.py)
+    budget.check_load(cfg, dtype, what=f"loading this model ({budget.param_count(cfg):,} parameters as "
+                                       f"{str(dtype).removeprefix('torch.')})")
+    if tokenizer.vocab_size > cfg.vocab_size:  # ids past the embedding table would index out of range
+        raise ModelLoadError(f"the tokenizer has {tokenizer.vocab_size:,} tokens but the model's vocabulary has only "
+                             f"{cfg.vocab_size:,} rows")
+    if progress:
+        progress(0.9, "building the model")
+    writer = conversion.write_in_thread()
+    try:
+        model = build_model(cfg, conversion.state, dtype, device)
+    finally:
+        writer.join()
+    writer.result()  # (its error, e.g. a full disk, after a build that went well)
+    return ModelHandle(model, tokenizer, source, load_seconds=time.perf_counter() - t0,
+                       generation_config=conversion.generation_config())
+
+
+def gguf_file(source: str) -> Path | None:
+    """The GGUF file `source` names (the default model's; a file with a .gguf suffix or GGUF magic; a folder
+    without config.json holding exactly one .gguf), else None."""
+    if source == "default":
+        return default_gguf_path()
+    path = Path(source).expanduser()
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        return path if path.suffix.lower() == ".gguf" or magic == b"GGUF" else None
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        return ggufs[0] if len(ggufs) == 1 else None
+    return None
+
+
 def resolve(source: str, progress=None) -> Path:
     """A local HF-style folder for any source (GGUF files are converted once into a cache)."""
+    gguf_path = gguf_file(source)
+    if gguf_path is not None:
+        return convert_gguf(gguf_path, progress)
     if source == "default":
-        gguf_path = default_gguf_path()
-        if gguf_path is not None:
-            return convert_gguf(gguf_path, progress)
         try:
             return hub_snapshot(DEFAULT_HUB_ID)
         except ModelLoadError as e:
@@ -123,15 +169,8 @@ def resolve(source: str, progress=None) -> Path:
                                  f"(the Hub fallback {DEFAULT_HUB_ID} failed too: {e})") from e
     path = Path(source).expanduser()
     if path.is_file():
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if path.suffix.lower() == ".gguf" or magic == b"GGUF":
-            return convert_gguf(path, progress)
         raise ModelLoadError(f"{path} is a file but not a GGUF model; pass a .gguf file or a model folder")
     if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").exists() and len(ggufs) == 1:
-            return convert_gguf(ggufs[0], progress)
         return path
     if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
         from .formats.hub import split_source

@@ -51,6 +51,7 @@ def one_start(cache: str, prepare: str = "fast", timeout_s: float = 180.0) -> di
     """Start the playground on the default model with `cache` as its cache; seconds to the page and to an answer."""
     port = _free_port()
     env = {**os.environ, "FORNAX_CACHE": cache, "FORNAX_PREPARE": prepare, "HF_HUB_OFFLINE": "1"}
+    load_before = os.getloadavg()[0]  # another process busy on the cores shows here, not in our timings
     t0 = time.perf_counter()
     app = subprocess.Popen([sys.executable, "-m", "playground", "--port", str(port)], cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -59,7 +60,7 @@ def one_start(cache: str, prepare: str = "fast", timeout_s: float = 180.0) -> di
         _wait_page(base + "/", app, timeout_s)
         page_s = time.perf_counter() - t0
         text = _first_completion(base)
-        return dict(page_s=page_s, answer_s=time.perf_counter() - t0, text=text)
+        return dict(page_s=page_s, answer_s=time.perf_counter() - t0, text=text, load_avg=load_before)
     finally:
         app.terminate()
         try:
@@ -79,8 +80,12 @@ def run_bench_startup(runs: int = 3, warm: bool = False, prepare: str = "fast") 
             row = one_start(cache, prepare)
             rows.append(row)
             print(f"run {i + 1}: page {row['page_s']:.1f} s · first answer {row['answer_s']:.1f} s "
-                  f"({row['text']!r})", flush=True)
+                  f"({row['text']!r}; load average {row['load_avg']:.1f} on {os.cpu_count()} cores before it)",
+                  flush=True)
     page = statistics.median(r["page_s"] for r in rows)
     answer = statistics.median(r["answer_s"] for r in rows)
     print(f"{'warm' if warm else 'cold'} start, median of {runs}: page {page:.1f} s · first answer {answer:.1f} s")
+    busiest = max(r["load_avg"] for r in rows)
+    if busiest > 0.5 * (os.cpu_count() or 1):
+        print(f"(the machine was busy: a load average up to {busiest:.1f} on {os.cpu_count()} cores; rerun when quiet)")
     return rows

@@ -24,7 +24,7 @@ DEFAULT_PRESETS = ("tiny-lstm", "tiny-llama")
 def unigram_cross_entropy(data, vocab_size: int) -> float:
     """Cross-entropy (nats per token) of the training targets' add-one-smoothed frequencies on the validation
     targets of a packed Data (training/data.py)."""
-    from ..training.data import IGNORE
+    from ..data.sequences import IGNORE
 
     def targets(seqs):
         return [t for i in range(len(seqs)) for t in seqs.batch([i])[1][0].tolist() if t != IGNORE]
@@ -42,7 +42,8 @@ def run_curves(presets=DEFAULT_PRESETS, steps: int = 200, seq_len: int = 64, bat
 
     from ..formats.tokenizer import Tokenizer
     from ..training import TrainConfig, train
-    from ..training.data import build_data, read_records
+    from ..data.records import read_records
+    from ..training.data import build_data
 
     if threads:
         torch.set_num_threads(threads)

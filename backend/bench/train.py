@@ -60,7 +60,8 @@ def measure_transformers(folder: Path, steps: int, seq_len: int, batch_size: int
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from ..formats.tokenizer import Tokenizer
-    from ..training.data import build_data, read_records
+    from ..data.records import read_records
+    from ..training.data import build_data
 
     tokenizer = Tokenizer.from_folder(folder / "model")
     data = build_data(read_records(folder / "corpus.txt"), tokenizer, seq_len, 0.0, 0)  # the same blocks as ours

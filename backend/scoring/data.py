@@ -2,26 +2,25 @@
 
 - Texts for perplexity / agreement: a `.txt` file (one text) or JSONL of `{"text": ...}` (one text per line).
 - Generation sets: JSONL of `{"prompt": str, "reference": str | [str, ...]}` or `{"messages": [...], "reference"}`.
-- Labelled sets for classification: JSONL `{"text", "label"}` or CSV `text,label`, read by the training reader
-  (backend/training/data.py) so a file that finetunes also evaluates.
+- Labelled sets for classification: JSONL `{"text", "label"}` or CSV `text,label`, read by the training-format
+  reader (backend/data/records.py) so a file that finetunes also evaluates.
 
-Every problem (missing, too large, empty, not UTF-8, a malformed line) raises ScoringError naming file and line."""
+The file checks and streaming parsers are backend/data/files.py's. Every problem (missing, too large, empty, not
+UTF-8, a malformed line) raises a ScoringError (the readers' DataError is one) naming file and line."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import limits
+from ..data.files import JSONL_SUFFIXES, RowCaps, check_message_shapes, deployment, jsonl_objects, read_text, scan_utf8
+from ..data.records import read_records
 from ..errors import FornaxError, ScoringError
-
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
 
 def checked_file(path: str | Path) -> tuple[Path, str]:
     """(path, sha256 of the bytes) of a UTF-8 file, its size capped before it is read, then checked chunk by chunk
     (nothing of it is held: the readers below stream it line by line)."""
-    from ..training.data import scan_utf8
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise ScoringError(f"no data file at {path}" if not path.exists() else f"{path} is not a file")
@@ -29,29 +28,17 @@ def checked_file(path: str | Path) -> tuple[Path, str]:
         limits.check(path.stat().st_size, limits.current().max_upload_bytes, f"the size of {path.name} in bytes")
     except FornaxError as e:
         raise ScoringError(str(e)) from e
-    return path, scan_utf8(path, ScoringError, "evaluate")
+    return path, scan_utf8(path, "evaluate")
 
 
-def read_utf8(path: str | Path) -> tuple[Path, str, str]:
-    """(path, text, sha256 of the bytes) of a UTF-8 file, its size capped before it is read."""
-    from ..training.data import read_text
-
-    path, digest = checked_file(path)
-    return path, read_text(path), digest
-
-
-def row_caps(path: Path):
+def row_caps(path: Path) -> RowCaps:
     """An evaluation's caps on one file while it is read: rows, and characters of one text."""
-    from ..training.data import RowCaps
-
     caps = limits.current()
-    return RowCaps(path, ScoringError, caps.max_eval_rows, caps.max_eval_chars)
+    return RowCaps(path, caps.max_eval_rows, caps.max_eval_chars)
 
 
-def _jsonl_objects(path: Path, caps) -> list[tuple[int, dict]]:
-    from ..training.data import jsonl_objects
-
-    yield from jsonl_objects(path, ScoringError, caps)
+def _jsonl_objects(path: Path, caps: RowCaps):
+    yield from jsonl_objects(path, caps)
     if not caps.rows:
         raise ScoringError(f"{path.name} has no JSON lines: there is nothing to evaluate")
 
@@ -65,14 +52,12 @@ class TextSet:
 
 
 def read_texts(path: str | Path) -> TextSet:
-    from ..training.data import read_text
-
     path, digest = checked_file(path)
     caps = row_caps(path)
     if path.suffix.lower() not in JSONL_SUFFIXES:
         if caps.max_chars is not None and path.stat().st_size > 4 * caps.max_chars:  # surely too long: unread
             raise ScoringError(f"{path.name} is {path.stat().st_size:,} bytes, more than the {caps.max_chars:,} "
-                               f"characters per text this {_mode()} deployment allows")
+                               f"characters per text this {deployment()} deployment allows")
         return TextSet(path, digest, [caps.text(read_text(path), path.name)], [path.name])
     texts, names = [], []
     for lineno, obj in _jsonl_objects(path, caps):
@@ -81,10 +66,6 @@ def read_texts(path: str | Path) -> TextSet:
         texts.append(caps.text(obj["text"], f"{path.name} line {lineno}"))
         names.append(f"{path.name} line {lineno}")
     return TextSet(path, digest, texts, names)
-
-
-def _mode() -> str:
-    return "public" if limits.public_mode() else "local"
 
 
 @dataclass
@@ -107,9 +88,7 @@ def read_generation_set(path: str | Path) -> GenerationSet:
         if isinstance(obj.get("prompt"), str) and obj["prompt"]:
             prompts.append(caps.text(obj["prompt"], where))
         elif isinstance(obj.get("messages"), list) and obj["messages"]:
-            for i, m in enumerate(obj["messages"]):
-                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                    raise ScoringError(f"{where}: message {i + 1} must be {{'role': str, 'content': str}}")
+            check_message_shapes(obj["messages"], where)
             prompts.append([{"role": m["role"], "content": caps.text(m["content"], where)} for m in obj["messages"]])
         else:
             raise ScoringError(f"{where} has neither a non-empty 'prompt' string nor a 'messages' list")
@@ -136,13 +115,8 @@ class LabelledSet:
 
 
 def read_labelled_set(path: str | Path) -> LabelledSet:
-    from ..training.data import read_records
-
     path, _ = checked_file(path)                  # our checks and size cap first, then the training reader's
     caps = limits.current()
-    try:
-        records = read_records(path, task="classify", max_rows=caps.max_eval_rows, max_chars=caps.max_eval_chars)
-    except FornaxError as e:
-        raise ScoringError(str(e)) from e
+    records = read_records(path, task="classify", max_rows=caps.max_eval_rows, max_chars=caps.max_eval_chars)
     return LabelledSet(path, records.sha256, [t for t, _ in records.items], [label for _, label in records.items],
                        records.labels)

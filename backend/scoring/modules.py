@@ -27,7 +27,7 @@ def load_metric(name: str):
 
 def compute_metric(name: str, predictions, references=None, **options) -> dict:
     """Run one shipped metric, with our checks first (evaluate's own errors are plain ValueErrors)."""
-    from .scores import check_pairs
+    from ..data.counts import check_pairs
 
     module = load_metric(name)
     if name == "perplexity":

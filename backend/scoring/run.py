@@ -174,9 +174,9 @@ def _score_labels(handle, dataset: LabelledSet, metrics, backend, max_length, av
                   out: dict, progress: bool, deadline: Deadline) -> dict:
     """Each row given the likeliest label; accuracy / F1 / precision / recall and the confusion matrix."""
     from . import perplexity as ppl
-    from .classify import classification_report, label_scores
+    from ..data.counts import AVERAGES, classification_report
+    from ..data.labels import label_scores
     from .modules import compute_metric
-    from .scores import AVERAGES
 
     if average not in AVERAGES:
         raise ScoringError(f"average must be one of {AVERAGES}, not {average!r}")
@@ -201,7 +201,7 @@ def _score_labels(handle, dataset: LabelledSet, metrics, backend, max_length, av
 def plan_classification(handle, dataset: LabelledSet, labels, seq_len: int):
     """The rows × labels of a classification, checked against the caps from their counts (each prompt tokenized
     once, no row built) before the first forward."""
-    from .classify import BATCH_ROWS, LabelRows, max_batch_tokens
+    from ..data.labels import BATCH_ROWS, LabelRows, max_batch_tokens
 
     caps.check_rows(len(dataset.texts))
     caps.check_labels(labels)

@@ -1,5 +1,6 @@
-"""The metric maths, as plain functions: text overlap through sacrebleu and rouge_score, classification counts with
-numpy. The `evaluate` modules in metrics/ and the training loop both call these, so there is one definition of each.
+"""The metric maths, as plain functions: text overlap through sacrebleu and rouge_score (the classification counts
+live in backend/data/counts.py, which a finetune's validation shares). The `evaluate` modules in metrics/ call these,
+so there is one definition of each.
 
 Every function checks its inputs and raises ScoringError naming the problem (empty lists, mismatched counts)."""
 from __future__ import annotations
@@ -10,15 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..data.counts import check_pairs
 from ..errors import ScoringError
-
-
-def check_pairs(predictions: Sequence, references: Sequence, what: str = "predictions") -> None:
-    if len(predictions) == 0:
-        raise ScoringError(f"no {what} to score: the data is empty")
-    if len(predictions) != len(references):
-        raise ScoringError(f"{len(predictions)} {what} but {len(references)} references: every prediction needs "
-                           f"its reference")
 
 
 def reference_streams(references: Sequence[str | Sequence[str]]) -> list[list[str]]:
@@ -116,46 +110,3 @@ def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[
     """Share of predictions equal to (one of) their reference(s) after the chosen normalisation."""
     hits = exact_match_per_example(predictions, references, strip, ignore_case, ignore_punctuation)
     return {"exact_match": float(np.mean(hits))}
-
-
-# --- classification ---
-def confusion(predictions: Sequence, references: Sequence, labels: Sequence | None = None
-              ) -> tuple[list, np.ndarray]:
-    """(labels, matrix) with matrix[i, j] = how many examples of true label i were predicted as label j. The
-    labels are those given, else every label seen in either list, sorted."""
-    check_pairs(predictions, references)
-    labels = list(labels) if labels is not None else sorted(set(references) | set(predictions), key=repr)
-    index = {label: i for i, label in enumerate(labels)}
-    missing = [x for x in (*references, *predictions) if x not in index]
-    if missing:
-        raise ScoringError(f"label {missing[0]!r} is not one of the labels {labels}")
-    matrix = np.zeros((len(labels), len(labels)), dtype=np.int64)
-    np.add.at(matrix, (np.array([index[r] for r in references]), np.array([index[p] for p in predictions])), 1)
-    return labels, matrix
-
-
-def accuracy(predictions: Sequence, references: Sequence) -> dict:
-    _, matrix = confusion(predictions, references)
-    return {"accuracy": float(np.trace(matrix) / matrix.sum())}
-
-
-AVERAGES = ("macro", "micro")
-
-
-def precision_recall_f1(predictions: Sequence, references: Sequence, average: str = "macro",
-                        labels: Sequence | None = None) -> dict:
-    """Precision, recall and F1. macro: the unweighted mean of the per-label values (a label never predicted has
-    precision 0, as scikit-learn's zero_division=0); micro: from the counts pooled over labels (for single-label
-    data all three equal accuracy)."""
-    if average not in AVERAGES:
-        raise ScoringError(f"average must be one of {AVERAGES}, not {average!r}")
-    _, matrix = confusion(predictions, references, labels)
-    tp = np.diag(matrix).astype(np.float64)              # (L,)
-    predicted, actual = matrix.sum(0), matrix.sum(1)     # (L,) column and row totals
-    if average == "micro":
-        tp, predicted, actual = tp.sum(keepdims=True), predicted.sum(keepdims=True), actual.sum(keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(actual > 0, tp / actual, 0.0)
-        f1 = np.where(predicted + actual > 0, 2 * tp / (predicted + actual), 0.0)
-    return {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())}

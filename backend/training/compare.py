@@ -61,7 +61,7 @@ def classify_comparison(*states: dict) -> dict:
 
 def _labels(state: dict) -> list[str] | None:
     """The label set, from the run's data summary (the file is the reference: both paths read the same rows)."""
-    from .data import read_records
+    from ..data.records import read_records
 
     path = (state.get("config") or {}).get("data")
     try:

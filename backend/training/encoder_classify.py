@@ -4,12 +4,9 @@
 Each labelled row becomes `[CLS] text [SEP]` (cut to seq_len, [SEP] kept) and its label's index; the loss is the
 cross-entropy of the class logits (B, n_labels). The validation rows are the ones the causal path (label words,
 data.py) holds out — the same stratified split of the same file — so the two are scored on the same rows, by the
-same report (backend/scoring/classify.py: accuracy, macro-F1, the majority label's share).
+same report (backend/data/counts.py: accuracy, macro-F1, the majority label's share).
 
-`encoder_objective` picks an encoder's data and objective for the loop. The objective interface the loop drives
-(also mlm.MaskedLM's): batches(split, micro, step) -> batches; counts(batch) -> [loss denominators..., input
-tokens]; loss(module, batch, totals, device) -> the batch's share of the global mean; evaluate(module, val,
-batch_size, device) -> (loss, perplexity, metrics, log line).
+`encoder_objective` picks an encoder's data and objective (objectives.Objective, as mlm.MaskedLM) for the loop.
 """
 from __future__ import annotations
 
@@ -19,9 +16,12 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from ..data.records import Records
+from ..data.sequences import EncoderBatch, EncoderExamples
 from ..errors import TrainError
 from ..formats.tokenizer import Tokenizer
-from .data import MAX_VAL_RECORDS, Data, EncoderBatch, EncoderExamples, Records, build_data, stratified_val_index
+from .data import MAX_VAL_RECORDS, Data, build_data, stratified_val_index
+from .validation import autocast, evaluate_encoder_classify
 
 METHOD = "classification head"  # how the encoder path classifies (the causal path: "label words")
 
@@ -74,17 +74,13 @@ class ClassifyHead:
     def counts(self, batch: EncoderBatch) -> list[float]:
         return [len(batch.labels), float(batch.attention_mask.sum())]
 
-    def loss(self, module, batch: EncoderBatch, totals: list[float], device) -> torch.Tensor:
-        from ..scoring.validation import autocast
-
+    def loss(self, module, batch: EncoderBatch, totals: list[float], device) -> tuple[torch.Tensor, float]:
         with autocast(device):
             logits = module(batch.ids.to(device), batch.attention_mask.to(device))             # (B, n_labels)
-        return F.cross_entropy(logits.float(), batch.labels.to(device), reduction="sum") / totals[0]
+        return F.cross_entropy(logits.float(), batch.labels.to(device), reduction="sum") / totals[0], 1.0
 
     @torch.no_grad()
     def evaluate(self, module, val: EncoderExamples, batch_size: int, device) -> tuple[float, float, dict, str]:
-        from ..scoring.validation import evaluate_encoder_classify
-
         metrics, loss = evaluate_encoder_classify(module, val, self.labels, batch_size, device, self.pad,
                                                   MAX_VAL_RECORDS)
         line = (f"val loss {loss:.4f}, accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..errors import TrainError
 from ..models.transformer import Transformer
-from .data import IGNORE
+from ..data.sequences import IGNORE
 
 
 def kernels_available() -> bool:

@@ -38,8 +38,9 @@ from ..disk import caches as cache_dir
 from ..errors import TrainError
 from .checkpoint import write_json_atomic
 from .config import TrainConfig
-from .data import read_records
-from .loop import CANCEL_FILE, STATE_FILE, check_out_folder
+from ..data.records import read_records
+from .progress import CANCEL_FILE, STATE_FILE
+from .setup import check_out_folder
 
 ACTIVE = ("starting", "running")
 SAMPLES_PER_JOB, CHECKPOINTS_PER_JOB = 4, 2  # `paced`: a job of any length samples 4 times, checkpoints twice

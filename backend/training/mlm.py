@@ -12,10 +12,12 @@ import re
 import torch
 import torch.nn.functional as F
 
+from ..data.records import Records
+from ..data.sequences import IGNORE, EncoderExamples
 from ..errors import TrainError
-from ..scoring.validation import autocast
 from ..formats.tokenizer import Tokenizer
-from .data import IGNORE, MAX_VAL_SEQUENCES, Data, EncoderExamples, Records
+from .data import MAX_VAL_SEQUENCES, Data
+from .validation import autocast
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -127,14 +129,14 @@ class MaskedLM:
                 return module(inputs.to(device)), None                                   # (B, T, V)
             return module(inputs.to(device), pair.attention_mask.to(device), pair.token_types.to(device), nsp=True)
 
-    def loss(self, module, batch, totals: list[float], device) -> torch.Tensor:
+    def loss(self, module, batch, totals: list[float], device) -> tuple[torch.Tensor, float]:
         logits, nsp_logits = self._forward(module, batch, device)                       # (B, T, V), (B, 2)
         labels = batch[1].to(device)
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                                reduction="sum") / max(1.0, totals[0])
         if nsp_logits is not None:
             loss = loss + F.cross_entropy(nsp_logits.float(), batch[2].labels.to(device), reduction="sum") / totals[1]
-        return loss
+        return loss, 1.0  # (each term already divided by its global total)
 
     @torch.no_grad()
     def evaluate(self, module: torch.nn.Module, seqs, batch_size: int, device: torch.device

@@ -304,7 +304,7 @@ def stop_strings_too_long(tmp, mp):  # item 7 (backend side)
 
 def data(name: str, raw: bytes):
     def build(tmp, mp):
-        from backend.training.data import read_records
+        from backend.data.records import read_records
 
         p = _write(tmp, name, raw)
         return lambda: read_records(p)

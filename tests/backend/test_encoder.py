@@ -249,7 +249,7 @@ def test_trained_wordpiece_ids_equal_bert_tokenizer_fast_on_its_vocab():
 
 
 def test_dynamic_masking_is_15_percent_80_10_10():
-    from backend.training.data import IGNORE
+    from backend.data.sequences import IGNORE
     from backend.training.mlm import mask_tokens
 
     g = torch.Generator().manual_seed(0)
@@ -282,7 +282,8 @@ def test_tiny_bert_pretrains_through_the_loop_and_beats_the_unigram_baseline(tmp
 
     from backend.__main__ import main
     from backend.formats.tokenizer import Tokenizer
-    from backend.training.data import build_data, read_records
+    from backend.data.records import read_records
+    from backend.training.data import build_data
     from backend.training.mlm import SPECIALS
 
     data = tmp_path / "docs.txt"

@@ -50,7 +50,8 @@ def _cfg(model, data, out, mode, **kw) -> TrainConfig:
 
 
 def _val_rows(data, val_fraction=0.25, seed=0):
-    from backend.training.data import read_records, stratified_val_index
+    from backend.data.records import read_records
+    from backend.training.data import stratified_val_index
 
     items = read_records(str(data), "classify").items
     return [items[i] for i in stratified_val_index(items, val_fraction, seed)]
@@ -175,7 +176,7 @@ def test_nsp_pretraining_accuracy_matches_an_independent_count_in_transformers(t
 
     from backend.__main__ import main
     from backend.formats.tokenizer import Tokenizer
-    from backend.training.data import read_records
+    from backend.data.records import read_records
     from backend.training.mlm import build_nsp, split_sentences
 
     data = tmp_path / "docs.txt"

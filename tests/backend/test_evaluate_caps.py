@@ -14,7 +14,8 @@ import pytest
 import backend
 from backend.budget import Deadline, MemoryBudgetError, TimeBudgetError
 from backend.errors import FornaxError, ScoringError
-from backend.scoring import classify, perplexity as ppl
+from backend.data import labels as classify
+from backend.scoring import perplexity as ppl
 from backend.scoring.history import History
 from backend.scoring.run import evaluate_model, read_data
 from tests.backend import bad_files as bf

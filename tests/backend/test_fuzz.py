@@ -169,7 +169,7 @@ data_bytes = st.one_of(
 @fuzz_target("data_readers", st.tuples(st.sampled_from([".txt", ".jsonl", ".csv", ".json", ""]), data_bytes,
                                        st.sampled_from(["auto", "lm", "chat", "classify"])), ci_examples=150)
 def check_data(example):
-    from backend.training.data import read_records
+    from backend.data.records import read_records
 
     suffix, raw, task = example
     with tempfile.TemporaryDirectory() as d:

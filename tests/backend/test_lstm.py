@@ -90,7 +90,9 @@ def test_saved_lstm_generates_greedily_like_the_reference(tmp_path):
 def _unigram_and_val_loss(out, data_path, seq_len):
     """(validation loss the run reported, unigram cross-entropy on the same validation targets from the training
     targets' frequencies, add-one smoothed)."""
-    from backend.training.data import IGNORE, build_data, read_records
+    from backend.data.records import read_records
+    from backend.data.sequences import IGNORE
+    from backend.training.data import build_data
 
     tokenizer = Tokenizer.from_folder(out)
     data = build_data(read_records(str(data_path), "lm"), tokenizer, seq_len, 0.1, 0)

@@ -14,7 +14,7 @@ from backend.loading import default_gguf_path
 from backend.scoring.agreement import backend_agreement, logits_agreement
 from backend.scoring.modules import METRICS, compute_metric, load_metric, metric_path
 from backend.scoring.perplexity import check_window, default_max_length, perplexity, windows
-from backend.scoring.scores import confusion, precision_recall_f1
+from backend.data.counts import confusion, precision_recall_f1
 from tests.backend.tiny import corpus_text, make_tiny
 
 
@@ -92,7 +92,7 @@ def test_window_checks():
 
 
 def test_label_scores_do_not_depend_on_how_rows_are_batched(tiny, monkeypatch):
-    from backend.scoring import classify
+    from backend.data import labels as classify
 
     ours, _, _ = tiny
     texts = ["short", "a much longer text " * 6, "medium sized text here", "x"]

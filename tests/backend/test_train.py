@@ -12,7 +12,9 @@ from backend.formats.tokenizer import Tokenizer
 from backend.training import (add_lora, chat_sequence, latest_checkpoint, list_checkpoints, merge_lora,
                               read_checkpoint, save_checkpoint, train)
 from backend.training import checkpoint as ckpt_module
-from backend.training.data import IGNORE, Sequences, read_records, build_data
+from backend.data.records import read_records
+from backend.data.sequences import IGNORE, Sequences
+from backend.training.data import build_data
 from backend.training.lora import model_targets
 from tests.backend.train_util import chats, labelled_rows, make_base, quick, write_jsonl, write_text
 

@@ -11,9 +11,9 @@ import time
 import pytest
 
 from backend.errors import FornaxError, ScoringError, TrainError
+from backend.data import files as data_files
+from backend.data.records import read_records
 from backend.scoring import data as scoring_data
-from backend.training import data as training_data
-from backend.training.data import read_records
 from tests.backend import bad_files as bf
 
 SIZE = 16 * 1024**2          # the generated uploads, bytes
@@ -94,9 +94,9 @@ EXPECTED = {  # what the whole-file parser (before the streaming one) read from 
 }
 
 
-@pytest.mark.parametrize("chunk", [training_data.SCAN_CHUNK, 3])  # 3: every multi-byte character cut by a chunk
+@pytest.mark.parametrize("chunk", [data_files.SCAN_CHUNK, 3])  # 3: every multi-byte character cut by a chunk
 def test_records_are_those_of_the_whole_file_parser(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(training_data, "SCAN_CHUNK", chunk)
+    monkeypatch.setattr(data_files, "SCAN_CHUNK", chunk)
     for name, text in TRICKY.items():
         (tmp_path / name).write_bytes(text.encode("utf-8"))
         records = read_records(tmp_path / name)
@@ -113,9 +113,9 @@ def test_records_are_those_of_the_whole_file_parser(tmp_path, monkeypatch, chunk
                                                                      "a.jsonl line 5"]
 
 
-@pytest.mark.parametrize("chunk", [training_data.SCAN_CHUNK, 5])
+@pytest.mark.parametrize("chunk", [data_files.SCAN_CHUNK, 5])
 def test_bad_bytes_are_found_at_their_offset_in_any_chunk(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(training_data, "SCAN_CHUNK", chunk)
+    monkeypatch.setattr(data_files, "SCAN_CHUNK", chunk)
     good = "\u4e2d\u00e9 text\n" * 7
     cases = {b"\xff": "an invalid byte at offset", b"\x00": "a NUL byte at offset",
              "\u4e2d".encode()[:2]: "an invalid byte at offset"}

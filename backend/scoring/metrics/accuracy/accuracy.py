@@ -1,7 +1,7 @@
 """Accuracy, as an `evaluate` module shipped with Fornax."""
 import evaluate
 
-from backend.scoring import scores
+from backend.data import counts
 from backend.scoring.metric_info import LABEL_FEATURES
 from backend.scoring.metric_info import SKLEARN_CITATION as _CITATION
 
@@ -30,4 +30,4 @@ class Accuracy(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        return scores.accuracy(predictions, references)
+        return counts.accuracy(predictions, references)

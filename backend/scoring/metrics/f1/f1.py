@@ -1,7 +1,7 @@
 """F1, as an `evaluate` module shipped with Fornax."""
 import evaluate
 
-from backend.scoring import scores
+from backend.data import counts
 from backend.scoring.metric_info import LABEL_FEATURES
 from backend.scoring.metric_info import SKLEARN_CITATION as _CITATION
 
@@ -35,4 +35,4 @@ class F1(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, average="macro", labels=None):
-        return {"f1": scores.precision_recall_f1(predictions, references, average=average, labels=labels)["f1"]}
+        return {"f1": counts.precision_recall_f1(predictions, references, average=average, labels=labels)["f1"]}

@@ -1,7 +1,7 @@
 """Precision, as an `evaluate` module shipped with Fornax."""
 import evaluate
 
-from backend.scoring import scores
+from backend.data import counts
 from backend.scoring.metric_info import LABEL_FEATURES
 from backend.scoring.metric_info import SKLEARN_CITATION as _CITATION
 
@@ -35,5 +35,5 @@ class Precision(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, average="macro", labels=None):
-        result = scores.precision_recall_f1(predictions, references, average=average, labels=labels)
+        result = counts.precision_recall_f1(predictions, references, average=average, labels=labels)
         return {"precision": result["precision"]}

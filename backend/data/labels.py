@@ -1,6 +1,8 @@
-"""Classification by label likelihood: each text gets the label whose tokens (and end-of-sequence) the model finds
-most likely after the prompt "<text>\\nLabel:" (the format finetuning teaches, backend/training/data.py). Scored with
-any logits function, so a handle, one runner or a module in training all work."""
+"""Label words: how a causal model classifies. Finetuning teaches the prompt "<text>\\nLabel:" followed by
+" <label>" and end-of-sequence (backend/training/data.py); a classification gives each text the label whose tokens
+(and end-of-sequence) the model finds most likely after that prompt. Scored with any logits function, so a handle,
+one runner or a module in training all work (an evaluation: backend/scoring/run.py; a finetune's validation:
+backend/training/validation.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -9,12 +11,30 @@ import torch
 
 from ..budget import NO_DEADLINE, Deadline
 from ..errors import ScoringError
-from ..training.data import IGNORE, Sequences, classify_example
-from .perplexity import LogitsFn
-from .scores import accuracy, confusion, precision_recall_f1
+from ..formats.tokenizer import Tokenizer
+from .files import DataError
+from .sequences import IGNORE, Sequences
 
-
+CLASSIFY_PROMPT = "{text}\nLabel:"
 BATCH_ROWS = 8  # (text, label) rows one forward scores at most
+LOGITS_BUDGET = 512 * 1024**2  # bytes of fp32 logits one batch may make: long rows go in smaller batches
+
+
+def eos_id(tokenizer: Tokenizer) -> int | None:
+    return tokenizer.token_to_id(tokenizer.eos_token) if tokenizer.eos_token else None
+
+
+def classify_example(tokenizer: Tokenizer, text: str, label: str | None, seq_len: int
+                     ) -> tuple[list[int], list[int]]:
+    """(prompt ids, label ids + end-of-sequence) for one row; the prompt loses its start if the row is too long."""
+    answer = tokenizer.encode(" " + label, add_special_tokens=False) if label is not None else []
+    eos = eos_id(tokenizer)
+    answer += [eos] if eos is not None and label is not None else []
+    prompt = tokenizer.encode(CLASSIFY_PROMPT.format(text=text))
+    room = seq_len + 1 - len(answer)
+    if room < 1:
+        raise DataError(f"the label {label!r} alone is {len(answer)} tokens, more than seq_len allows")
+    return prompt[-room:], answer
 
 
 class LabelRows:
@@ -52,12 +72,14 @@ class LabelRows:
 
 
 @torch.no_grad()
-def label_scores(logits_fn: LogitsFn, tokenizer, texts: Sequence[str], labels: Sequence[str], seq_len: int,
-                 batch_rows: int = BATCH_ROWS, on_batch: Callable[[int], None] | None = None,
-                 deadline: Deadline = NO_DEADLINE, rows: LabelRows | None = None) -> torch.Tensor:
-    """Total log-probability of each label after each text: (len(texts), len(labels)). Every (text, label) row has
-    the same prompt, cut to leave room for the longest label, so the labels compete on equal context. `deadline`
-    is checked before every forward; `rows`: the plan of these texts and labels, when the caller made it already."""
+def label_scores(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokenizer, texts: Sequence[str],
+                 labels: Sequence[str], seq_len: int, batch_rows: int = BATCH_ROWS,
+                 on_batch: Callable[[int], None] | None = None, deadline: Deadline = NO_DEADLINE,
+                 rows: LabelRows | None = None) -> torch.Tensor:
+    """Total log-probability of each label after each text: (len(texts), len(labels)). `logits_fn`: ids (B, T)
+    -> logits (B, T, V). Every (text, label) row has the same prompt, cut to leave room for the longest label, so
+    the labels compete on equal context. `deadline` is checked before every forward; `rows`: the plan of these
+    texts and labels, when the caller made it already."""
     rows = rows if rows is not None else LabelRows(tokenizer, texts, labels, seq_len)
     scores = []
     for batch in batches(rows, batch_rows, max_batch_tokens(tokenizer)):
@@ -71,9 +93,6 @@ def label_scores(logits_fn: LogitsFn, tokenizer, texts: Sequence[str], labels: S
         if on_batch is not None:
             on_batch(len(x))
     return torch.cat(scores).view(len(texts), len(labels))
-
-
-LOGITS_BUDGET = 512 * 1024**2  # bytes of fp32 logits one batch may make: long rows go in smaller batches
 
 
 def vocab_size(tokenizer) -> int:
@@ -98,15 +117,3 @@ def batches(rows, most: int, max_tokens: int):
         longest = grown
     if len(batch):
         yield batch
-
-
-def classification_report(predictions: Sequence[str], references: Sequence[str], labels: Sequence[str]) -> dict:
-    """Accuracy, macro- and micro-F1 (over the labels seen), the majority label's share as the chance level, and
-    the confusion matrix over all labels (rows: true label, columns: predicted)."""
-    names, matrix = confusion(predictions, references, labels)
-    majority = max(list(references).count(k) for k in set(references)) / len(references)
-    return {"accuracy": accuracy(predictions, references)["accuracy"],
-            "macro_f1": precision_recall_f1(predictions, references, "macro")["f1"],
-            "micro_f1": precision_recall_f1(predictions, references, "micro")["f1"],
-            "majority_baseline": majority, "n": len(references), "labels": list(names),
-            "confusion": matrix.tolist()}

@@ -1,20 +1,23 @@
 """What a training run reports besides its training loss: validation loss and perplexity, classification accuracy
-and macro-F1, and samples from fixed prompts. (Moved here from backend/training/evaluate.py.)
+and macro-F1, and samples from fixed prompts.
 
-backend.training imports this module, so it imports backend.training only inside its functions (no import cycle)."""
+This is the training loop's own evaluation (of the module being trained, on its held-out split, in train/eval mode
+around each pass), so it lives with the loop; the label-words scoring and the classification counts it shares with
+an evaluation are backend/data's (labels.py, counts.py)."""
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from ..models.transformer import Transformer
-    from ..formats.tokenizer import Tokenizer
-    from ..training.data import Sequences
+from ..data.counts import classification_report
+from ..data.labels import label_scores
+from ..data.sequences import IGNORE, EncoderExamples, Sequences
+from ..formats.tokenizer import Tokenizer
+from ..models.transformer import Transformer
+from .data import MAX_VAL_SEQUENCES
 
 
 def autocast(device: torch.device):
@@ -28,8 +31,6 @@ def autocast(device: torch.device):
 def evaluate_loss(module: torch.nn.Module, seqs: Sequences, batch_size: int, device: torch.device
                   ) -> tuple[float, float]:
     """Mean loss per target token over (at most MAX_VAL_SEQUENCES of) `seqs`, and its perplexity."""
-    from ..training.data import IGNORE, MAX_VAL_SEQUENCES
-
     was_training = module.training
     module.eval()
     total, count = 0.0, 0
@@ -56,8 +57,6 @@ def evaluate_classify(module: torch.nn.Module, tokenizer: Tokenizer, records: li
     that loads, chats and exports like any other (no extra head to save), the label is readable in its samples, and
     ranking only the known labels means every prediction is a valid label, so accuracy is against a clear chance
     level (the majority label's share, reported as `majority_baseline`)."""
-    from .classify import classification_report, label_scores
-
     was_training = module.training
     module.eval()
 
@@ -74,12 +73,10 @@ def evaluate_classify(module: torch.nn.Module, tokenizer: Tokenizer, records: li
 
 
 @torch.no_grad()
-def evaluate_encoder_classify(module: torch.nn.Module, val, labels: list[str], batch_size: int, device: torch.device,
-                              pad_id: int = 0, max_rows: int = 200) -> tuple[dict, float]:
-    """An encoder classifier's head on (at most max_rows of) its validation examples (training.encoder_classify):
+def evaluate_encoder_classify(module: torch.nn.Module, val: EncoderExamples, labels: list[str], batch_size: int,
+                              device: torch.device, pad_id: int = 0, max_rows: int = 200) -> tuple[dict, float]:
+    """An encoder classifier's head on (at most max_rows of) its validation examples (encoder_classify.py):
     (accuracy, macro-F1, majority_baseline and n from classification_report; the mean cross-entropy)."""
-    from .classify import classification_report
-
     was_training = module.training
     module.eval()
     predicted, loss, n = [], 0.0, min(len(val), max_rows)
@@ -116,6 +113,3 @@ def make_samples(model: Transformer, tokenizer: Tokenizer, prompts: list[str], t
         model.free_cache()
         model.train(was_training)
     return out
-
-
-# --- the run ---

@@ -1,0 +1,1 @@
+"""Data both training and scoring read: file checks and streaming parsers, records, token sequences, label words."""

@@ -110,7 +110,7 @@ def gguf_sentencepiece_merges_bomb(tmp, mp):  # item 3: "a", "aa", ... "a"*5000 
 
 
 def merges_bomb_direct(tmp, mp):  # the same bomb against merges_from_scores itself, under the work cap
-    from backend.formats.tokenizer import merges_from_scores
+    from backend.formats.gguf_vocab import merges_from_scores
 
     mp.setenv("FORNAX_MAX_MERGE_WORK", str(10**12))  # the count cap alone must hold
     mp.setenv("FORNAX_MAX_MERGES", "100000")

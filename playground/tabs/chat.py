@@ -223,12 +223,14 @@ def continue_reply(history: list, system_prompt: str, runner_name: str, max_new_
         before = view(tree)[:-1]
         for texts in run.updates():
             if run.flag.discard:
-                return
+                break
             shown = before + [text_message("assistant", last["content"] + texts[0])]
             yield shown, run.status() + trimmed_note(dropped), tree
-        if not run.flag.discard:
-            last["content"] += run.texts[0]
-            yield view(tree), run.stats(name) + trimmed_note(dropped), tree
+        if run.flag.discard:
+            yield cleared()
+            return
+        last["content"] += run.texts[0]
+        yield view(tree), run.stats(name) + trimmed_note(dropped), tree
 
 
 def reply(tree: dict, system_prompt: str, runner_name: str, params: dict, request, sibling_of: int | None = None,
@@ -245,10 +247,11 @@ def reply(tree: dict, system_prompt: str, runner_name: str, params: dict, reques
         note = trimmed_note(dropped)
         yield before + reply_messages(run.texts), run.status() + note, tree
         for texts in run.updates():
-            if run.flag.discard:  # Clear: any later update would put the emptied chat back on the page
-                return
+            if run.flag.discard:
+                break
             yield before + reply_messages(texts), run.status() + note, tree
         if run.flag.discard:
+            yield cleared()
             return
         first = branches.node("assistant", run.texts[0])
         if sibling_of is None:
@@ -397,10 +400,16 @@ def import_chat(upload):
     return view(tree), tree, system_prompt, branch_label(tree)
 
 
+def cleared() -> tuple[list, str, dict]:
+    """(history, stats, tree) of an emptied chat. A reply that Clear discards ends on this too: Gradio's message
+    that the run is over can reach the page after Clear's own answer, and must not put the old chat back."""
+    return [], "", branches.new_tree()
+
+
 def clear(request: gr.Request = None):
     """Empty the chat (and stop a reply still streaming into it, discarding it)."""
     signal_stop(request, discard=True, wait_s=5.0)
-    return [], "", branches.new_tree()
+    return cleared()
 
 
 def build(panel: Panel) -> gr.Button:

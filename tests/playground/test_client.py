@@ -123,6 +123,17 @@ def test_stop_ends_a_long_generation_and_keeps_its_text(client, handle):
     assert tokens_html.count("fx-tok") >= 2                  # the tokens generated before Stop, coloured
 
 
+def test_clear_during_a_reply_ends_that_reply_on_the_emptied_chat(client):
+    # The run's last output is what Gradio sends when it ends, and that can reach the page after Clear's own
+    # answer: it must be the emptied chat, not the discarded partial reply.
+    job = client.submit(message="Count from 1 to 200, separated by commas.", history=[], system_prompt="",
+                        **{**PANEL, "temperature": 0, "max_new_tokens": 400}, api_name="/chat")
+    wait_for(lambda: job.outputs() and len(job.outputs()[-1][0]) == 2, "no reply streamed")
+    assert client.predict(api_name="/clear") == ([], "")
+    shown, box, stats = job.result(timeout=60)               # (a guard against a hang, not a time limit)
+    assert shown == [] and stats == ""
+
+
 def test_two_users_neither_blocked_nor_mixed_up(url, handle):
     alice, bob = gradio_client.Client(url, verbose=False), gradio_client.Client(url, verbose=False)
     long_job = alice.submit(prompt=COUNTING, **{**PANEL, "temperature": 0, "max_new_tokens": 400},

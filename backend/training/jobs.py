@@ -47,6 +47,7 @@ SAMPLES_PER_JOB, CHECKPOINTS_PER_JOB = 4, 2  # `paced`: a job of any length samp
 OWNER_FILE = "owner"                         # a hash of who started the job (see `start(owner=...)`)
 TIME_UP_FILE = "time-up"                     # the job ran past its wall-clock limit and was stopped
 KILL_GRACE_S = 60.0                          # past the limit by this much still active: killed
+KILLED = dict(status="cancelled", message="killed by a second cancel (no checkpoint of this step)")
 REPO = Path(__file__).resolve().parents[2]  # the folder that holds the `backend` package
 
 __all__ = ["JobManager", "TrainConfig", "TrainError", "mark_failed"]
@@ -63,6 +64,7 @@ class JobManager:
         self.outputs = Path(outputs).expanduser().absolute() if outputs else self.root.parent / "finetuned"
         self._procs: dict[str, subprocess.Popen] = {}  # children of this process (polled, so none stays a zombie)
         self._stopping: set[str] = set()  # jobs whose wall-clock stop is being sent now
+        self._killing: set[str] = set()   # jobs a second cancel is killing: dead before their state says cancelled
         self._lock = threading.Lock()
 
     @contextmanager
@@ -243,6 +245,8 @@ class JobManager:
                 threading.Thread(target=self._time_up, args=(job_id,), daemon=True).start()
             return state
         state = _read_state(job_dir)  # it may have written its final status just before exiting
+        if state["status"] in ACTIVE and job_id in self._killing:  # cancel() is writing this very state now
+            return _said_time_up(job_dir, {**state, **KILLED})
         if state["status"] in ACTIVE:
             how = f" with exit code {code}" if code is not None else ""
             tail = _log_tail(job_dir)
@@ -280,17 +284,21 @@ class JobManager:
         # checkpoint) is in place; before that a SIGTERM would just kill it, so the cancel file alone must do.
         pid = state.get("pid") if not again else (state.get("pid") or _read_pid(job_dir))
         if state["status"] in ACTIVE and pid and _pid_alive(pid, str(job_dir)):
+            if again:  # a poll between the kill and the state written below must not call the job failed
+                self._killing.add(job_id)
             try:
                 os.killpg(os.getpgid(pid), signal.SIGKILL if again else signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
             if again:  # stuck (a model load that hangs, say): killed, and said so
-                proc = self._procs.get(job_id)
-                if proc is not None:
-                    proc.wait(timeout=10)  # reap it
-                state.update(status="cancelled", message="killed by a second cancel (no checkpoint of this step)",
-                             updated=time.time())
-                write_json_atomic(job_dir / STATE_FILE, state)
+                try:
+                    proc = self._procs.get(job_id)
+                    if proc is not None:
+                        proc.wait(timeout=10)  # reap it
+                    state.update(**KILLED, updated=time.time())
+                    write_json_atomic(job_dir / STATE_FILE, state)
+                finally:
+                    self._killing.discard(job_id)
         return state
 
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.2) -> dict:

@@ -122,5 +122,30 @@ def test_a_job_past_its_wall_clock_limit_is_stopped(cache, tmp_path, monkeypatch
     started = time.monotonic()
     state = manager.wait(job, timeout=30)
     assert (job_dir / "cancel").exists() and (job_dir / jobs_module.TIME_UP_FILE).exists()
-    assert state["status"] == "cancelled" and "limit of 1 s per training job" in state["message"]
+    assert state["status"] == "cancelled" and "limit of 1 s per training job" in state["message"], state
     assert time.monotonic() - started < 30 and manager._procs == {}
+
+
+def test_a_poll_while_a_second_cancel_kills_the_job_sees_it_cancelled_not_failed(cache, tmp_path, monkeypatch):
+    """The kill and the 'cancelled' state are two steps: a page polling between them (here: at the moment the
+    state is written) must not be told the job failed."""
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(jobs_module.subprocess, "Popen", lambda args, **kw: real_popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", *args[-2:]], **kw))
+    data = tmp_path / "data.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 100)
+    manager = JobManager(cache / "jobs")
+    job = manager.start(TrainConfig(data=str(data), mode="pretrain", steps=10, batch_size=2, seq_len=32),
+                        upload=str(data), server_paths=False)
+    polled = []
+    real_write = jobs_module.write_json_atomic
+
+    def write_then_poll(path, value):
+        if value.get("status") == "cancelled":
+            polled.append(manager.state(job)["status"])  # the process is dead, its state not yet written
+        real_write(path, value)
+    monkeypatch.setattr(jobs_module, "write_json_atomic", write_then_poll)
+    manager.cancel(job)  # (a process that has not said its pid yet gets the cancel file only)
+    manager.cancel(job)  # still active: killed
+    assert polled == ["cancelled"]
+    assert manager.state(job)["status"] == "cancelled"

@@ -1,5 +1,5 @@
-"""CLI: python -m backend info|generate|chat|fill-mask|bench|race|finetune|bench-train|evaluate|cache|first-answers|
-bench-startup (each verb is one plain function)."""
+"""CLI: python -m backend info|generate|chat|fill-mask|bench|race|profile|finetune|bench-train|evaluate|cache|
+first-answers|bench-startup (each verb is one plain function)."""
 from __future__ import annotations
 
 import argparse
@@ -102,6 +102,14 @@ def cmd_race(args):
     from .bench.race import QUICK_CONFIGS, QUICK_FIDELITY_TOKENS, race_paths, run_race
 
     select = [s for s in (args.paths or "").replace(",", " ").split() if s] or None
+    suffix = ""
+    if args.scale:  # a synthetic model of that size in place of --model; its own docs/ files
+        from .bench.synthetic import synthetic_gguf
+
+        args.model, suffix = str(synthetic_gguf(args.scale)), f"-{args.scale}"
+        if not args.onnx:
+            print(f"[race] no --onnx: export the synthetic model first, e.g. python -m export --model {args.model} "
+                  f"--out exports/{args.scale}-int4 --quant int4", file=sys.stderr)
     paths = race_paths(args.model, args.onnx or [], args.llama_python, args.genai_python, select)
     opts = dict(repeats=args.repeats)
     if args.configs:
@@ -111,8 +119,15 @@ def cmd_race(args):
     if args.quick:  # a smoke run writes no docs/ files unless asked to
         opts.update(repeats=1, configs=QUICK_CONFIGS, fidelity_tokens=QUICK_FIDELITY_TOKENS)
     default = lambda given, path: given if given is not None else ("" if args.quick else path)  # noqa: E731
-    run_race(args.model, paths, threads=args.threads, text=args.text, csv_path=default(args.csv, "docs/race.csv"),
-             png_path=default(args.png, "docs/race.png"), **opts)
+    run_race(args.model, paths, threads=args.threads, text=args.text,
+             csv_path=default(args.csv, f"docs/race{suffix}.csv"), png_path=default(args.png, f"docs/race{suffix}.png"),
+             **opts)
+
+
+def cmd_profile(args):
+    from .bench.profile import print_split, profile_decode
+
+    print_split(profile_decode(args.onnx, args.prompt_tokens, args.new_tokens, args.threads), args.onnx)
 
 
 # finetune flags -> TrainConfig fields (None = not given: the --config file's value or the default)
@@ -305,6 +320,9 @@ def add_bench_verbs(sub) -> None:
     p = sub.add_parser("race", help="every Fornax path and the peers (transformers, llama.cpp, onnxruntime-genai) on "
                                     "the same token ids: speed, bandwidth, memory and fidelity")
     p.add_argument("--model", default="default")
+    p.add_argument("--scale", choices=("360m", "1b"), default=None,
+                   help="race a synthetic model of this size instead (random weights, Q4_1, built once and cached: "
+                        "speed only; its files docs/race-SCALE.csv/png)")
     p.add_argument("--onnx", action="append", help="an export folder (python -m export); repeatable: fp32, int8, int4")
     p.add_argument("--llama-python", default=None, help="the interpreter of a virtualenv with llama-cpp-python")
     p.add_argument("--genai-python", default=None, help="the interpreter of a virtualenv with onnxruntime-genai")
@@ -321,6 +339,13 @@ def add_bench_verbs(sub) -> None:
     p.add_argument("--png", default=None, help="a chart (default docs/race.png; needs matplotlib; '' = none)")
     p.add_argument("--quick", action="store_true", help="smoke run: one small configuration, one repeat")
     p.set_defaults(func=cmd_race)
+    p = sub.add_parser("profile", help="an ONNX export's decode step split by onnxruntime's profiler: 4-bit "
+                                       "matmuls, Q4_1 side products, attention, other operators, ORT, Python")
+    p.add_argument("--onnx", required=True, help="an export folder (python -m export)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_profile)
     p = sub.add_parser("bench-train", help="time our training loop against transformers' Trainer, same model and data")
     p.add_argument("--steps", type=int, default=None, help="default 30 (--compare: 200)")
     p.add_argument("--threads", type=int, default=2)

@@ -255,4 +255,11 @@ PRESETS: dict[str, dict] = {
     "tiny-lstm": dict(family="lstm", vocab_size=512, n_layer=1, d_model=256, max_seq_len=1024),
     "smollm2-135m": dict(family="llama", vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576,
                          d_ff=1536, max_seq_len=8192, norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True),
+    # the shapes of the race's synthetic models (backend/bench/synthetic.py)
+    "smollm2-360m": dict(family="llama", vocab_size=49152, n_layer=32, n_head=15, n_kv_head=5, d_model=960,
+                         d_ff=2560, max_seq_len=8192, norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True),
+    "llama-3.2-1b": dict(family="llama", vocab_size=128256, n_layer=16, n_head=32, n_kv_head=8, d_model=2048,
+                         d_ff=8192, max_seq_len=131072, norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=True,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }

@@ -71,12 +71,15 @@ def read_onnx_config(folder: Path) -> ModelConfig:
         raise ModelLoadError(f"{folder} has a model.onnx but no readable config.json / fornax.json: {e}") from e
 
 
-def open_session(path: Path, threads: int | None = None):
+def open_session(path: Path, threads: int | None = None, profile: str | None = None):
     """An ONNX Runtime session on `path` with all graph optimisations, `threads` intra-op threads, errors only;
-    on the providers `providers` picks for the graph fornax.json describes."""
+    on the providers `providers` picks for the graph fornax.json describes. `profile`: ORT's profiler on, its
+    trace written under this prefix (backend/bench/profile.py reads it)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if profile:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -104,12 +107,13 @@ def _graph_dtype(folder: Path) -> str:
 
 
 class OnnxRunner:
-    def __init__(self, path: str | Path, config: ModelConfig, threads: int | None = None, name: str = "onnx"):
+    def __init__(self, path: str | Path, config: ModelConfig, threads: int | None = None, name: str = "onnx",
+                 profile: str | None = None):
         import onnxruntime as ort
 
         path = Path(path)
         self.path, self.config, self.name = path, config, name
-        self.session = open_session(path, threads)
+        self.session = open_session(path, threads, profile)
         # where ORT keeps keys/values; logits always come back to the CPU, where sampling then runs
         self.ort_device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.device = torch.device("cpu")

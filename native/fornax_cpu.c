@@ -1,0 +1,432 @@
+// Fornax's CPU decode path: a Llama-family forward pass over GGUF's own Q4_1 / Q8_0 blocks, in one call per step.
+//
+// Why a forward pass and not just a matmul: at SmolLM2-135M a decode step is ~200 matmuls and ~600 small
+// operators; onnxruntime spends a quarter of its step between operators and another quarter on the side products
+// that Q4_1's block minimum costs it (docs/benchmarks.md). Here one OpenMP parallel region runs the whole step, each
+// stage split over the threads with one barrier after it.
+//
+// The matmul is llama.cpp's Q4_1 x Q8_1 dot: activations are quantized per block of 32 to int8 (scale dx, and the
+// block's float sum sx), and a weight block w = dw * q + mw (q in 0..15) gives
+//     sum_i w_i x_i  ~=  dw * dx * sum_i q_i qx_i  +  mw * sx
+// so the minimum costs one multiply-add per block, nothing per weight. (llama.cpp takes sx from the quantized
+// values; the exact float sum here is a little closer.) Q8_0 (w = dw * q, q signed) is the same without mw.
+//
+// Built at first use by native/__init__.py with -march=native on the machine that runs it: the AVX-512 VNNI, AVX2
+// and portable loops below are chosen by the compiler's own target macros.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define BLOCK 32
+
+typedef struct {            // one weight matrix (rows = outputs, cols = inputs), as GGUF blocks of 32 inputs
+    int32_t rows, cols;
+    int32_t bits;           // 4: Q4_1 (codes: 16 bytes a block, input j in the low nibble of byte j, j+16 the high)
+                            // 8: Q8_0 (codes: 32 signed bytes a block)
+    int32_t pad;
+    const uint8_t *codes;
+    const uint16_t *scales; // (rows, cols / 32) fp16
+    const uint16_t *mins;   // (rows, cols / 32) fp16, Q4_1 only; NULL for Q8_0
+    const float *bias;      // (rows,) or NULL
+} QMatrix;
+
+typedef struct {            // rows of activations quantized per block of 32
+    int8_t *q;              // (rows, cols)
+    float *d, *s;           // (rows, cols / 32): scale and exact float sum of the block
+} QActs;
+
+static inline float fp16_to_fp32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (man == 0) { bits = sign; }
+        else {                                            // subnormal: normalise
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+        }
+    } else if (exp == 31) { bits = sign | 0x7F800000 | (man << 13); }
+    else { bits = sign | ((exp + 127 - 15) << 23) | (man << 13); }
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+// ---- activations ----------------------------------------------------------------------------------------------
+
+static void quantize_row(const float *x, int cols, int8_t *q, float *d, float *s) {
+    for (int b = 0; b < cols / BLOCK; b++) {
+        const float *xb = x + b * BLOCK;
+        float amax = 0.f, sum = 0.f;
+        for (int i = 0; i < BLOCK; i++) { float a = fabsf(xb[i]); amax = a > amax ? a : amax; sum += xb[i]; }
+        float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+        for (int i = 0; i < BLOCK; i++) q[b * BLOCK + i] = (int8_t)nearbyintf(xb[i] * inv);
+        d[b] = scale; s[b] = sum;
+    }
+}
+
+void fx_quantize(const float *x, int rows, int cols, int8_t *q, float *d, float *s) {
+    for (int r = 0; r < rows; r++)
+        quantize_row(x + (size_t)r * cols, cols, q + (size_t)r * cols, d + (size_t)r * cols / BLOCK,
+                     s + (size_t)r * cols / BLOCK);
+}
+
+// ---- the block dot products: up to 4 activation rows against one weight row -------------------------------------
+//
+// Per block the int8 dot product is scaled by dw * dx: those scales (and the minima's term) are worked out for the
+// whole row first, so the block loop is load, unpack, dot, convert, multiply-add. `nr` is a constant in each
+// instantiation below, so the accumulators stay in registers.
+
+#define TILE 4
+#define MAX_BLOCKS 1024     // rows of up to 32768 inputs (checked by fx_matmul and the Python side)
+
+#if defined(__AVX2__)
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {   // 8 int32 lanes: sums of u * s over groups of 4 bytes
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));  // |u| <= 128, |s| <= 127: no saturation
+#endif
+}
+
+static inline __m256i weights_q4(const uint8_t *codes) {  // 16 bytes -> 32 codes in input order
+    __m128i raw = _mm_loadu_si128((const __m128i *)codes);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+}
+#endif
+
+// scale[r][b] = dw[b] * dx[r][b], and minterm[r] = sum_b mw[b] * sx[r][b]
+static inline void row_scales(const QMatrix *W, int n, const QActs *A, int row0, int nr, float scale[][MAX_BLOCKS],
+                              float *minterm) {
+    const int nb = W->cols / BLOCK;
+    const uint16_t *wd = W->scales + (size_t)n * nb, *wm = W->mins ? W->mins + (size_t)n * nb : NULL;
+    for (int r = 0; r < nr; r++) {
+        const float *xd = A->d + (size_t)(row0 + r) * nb, *xs = A->s + (size_t)(row0 + r) * nb;
+        int b = 0;
+        float m = 0.f;
+#if defined(__F16C__) && defined(__AVX2__)
+        __m256 macc = _mm256_setzero_ps();
+        for (; b + 8 <= nb; b += 8) {
+            _mm256_storeu_ps(scale[r] + b, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b))),
+                                                         _mm256_loadu_ps(xd + b)));
+            if (wm) macc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b))),
+                                           _mm256_loadu_ps(xs + b), macc);
+        }
+        m = hsum256(macc);
+#endif
+        for (; b < nb; b++) {
+            scale[r][b] = fp16_to_fp32(wd[b]) * xd[b];
+            if (wm) m += fp16_to_fp32(wm[b]) * xs[b];
+        }
+        minterm[r] = m;
+    }
+}
+
+static inline __attribute__((always_inline)) void dot_rows_n(const QMatrix *W, int n, const QActs *A, int row0,
+                                                              const int nr, float *out) {
+    const int nb = W->cols / BLOCK;
+    float scale[TILE][MAX_BLOCKS], minterm[TILE];
+    row_scales(W, n, A, row0, nr, scale, minterm);
+    const int8_t *xq = A->q + (size_t)row0 * W->cols;
+#if defined(__AVX2__)
+    __m256 acc[TILE];
+    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
+    if (W->bits == 4 && nr == 1) {   // one row: four chains of multiply-adds, not one
+        const uint8_t *codes = W->codes + (size_t)n * nb * 16;
+        __m256 a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        int b = 0;
+        for (; b + 4 <= nb; b += 4) {
+#define STEP(acc, k) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(weights_q4(codes + (b + k) * 16), \
+                         _mm256_loadu_si256((const __m256i *)(xq + (b + k) * BLOCK)))), \
+                         _mm256_broadcast_ss(&scale[0][b + k]), acc)
+            STEP(acc[0], 0); STEP(a1, 1); STEP(a2, 2); STEP(a3, 3);
+        }
+        for (; b < nb; b++) STEP(acc[0], 0);
+#undef STEP
+        acc[0] = _mm256_add_ps(_mm256_add_ps(acc[0], a1), _mm256_add_ps(a2, a3));
+    } else if (W->bits == 4) {
+        const uint8_t *codes = W->codes + (size_t)n * nb * 16;
+        for (int b = 0; b < nb; b++) {
+            const __m256i w = weights_q4(codes + b * 16);
+            for (int r = 0; r < nr; r++) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * W->cols + b * BLOCK));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(w, x)), _mm256_broadcast_ss(&scale[r][b]), acc[r]);
+            }
+        }
+    } else if (nr == 1) {
+        const uint8_t *codes = W->codes + (size_t)n * nb * 32;
+        __m256 a1 = _mm256_setzero_ps();
+        int b = 0;
+#define STEP(acc, k) do { const __m256i w = _mm256_loadu_si256((const __m256i *)(codes + (b + k) * 32)); \
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8( \
+                  _mm256_loadu_si256((const __m256i *)(xq + (b + k) * BLOCK)), w))), \
+                  _mm256_broadcast_ss(&scale[0][b + k]), acc); } while (0)
+        for (; b + 2 <= nb; b += 2) { STEP(acc[0], 0); STEP(a1, 1); }
+        for (; b < nb; b++) STEP(acc[0], 0);
+#undef STEP
+        acc[0] = _mm256_add_ps(acc[0], a1);
+    } else {
+        const uint8_t *codes = W->codes + (size_t)n * nb * 32;
+        for (int b = 0; b < nb; b++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(codes + b * 32)), wabs = _mm256_sign_epi8(w, w);
+            for (int r = 0; r < nr; r++) {   // |w| as unsigned, its sign moved onto x
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * W->cols + b * BLOCK));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wabs, _mm256_sign_epi8(x, w))),
+                                         _mm256_broadcast_ss(&scale[r][b]), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = hsum256(acc[r]) + minterm[r];
+#else
+    float acc[TILE] = {0};
+    for (int b = 0; b < nb; b++) {
+        int8_t w[BLOCK];
+        if (W->bits == 4) {
+            const uint8_t *raw = W->codes + ((size_t)n * nb + b) * 16;
+            for (int j = 0; j < 16; j++) { w[j] = raw[j] & 0x0F; w[j + 16] = raw[j] >> 4; }
+        } else {
+            memcpy(w, W->codes + ((size_t)n * nb + b) * 32, BLOCK);
+        }
+        for (int r = 0; r < nr; r++) {
+            const int8_t *x = xq + (size_t)r * W->cols + b * BLOCK;
+            int32_t dot = 0;
+            for (int j = 0; j < BLOCK; j++) dot += (int32_t)w[j] * x[j];
+            acc[r] += scale[r][b] * (float)dot;
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = acc[r] + minterm[r];
+#endif
+}
+
+static void dot_rows(const QMatrix *W, int n, const QActs *A, int row0, int nr, float *out) {
+    switch (nr) {   // one instantiation per tile height
+        case 1: dot_rows_n(W, n, A, row0, 1, out); break;
+        case 2: dot_rows_n(W, n, A, row0, 2, out); break;
+        case 3: dot_rows_n(W, n, A, row0, 3, out); break;
+        default: dot_rows_n(W, n, A, row0, 4, out); break;
+    }
+}
+
+// y (rows x W->rows, row stride ldy) = A @ W^T (+ bias); accumulate: y += instead. Call inside a parallel region.
+static void matmul_in_region(const QMatrix *W, const QActs *A, int rows, float *y, int ldy, int accumulate) {
+    #pragma omp for schedule(static)
+    for (int n = 0; n < W->rows; n++) {
+        const float bias = W->bias ? W->bias[n] : 0.f;
+        for (int r0 = 0; r0 < rows; r0 += TILE) {
+            const int nr = rows - r0 < TILE ? rows - r0 : TILE;
+            float out[TILE];
+            dot_rows(W, n, A, r0, nr, out);
+            for (int r = 0; r < nr; r++) {
+                float *dst = y + (size_t)(r0 + r) * ldy + n;
+                *dst = accumulate ? *dst + out[r] + bias : out[r] + bias;
+            }
+        }
+    }
+}
+
+// The matmul on its own (tests, benchmarks): x (rows, W->cols) float -> y (rows, W->rows).
+int fx_matmul(const QMatrix *W, const float *x, int rows, float *y, int threads) {
+    if (W->cols % BLOCK || W->cols / BLOCK > MAX_BLOCKS || (W->bits != 4 && W->bits != 8)) return -1;
+    const int nb = W->cols / BLOCK;
+    QActs A = {malloc((size_t)rows * W->cols), malloc(sizeof(float) * rows * nb), malloc(sizeof(float) * rows * nb)};
+    if (!A.q || !A.d || !A.s) { free(A.q); free(A.d); free(A.s); return -2; }
+    fx_quantize(x, rows, W->cols, A.q, A.d, A.s);
+    #pragma omp parallel num_threads(threads)
+    matmul_in_region(W, &A, rows, y, W->rows, 0);
+    free(A.q); free(A.d); free(A.s);
+    return 0;
+}
+
+// ---- the model --------------------------------------------------------------------------------------------------
+
+typedef struct {
+    QMatrix qkv, proj, gate_up, down;
+    const float *attn_norm, *mlp_norm;
+} Layer;
+
+typedef struct {
+    int32_t n_layer, dim, n_head, n_kv_head, head_dim, ffn, vocab, rope_len;
+    float eps;
+    int32_t pad;
+    const float *rope_cos, *rope_sin;   // (rope_len, head_dim): HF's tables, halves repeated
+    const float *final_norm;
+    QMatrix lm_head;
+    Layer *layers;                      // n_layer of them
+} ModelDesc;
+
+typedef struct {
+    ModelDesc m;
+    int batch, cache_len;
+    float *k_cache, *v_cache;           // (n_layer, batch, n_kv_head, cache_len, head_dim)
+    int cap_rows, cap_threads;          // scratch sized for cap_rows rows of the widest matrix
+    float *x, *h, *att, *scores;
+    QActs a;
+} Model;
+
+Model *fx_new(const ModelDesc *desc) {
+    Model *m = calloc(1, sizeof(Model));
+    if (!m) return NULL;
+    m->m = *desc;
+    return m;
+}
+
+static void free_scratch(Model *m) {
+    free(m->x); free(m->h); free(m->att); free(m->scores); free(m->a.q); free(m->a.d); free(m->a.s);
+    m->x = m->h = m->att = m->scores = NULL; m->a.q = NULL; m->a.d = m->a.s = NULL; m->cap_rows = 0;
+    m->cap_threads = 0;
+}
+
+void fx_free(Model *m) {
+    if (!m) return;
+    free(m->k_cache); free(m->v_cache); free_scratch(m); free(m);
+}
+
+// A zeroed KV cache for (batch, cache_len); 0, or -2 when the memory is not there.
+int fx_start(Model *m, int batch, int cache_len) {
+    free(m->k_cache); free(m->v_cache);
+    const size_t n = (size_t)m->m.n_layer * batch * m->m.n_kv_head * cache_len * m->m.head_dim;
+    m->k_cache = calloc(n, sizeof(float)); m->v_cache = calloc(n, sizeof(float));
+    m->batch = batch; m->cache_len = cache_len;
+    if (!m->k_cache || !m->v_cache) { free(m->k_cache); free(m->v_cache); m->k_cache = m->v_cache = NULL; return -2; }
+    return 0;
+}
+
+static int reserve(Model *m, int rows, int threads) {
+    const ModelDesc *d = &m->m;
+    const int qkv = (d->n_head + 2 * d->n_kv_head) * d->head_dim;
+    int cols = 2 * d->ffn > qkv ? 2 * d->ffn : qkv;
+    cols = cols > d->vocab ? cols : d->vocab;
+    cols = cols > d->dim ? cols : d->dim;
+    if (rows <= m->cap_rows && threads <= m->cap_threads) return 0;
+    free_scratch(m);
+    m->x = malloc(sizeof(float) * rows * d->dim);
+    m->h = malloc(sizeof(float) * rows * cols);
+    m->att = malloc(sizeof(float) * rows * d->n_head * d->head_dim);
+    m->scores = malloc(sizeof(float) * threads * m->cache_len);
+    m->a.q = malloc((size_t)rows * cols);
+    m->a.d = malloc(sizeof(float) * rows * cols / BLOCK);
+    m->a.s = malloc(sizeof(float) * rows * cols / BLOCK);
+    if (!m->x || !m->h || !m->att || !m->scores || !m->a.q || !m->a.d || !m->a.s) { free_scratch(m); return -2; }
+    m->cap_rows = rows; m->cap_threads = threads;
+    return 0;
+}
+
+static void rms_quantize_rows(const float *x, int rows, int dim, const float *w, float eps, QActs *a, float *tmp) {
+    #pragma omp for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim;
+        float ss = 0.f;
+        #pragma omp simd reduction(+:ss)
+        for (int i = 0; i < dim; i++) ss += xr[i] * xr[i];
+        const float inv = 1.f / sqrtf(ss / dim + eps);
+        float *t = tmp + (size_t)r * dim;
+        for (int i = 0; i < dim; i++) t[i] = xr[i] * inv * w[i];
+        quantize_row(t, dim, a->q + (size_t)r * dim, a->d + (size_t)r * dim / BLOCK, a->s + (size_t)r * dim / BLOCK);
+    }
+}
+
+// rows of (T tokens x batch) at positions pos.. of each sequence; logits for the last token of each sequence
+// (all_logits = 0: out is (batch, vocab)) or for every token (out is (batch * T, vocab)).
+int fx_forward(Model *m, const float *embeddings, int T, int pos, int all_logits, float *out, int threads) {
+    const ModelDesc *d = &m->m;
+    const int B = m->batch, rows = B * T, nh = d->n_head, nkv = d->n_kv_head, hd = d->head_dim, half = hd / 2;
+    const int qkv_cols = (nh + 2 * nkv) * hd, S = m->cache_len;
+    if (!m->k_cache || pos < 0 || T < 1 || pos + T > S || pos + T > d->rope_len) return -1;
+    if (threads < 1) threads = 1;
+    if (reserve(m, rows, threads)) return -2;
+    memcpy(m->x, embeddings, sizeof(float) * rows * d->dim);
+    float *x = m->x, *h = m->h, *att = m->att;
+    const float scale = 1.f / sqrtf((float)hd);
+    const int out_rows = all_logits ? rows : B;
+
+    #pragma omp parallel num_threads(threads)
+    {
+        float *scores = m->scores + (size_t)omp_get_thread_num() * S;
+        for (int l = 0; l < d->n_layer; l++) {
+            const Layer *L = &d->layers[l];
+            float *kc = m->k_cache + (size_t)l * B * nkv * S * hd, *vc = m->v_cache + (size_t)l * B * nkv * S * hd;
+            rms_quantize_rows(x, rows, d->dim, L->attn_norm, d->eps, &m->a, h);
+            matmul_in_region(&L->qkv, &m->a, rows, h, qkv_cols, 0);
+            // rotary on q and k, then k and v into the cache
+            #pragma omp for schedule(static)
+            for (int i = 0; i < rows * (nh + nkv); i++) {
+                const int r = i / (nh + nkv), head = i % (nh + nkv), t = r % T, b = r / T, p = pos + t;
+                float *v = h + (size_t)r * qkv_cols + head * hd;
+                const float *c = d->rope_cos + (size_t)p * hd, *s = d->rope_sin + (size_t)p * hd;
+                for (int j = 0; j < half; j++) {
+                    const float a = v[j], bb = v[j + half];
+                    v[j] = a * c[j] - bb * s[j];
+                    v[j + half] = bb * c[j + half] + a * s[j + half];
+                }
+                if (head >= nh) {
+                    const int kh = head - nh;
+                    const size_t at = (((size_t)b * nkv + kh) * S + p) * hd;
+                    memcpy(kc + at, v, sizeof(float) * hd);
+                    memcpy(vc + at, h + (size_t)r * qkv_cols + (nh + nkv + kh) * hd, sizeof(float) * hd);
+                }
+            }
+            // causal attention: query t of sequence b sees positions 0 .. pos + t
+            #pragma omp for schedule(static)
+            for (int i = 0; i < rows * nh; i++) {
+                const int r = i / nh, head = i % nh, t = r % T, b = r / T, kh = head / (nh / nkv), n = pos + t + 1;
+                const float *q = h + (size_t)r * qkv_cols + head * hd;
+                const float *K = kc + ((size_t)b * nkv + kh) * S * hd, *V = vc + ((size_t)b * nkv + kh) * S * hd;
+                float mx = -INFINITY;
+                for (int j = 0; j < n; j++) {
+                    float dot = 0.f;
+                    #pragma omp simd reduction(+:dot)
+                    for (int e = 0; e < hd; e++) dot += q[e] * K[(size_t)j * hd + e];
+                    scores[j] = dot * scale;
+                    mx = scores[j] > mx ? scores[j] : mx;
+                }
+                float sum = 0.f;
+                for (int j = 0; j < n; j++) { scores[j] = expf(scores[j] - mx); sum += scores[j]; }
+                float *o = att + (size_t)r * nh * hd + head * hd;
+                for (int e = 0; e < hd; e++) o[e] = 0.f;
+                for (int j = 0; j < n; j++) {
+                    const float p = scores[j] / sum;
+                    #pragma omp simd
+                    for (int e = 0; e < hd; e++) o[e] += p * V[(size_t)j * hd + e];
+                }
+            }
+            #pragma omp for schedule(static)
+            for (int r = 0; r < rows; r++)
+                quantize_row(att + (size_t)r * nh * hd, nh * hd, m->a.q + (size_t)r * nh * hd,
+                             m->a.d + (size_t)r * nh * hd / BLOCK, m->a.s + (size_t)r * nh * hd / BLOCK);
+            matmul_in_region(&L->proj, &m->a, rows, x, d->dim, 1);          // x += attention
+            rms_quantize_rows(x, rows, d->dim, L->mlp_norm, d->eps, &m->a, h);
+            matmul_in_region(&L->gate_up, &m->a, rows, h, 2 * d->ffn, 0);
+            #pragma omp for schedule(static)
+            for (int r = 0; r < rows; r++) {                                // silu(gate) * up, then quantized
+                float *g = h + (size_t)r * 2 * d->ffn, *u = g + d->ffn;
+                for (int j = 0; j < d->ffn; j++) g[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+                quantize_row(g, d->ffn, m->a.q + (size_t)r * d->ffn, m->a.d + (size_t)r * d->ffn / BLOCK,
+                             m->a.s + (size_t)r * d->ffn / BLOCK);
+            }
+            matmul_in_region(&L->down, &m->a, rows, x, d->dim, 1);          // x += mlp
+        }
+        // the output layer, on the rows asked for
+        #pragma omp single
+        {
+            if (!all_logits)
+                for (int b = 0; b < B; b++)
+                    memmove(x + (size_t)b * d->dim, x + ((size_t)b * T + T - 1) * d->dim, sizeof(float) * d->dim);
+        }
+        rms_quantize_rows(x, out_rows, d->dim, d->final_norm, d->eps, &m->a, h);
+        matmul_in_region(&d->lm_head, &m->a, out_rows, out, d->vocab, 0);
+    }
+    return 0;
+}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,7 @@ class ModelHandle:
     eos_ids: set[int] = field(default_factory=set)
     config: ModelConfig | None = None
     generation_config: dict | None = None  # the folder's generation_config.json (sampling defaults), if any
+    gguf_path: Path | None = None  # the GGUF file the model was loaded from, if it was (the native path reads it)
 
     def __post_init__(self):
         if self.model is not None:
@@ -52,7 +54,7 @@ class ModelHandle:
 
     def runner_names(self) -> list[str]:
         """Execution paths offered: the prepared ones, then those prepared on first use (compiled, triton)."""
-        offered_here = [n for n in PREPARABLE if offered(n)]
+        offered_here = [n for n in PREPARABLE if offered(n, self.gguf_path)]
         more = [n for n in offered_here if n not in self.runners] if self.model is not None else []
         return list(self.runners) + more
 
@@ -64,7 +66,7 @@ class ModelHandle:
                 raise GenerationError(f"no backend {name!r}; available: {', '.join(self.runner_names())}")
             with self._lock:
                 if name not in self.runners:
-                    self.runners[name] = PREPARABLE[name](self.model, progress)
+                    self.runners[name] = PREPARABLE[name](self.model, progress, gguf=self.gguf_path)
         return self.runners[name]
 
     @property

@@ -62,7 +62,9 @@ def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None 
             raise ModelLoadError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
         dtype = getattr(torch, dtype)
     if conversion is not None and conversion.state is not None:
-        return load_first_conversion(conversion, source, dtype, device, progress, t0)
+        handle = load_first_conversion(conversion, source, dtype, device, progress, t0)
+        handle.gguf_path = gguf_path
+        return handle
     if (folder / "model.onnx").exists() and not _weight_files(folder, "model.safetensors"):
         return load_onnx(folder, source, t0)
     if (folder / "parity.json").exists() or (folder / "fornax.json").exists():
@@ -80,7 +82,7 @@ def load(source: str | os.PathLike = "default", dtype: torch.dtype | str | None 
         progress(0.9, "building the model")
     model = build_model(cfg, state, dtype, device)
     return ModelHandle(model, tokenizer, source, load_seconds=time.perf_counter() - t0,
-                       generation_config=read_generation_config(folder))
+                       generation_config=read_generation_config(folder), gguf_path=gguf_path)
 
 
 GENERATION_CONFIG_BYTES = 64 * 1024  # a real generation_config.json is a few hundred bytes

@@ -1,5 +1,6 @@
-"""The fastest execution path of a model that is at least as faithful as llama.cpp: an ONNX export whose parity
-report's KL against the eager fp32 model is within the bound, int4 (fastest on a CPU) before int8.
+"""The fastest execution path of a model that is at least as faithful as llama.cpp: the native CPU path (a model
+from a GGUF file with Q4_0 / Q4_1 / Q8_0 blocks, where a C compiler is) when its KL against the eager fp32 model on
+held-out text is within the bound, else an ONNX export whose parity report's KL is, int4 before int8.
 
 The playground runs this in the background after start-up and opens its Backend selector on the result. Cached
 exports are looked at first (instant); then the missing ones are exported and verified, in the same order.
@@ -13,14 +14,16 @@ from typing import Callable
 
 from backend.errors import FornaxError
 from backend.handle import ModelHandle
+from backend.runners import offered
 
 from .attach import runner_name
 from .cache import cached_export, export_folder, is_cached
+from .verify import heldout_fidelity
 
 # llama.cpp's own quantization of the default model keeps mean KL(fp32 || quantized) at about 0.003 on held-out text:
 # an export no worse than that is as faithful as what people already run.
 FAITHFUL_KL = 0.0030
-FAST_QUANTS = ("int4", "int8")  # fastest first
+FAST_QUANTS = ("native", "int4", "int8")  # fastest first (docs/benchmarks.md); "native" is a runner, not an export
 
 
 def parity_kl(report: dict) -> float | None:
@@ -41,7 +44,7 @@ def read_parity(folder: Path) -> dict | None:
 
 @dataclass
 class FastPath:
-    quant: str | None                    # None: no export is faithful enough (or none could be made)
+    quant: str | None                    # "native", an export's quant, or None: none is faithful enough (or could be made)
     kl: float | None = None
     folder: Path | None = None
     rejected: dict[str, float] = field(default_factory=dict)   # runner name -> its KL, above the bound
@@ -50,7 +53,7 @@ class FastPath:
 
     @property
     def name(self) -> str | None:
-        return runner_name(self.quant) if self.quant else None
+        return ("native" if self.quant == "native" else runner_name(self.quant)) if self.quant else None
 
     def why_not(self) -> str:
         """Why no export was chosen, in plain words."""
@@ -73,6 +76,17 @@ def fastest_faithful(handle: ModelHandle, max_kl: float = FAITHFUL_KL, quants: t
     if not handle.family.generates:
         result.problems["onnx"] = f"{handle.family.described} does not generate"
         return result
+    if "native" in quants and offered("native", handle.gguf_path) and handle.device.type == "cpu":
+        say("preparing native (checking it against eager on held-out text)")
+        try:
+            kl = heldout_fidelity(handle.model, handle.runner("native"), handle.tokenizer)["mean_kl"]
+        except FornaxError as e:  # e.g. a GGUF whose matmuls are in other types
+            result.problems["native"] = str(e)
+        else:
+            if kl <= max_kl:
+                result.quant, result.kl = "native", kl
+                return result
+            result.rejected["native"] = kl
     quants = tuple(q for q in quants if q in handle.family.quants)  # an LSTM has no int4
     cached = [q for q in quants if is_cached(handle.source, q)]
     for quant in cached + [q for q in quants if q not in cached]:

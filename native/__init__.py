@@ -34,7 +34,7 @@ class NativeUnavailable(RuntimeError):
 
 class QMatrix(ctypes.Structure):
     """One weight matrix as GGUF blocks (fornax_cpu.c's QMatrix)."""
-    _fields_ = [("rows", ctypes.c_int32), ("cols", ctypes.c_int32), ("bits", ctypes.c_int32), ("pad", ctypes.c_int32),
+    _fields_ = [("rows", ctypes.c_int32), ("cols", ctypes.c_int32), ("bits", ctypes.c_int32), ("float_acts", ctypes.c_int32),
                 ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
                 ("bias", ctypes.c_void_p)]
 
@@ -139,21 +139,22 @@ def pack_q8_0(codes: np.ndarray, scales: np.ndarray) -> dict[str, np.ndarray]:
             "scales": np.ascontiguousarray(scales, dtype=np.float16), "mins": None}
 
 
-def qmatrix(packed: dict, bias: np.ndarray | None = None) -> QMatrix:
-    """The C view of `packed` (the arrays must outlive it: the caller keeps `packed`)."""
+def qmatrix(packed: dict, bias: np.ndarray | None = None, float_acts: bool = False) -> QMatrix:
+    """The C view of `packed` (the arrays must outlive it: the caller keeps `packed`). float_acts: multiply the
+    dequantized weights by float activations instead of int8 ones (exact in fp32, slower)."""
     N = packed["codes"].shape[0]
     K = packed["scales"].shape[1] * BLOCK
     ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
     if bias is not None:
         packed["bias"] = np.ascontiguousarray(bias, dtype=np.float32)
-    return QMatrix(N, K, packed["bits"], 0, ptr(packed["codes"]), ptr(packed["scales"]), ptr(packed["mins"]),
+    return QMatrix(N, K, packed["bits"], int(float_acts), ptr(packed["codes"]), ptr(packed["scales"]), ptr(packed["mins"]),
                    ptr(packed.get("bias")))
 
 
-def matmul(lib: ctypes.CDLL, packed: dict, x: np.ndarray, threads: int = 1) -> np.ndarray:
+def matmul(lib: ctypes.CDLL, packed: dict, x: np.ndarray, threads: int = 1, float_acts: bool = False) -> np.ndarray:
     """x (M, K) float32 @ W^T -> (M, N), with x quantized per block of 32 as the forward pass does."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    W = qmatrix(packed)
+    W = qmatrix(packed, float_acts=float_acts)
     if x.ndim != 2 or x.shape[1] != W.cols:
         raise ValueError(f"x must be (M, {W.cols}), not {x.shape}")
     y = np.empty((x.shape[0], W.rows), np.float32)

@@ -1,5 +1,6 @@
 """Open on the fastest faithful path: after start-up, a background thread finds (or exports) the loaded model's
-fastest ONNX path that is at least as faithful as llama.cpp (export/fastest.py), attaches it, and the Backend
+fastest path that is at least as faithful as llama.cpp (export/fastest.py: the native CPU path, else an ONNX
+export), attaches it, and the Backend
 selector's default becomes that path. The page is usable on eager meanwhile; a visitor who picked a backend keeps
 it. `python -m playground --prepare none` (or FORNAX_PREPARE=none, what the tests use) turns this off.
 """
@@ -85,7 +86,8 @@ def _prepare(handle: backend.ModelHandle, st: Status, max_kl: float, quants: tup
             if now is not handle:
                 _say(st, f"{found.name} was prepared, but another model has been loaded since")
                 return
-            name = attach_onnx(now, found.quant)  # the export is cached: this only opens a session
+            # native was prepared on this handle while it was checked; an export is cached: this opens a session
+            name = "native" if found.quant == "native" else attach_onnx(now, found.quant)
             greedy = dict(max_new_tokens=SPEED_TOKENS, temperature=0, ignore_eos=True)
             now.generate(SPEED_PROMPT, backend=name, max_new_tokens=2, temperature=0, ignore_eos=True)  # warm-up
             fast = now.generate(SPEED_PROMPT, backend=name, **greedy).timings.decode_tok_s

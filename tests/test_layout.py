@@ -1,12 +1,14 @@
 """The rooms' import rules, read from the source: no import cycles between our modules, and arrows one way
-(playground -> export -> backend -> kernels; kernels imports torch and triton only)."""
+(playground -> export -> backend -> kernels and native; kernels imports torch and triton only, native the standard
+library and numpy only)."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROOMS = ["kernels", "backend", "export", "playground"]   # each may import only rooms to its left
+ROOMS = ["native", "kernels", "backend", "export", "playground"]   # each may import only rooms to its left
 FORBIDDEN_PACKAGES = {"backend": {"gradio", "export", "playground"}, "kernels": {"backend", "export", "playground",
-                                                                                 "gradio"}}
+                                                                                 "gradio", "native"},
+                      "native": {"backend", "export", "playground", "gradio", "kernels", "torch", "triton"}}
 
 
 def modules() -> dict[str, Path]:

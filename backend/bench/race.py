@@ -209,8 +209,11 @@ def race_paths(model: str, onnx: list[str] = (), llama_python: str | None = None
                genai_python: str | None = None, select: list[str] | None = None) -> list[RacePath]:
     """Every path of the race, each with its status; `select` keeps the keys named (and their prefixes: "onnx"
     keeps every export). Eager always runs: it is the reference for fidelity and greedy divergence."""
+    gguf = gguf_file(model)
     paths = [RacePath("eager", "fornax eager", "fornax", model, "fp32", backend="eager"),
-             RacePath("compiled", "fornax compiled", "fornax", model, "fp32", backend="compiled")]
+             RacePath("compiled", "fornax compiled", "fornax", model, "fp32", backend="compiled"),
+             RacePath("native", "fornax native", "fornax", model, gguf_precision(gguf), backend="native",
+                      status=native_status(gguf))]
     for folder in onnx:
         p = onnx_path(folder)
         if any(q.key == p.key for q in paths):  # two exports of one precision: the folder names tell them apart
@@ -221,7 +224,6 @@ def race_paths(model: str, onnx: list[str] = (), llama_python: str | None = None
                          ("compiled+triton", "compiled+triton")):
         paths.append(RacePath(key, f"fornax {key}", "fornax", model, "fp32", backend=backend, device="cuda",
                               status="" if cuda else "no CUDA GPU here"))
-    gguf = gguf_file(model)
     folder = str(resolve(model))
     paths.append(RacePath("transformers", "transformers eager", "transformers", folder, "fp32",
                           python=sys.executable))
@@ -244,6 +246,15 @@ def race_paths(model: str, onnx: list[str] = (), llama_python: str | None = None
         elif p.engine == "genai":
             p.status = probe(p.python, "genai", "--genai-python")
     return paths
+
+
+def native_status(gguf: Path | None) -> str:
+    """Why the native CPU path cannot race here ("" when it can: its blocks are checked when it is prepared)."""
+    if gguf is None:
+        return "no GGUF file for this model"
+    from ..runners.native import compiler_present
+
+    return "" if compiler_present() else "no C compiler here to build it"
 
 
 def gguf_precision(path: Path | None) -> str:

@@ -24,8 +24,19 @@ from ..models.transformer import Transformer
 from .eager import cache_length
 
 
+# The last layer's matmuls take float activations (the dequantized weights times them, exact in fp32): as in the
+# int4 ONNX export, that one layer buys most of the fidelity all of them would (docs/benchmarks.md).
+FLOAT_LAYERS = 1
+
+
 def native_folder() -> Path:
     return cache_root() / "native"
+
+
+def compiler_present() -> bool:
+    import native
+
+    return native.compiler() is not None
 
 
 def library():
@@ -57,7 +68,8 @@ def _floats(t: torch.Tensor | None) -> np.ndarray | None:
 class NativeRunner:
     name = "native"
 
-    def __init__(self, model: Transformer, gguf_path: Path, progress: Callable[[float, str], None] | None = None):
+    def __init__(self, model: Transformer, gguf_path: Path, progress: Callable[[float, str], None] | None = None,
+                 float_layers: int = FLOAT_LAYERS):
         import native
 
         cfg = model.config
@@ -77,10 +89,13 @@ class NativeRunner:
                                   f"{missing[0]} is not" + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
         if not matching(linears, weights):
             raise GenerationError("the GGUF blocks do not stand for the weights the model holds (a changed file?)")
-        self.model, self.config = model, cfg
+        self.model, self.config, self.device = model, cfg, torch.device("cpu")
         self._keep: list = []   # every array the C side points into
         blocks = model.blocks
-        mats = {name: self._matrix(linears[name], getattr(_module(model, name), "bias", None)) for name in weights}
+        first_float = cfg.n_layer - max(0, float_layers)
+        exact = lambda name: name.startswith("blocks.") and int(name.split(".")[1]) >= first_float  # noqa: E731
+        mats = {name: self._matrix(linears[name], getattr(_module(model, name), "bias", None), exact(name))
+                for name in weights}
         layers = (native.Layer * cfg.n_layer)()
         for i, block in enumerate(blocks):
             layers[i] = native.Layer(mats[f"blocks.{i}.attn.qkv"], mats[f"blocks.{i}.attn.proj"],
@@ -99,11 +114,11 @@ class NativeRunner:
         self._keep.append(a)
         return a.ctypes.data
 
-    def _matrix(self, ql: QuantizedLinear, bias: torch.Tensor | None):
+    def _matrix(self, ql: QuantizedLinear, bias: torch.Tensor | None, float_acts: bool):
         import native
 
         p = packed(ql)
-        m = native.qmatrix(p, _floats(bias))
+        m = native.qmatrix(p, _floats(bias), float_acts)
         self._keep += [a for a in p.values() if isinstance(a, np.ndarray)]
         return m
 

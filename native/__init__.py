@@ -35,7 +35,7 @@ class NativeUnavailable(RuntimeError):
 class QMatrix(ctypes.Structure):
     """One weight matrix as GGUF blocks (fornax_cpu.c's QMatrix)."""
     _fields_ = [("rows", ctypes.c_int32), ("cols", ctypes.c_int32), ("bits", ctypes.c_int32), ("float_acts", ctypes.c_int32),
-                ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
+                ("interleaved", ctypes.c_int32), ("pad", ctypes.c_int32), ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
                 ("bias", ctypes.c_void_p)]
 
 
@@ -139,15 +139,41 @@ def pack_q8_0(codes: np.ndarray, scales: np.ndarray) -> dict[str, np.ndarray]:
             "scales": np.ascontiguousarray(scales, dtype=np.float16), "mins": None}
 
 
+GROUP = 8
+
+
+def interleave(packed: dict) -> dict:
+    """The same blocks in fornax_cpu.c's interleaved layout: groups of 8 rows (the last one padded with zero rows),
+    each block's codes laid out so that lane j of an 8-lane dot product holds row j's codes for 4 inputs."""
+    codes, scales, mins = packed["codes"], packed["scales"], packed["mins"]
+    N, nb = scales.shape
+    G = -(-N // GROUP)
+    pad = lambda a: np.concatenate([a, np.zeros((G * GROUP - N, *a.shape[1:]), a.dtype)]) if G * GROUP > N else a  # noqa: E731
+    by_group = lambda a: np.ascontiguousarray(pad(a).reshape(G, GROUP, nb).transpose(0, 2, 1))  # (G, nb, 8)  # noqa: E731
+    if packed["bits"] == 4:
+        nib = pad(codes).reshape(G, GROUP, nb, 16)                       # byte j: input j low, input j + 16 high
+        lo, hi = nib & 0x0F, nib >> 4                                    # inputs 0..15, 16..31 of each block
+        chunk = lambda q: q.reshape(G, GROUP, nb, 4, 4).transpose(0, 2, 3, 1, 4)  # (G, nb, chunk c, row j, 4)  # noqa: E731
+        out = (chunk(lo) | (chunk(hi) << 4)).astype(np.uint8)
+    else:
+        q = pad(codes).reshape(G, GROUP, nb, 8, 4)                       # (G, row, block, chunk k, 4 inputs)
+        out = q.transpose(0, 2, 3, 1, 4)
+    return {"bits": packed["bits"], "interleaved": True, "rows": N, "codes": np.ascontiguousarray(out).reshape(G, -1),
+            "scales": by_group(scales), "mins": None if mins is None else by_group(mins)}
+
+
 def qmatrix(packed: dict, bias: np.ndarray | None = None, float_acts: bool = False) -> QMatrix:
     """The C view of `packed` (the arrays must outlive it: the caller keeps `packed`). float_acts: multiply the
     dequantized weights by float activations instead of int8 ones (exact in fp32, slower)."""
-    N = packed["codes"].shape[0]
+    inter = bool(packed.get("interleaved"))
+    N = packed["rows"] if inter else packed["codes"].shape[0]
     K = packed["scales"].shape[1] * BLOCK
+    if inter and float_acts:
+        raise ValueError("float activations read the row-major layout: do not interleave that matrix")
     ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
     if bias is not None:
         packed["bias"] = np.ascontiguousarray(bias, dtype=np.float32)
-    return QMatrix(N, K, packed["bits"], int(float_acts), ptr(packed["codes"]), ptr(packed["scales"]), ptr(packed["mins"]),
+    return QMatrix(N, K, packed["bits"], int(float_acts), int(inter), 0, ptr(packed["codes"]), ptr(packed["scales"]), ptr(packed["mins"]),
                    ptr(packed.get("bias")))
 
 

@@ -32,6 +32,8 @@ typedef struct {            // one weight matrix (rows = outputs, cols = inputs)
     int32_t bits;           // 4: Q4_1 (codes: 16 bytes a block, input j in the low nibble of byte j, j+16 the high)
                             // 8: Q8_0 (codes: 32 signed bytes a block)
     int32_t float_acts;     // 1: multiply the dequantized weights by the float activations (slower, closer)
+    int32_t interleaved;    // 1: groups of 8 rows interleaved (see matmul_interleaved), else row-major blocks
+    int32_t pad;
     const uint8_t *codes;
     const uint16_t *scales; // (rows, cols / 32) fp16
     const uint16_t *mins;   // (rows, cols / 32) fp16, Q4_1 only; NULL for Q8_0
@@ -105,6 +107,14 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {   // 8 int32 lanes: sums 
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 #else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));  // |u| <= 128, |s| <= 127: no saturation
+#endif
+}
+
+static inline __m256i dot_acc_u8s8(__m256i acc, __m256i u, __m256i s) {   // acc + dot_u8s8(u, s)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, dot_u8s8(u, s));
 #endif
 }
 
@@ -272,8 +282,120 @@ static void dot_rows(const QMatrix *W, int n, const QActs *A, int row0, int nr, 
     }
 }
 
+// ---- the interleaved layout: eight weight rows a group, one multiply-add chain for all eight -----------------------
+//
+// The row-major loops above need a horizontal sum per row and pay the per-block scaling once per row. Here a group
+// of 8 output rows stores each block's codes so that one 8-lane dot product instruction covers all eight rows: lane
+// j holds row j's codes for 4 consecutive inputs, and those 4 inputs of the activation are broadcast to every lane.
+// Per group and block: 4-bit, 4 chunks of 32 bytes (chunk c: low nibbles = inputs 4c..4c+3, high nibbles = inputs
+// 16+4c..16+4c+3, row j in bytes 4j..4j+3); 8-bit, 8 chunks (chunk k = inputs 4k..4k+3, signed). Scales and minima
+// are (groups, blocks, 8) fp16. Rows past the matrix's last are zero padding, never written out.
+
+#define GROUP 8
+
+// out[r * GROUP + j] = row (g * 8 + j) . activation row (row0 + r), for r < nr
+static inline __attribute__((always_inline)) void group_rows_n(const QMatrix *W, int g, const QActs *A, int row0,
+                                                                const int nr, float *out) {
+    const int nb = W->cols / BLOCK;
+    const size_t chunk_bytes = W->bits == 4 ? 128 : 256;
+    const uint8_t *codes = W->codes + (size_t)g * nb * chunk_bytes;
+    const uint16_t *wd = W->scales + (size_t)g * nb * GROUP, *wm = W->mins ? W->mins + (size_t)g * nb * GROUP : NULL;
+#if defined(__AVX2__) && defined(__F16C__)
+    __m256 acc[TILE];
+    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *cb = codes + (size_t)b * chunk_bytes;
+        __m256i w[8];
+        if (W->bits == 4) {
+            for (int c = 0; c < 4; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(cb + 32 * c));
+                w[c] = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+                w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
+            }
+        } else {
+            for (int k = 0; k < 8; k++) w[k] = _mm256_loadu_si256((const __m256i *)(cb + 32 * k));
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + (size_t)b * GROUP)));
+        const __m256 mw = wm ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + (size_t)b * GROUP)))
+                             : _mm256_setzero_ps();
+        for (int r = 0; r < nr; r++) {
+            const size_t row = (size_t)(row0 + r);
+            const int8_t *x = A->q + row * W->cols + b * BLOCK;
+            __m256i p = _mm256_setzero_si256();
+            for (int k = 0; k < 8; k++) {   // inputs 4k..4k+3 of the block: k < 4 low nibbles of chunk k, else high
+                int32_t four;
+                memcpy(&four, x + 4 * k, 4);
+                const __m256i xb = _mm256_set1_epi32(four);
+                const __m256i wk = w[k];
+                if (W->bits == 4) p = dot_acc_u8s8(p, wk, xb);
+                else p = dot_acc_u8s8(p, _mm256_sign_epi8(wk, wk), _mm256_sign_epi8(xb, wk));
+            }
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(A->d[row * nb + b])), acc[r]);
+            if (wm) acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(A->s[row * nb + b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) _mm256_storeu_ps(out + r * GROUP, acc[r]);
+#else
+    for (int r = 0; r < nr; r++) {
+        const size_t row = (size_t)(row0 + r);
+        for (int j = 0; j < GROUP; j++) {
+            float total = 0.f;
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *cb = codes + (size_t)b * chunk_bytes;
+                const int8_t *x = A->q + row * W->cols + b * BLOCK;
+                int32_t dot = 0;
+                for (int k = 0; k < 8; k++)
+                    for (int t = 0; t < 4; t++) {
+                        int code;
+                        if (W->bits == 4) {
+                            const uint8_t byte = cb[32 * (k & 3) + 4 * j + t];
+                            code = k < 4 ? (byte & 0x0F) : (byte >> 4);
+                        } else {
+                            code = (int8_t)cb[32 * k + 4 * j + t];
+                        }
+                        dot += code * x[4 * k + t];
+                    }
+                total += fp16_to_fp32(wd[(size_t)b * GROUP + j]) * A->d[row * nb + b] * (float)dot;
+                if (wm) total += fp16_to_fp32(wm[(size_t)b * GROUP + j]) * A->s[row * nb + b];
+            }
+            out[r * GROUP + j] = total;
+        }
+    }
+#endif
+}
+
+static void group_rows(const QMatrix *W, int g, const QActs *A, int row0, int nr, float *out) {
+    switch (nr) {
+        case 1: group_rows_n(W, g, A, row0, 1, out); break;
+        case 2: group_rows_n(W, g, A, row0, 2, out); break;
+        case 3: group_rows_n(W, g, A, row0, 3, out); break;
+        default: group_rows_n(W, g, A, row0, 4, out); break;
+    }
+}
+
+static void matmul_interleaved(const QMatrix *W, const QActs *A, int rows, float *y, int ldy, int accumulate) {
+    const int groups = (W->rows + GROUP - 1) / GROUP;
+    #pragma omp for schedule(static)
+    for (int g = 0; g < groups; g++) {
+        const int valid = W->rows - g * GROUP < GROUP ? W->rows - g * GROUP : GROUP;
+        for (int r0 = 0; r0 < rows; r0 += TILE) {
+            const int nr = rows - r0 < TILE ? rows - r0 : TILE;
+            float out[TILE * GROUP];
+            group_rows(W, g, A, r0, nr, out);
+            for (int r = 0; r < nr; r++)
+                for (int j = 0; j < valid; j++) {
+                    const int n = g * GROUP + j;
+                    float *dst = y + (size_t)(r0 + r) * ldy + n;
+                    const float v = out[r * GROUP + j] + (W->bias ? W->bias[n] : 0.f);
+                    *dst = accumulate ? *dst + v : v;
+                }
+        }
+    }
+}
+
 // y (rows x W->rows, row stride ldy) = A @ W^T (+ bias); accumulate: y += instead. Call inside a parallel region.
 static void matmul_in_region(const QMatrix *W, const QActs *A, int rows, float *y, int ldy, int accumulate) {
+    if (W->interleaved && !W->float_acts) { matmul_interleaved(W, A, rows, y, ldy, accumulate); return; }
     #pragma omp for schedule(static)
     for (int n = 0; n < W->rows; n++) {
         const float bias = W->bias ? W->bias[n] : 0.f;

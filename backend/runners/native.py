@@ -69,7 +69,7 @@ class NativeRunner:
     name = "native"
 
     def __init__(self, model: Transformer, gguf_path: Path, progress: Callable[[float, str], None] | None = None,
-                 float_layers: int = FLOAT_LAYERS):
+                 float_layers: int = FLOAT_LAYERS, interleaved: bool = True):
         import native
 
         cfg = model.config
@@ -94,8 +94,8 @@ class NativeRunner:
         blocks = model.blocks
         first_float = cfg.n_layer - max(0, float_layers)
         exact = lambda name: name.startswith("blocks.") and int(name.split(".")[1]) >= first_float  # noqa: E731
-        mats = {name: self._matrix(linears[name], getattr(_module(model, name), "bias", None), exact(name))
-                for name in weights}
+        mats = {name: self._matrix(linears[name], getattr(_module(model, name), "bias", None), exact(name),
+                                   interleaved) for name in weights}
         layers = (native.Layer * cfg.n_layer)()
         for i, block in enumerate(blocks):
             layers[i] = native.Layer(mats[f"blocks.{i}.attn.qkv"], mats[f"blocks.{i}.attn.proj"],
@@ -114,10 +114,12 @@ class NativeRunner:
         self._keep.append(a)
         return a.ctypes.data
 
-    def _matrix(self, ql: QuantizedLinear, bias: torch.Tensor | None, float_acts: bool):
+    def _matrix(self, ql: QuantizedLinear, bias: torch.Tensor | None, float_acts: bool, interleaved: bool):
         import native
 
         p = packed(ql)
+        if interleaved and not float_acts:  # float activations read the row-major blocks
+            p = native.interleave(p)
         m = native.qmatrix(p, _floats(bias), float_acts)
         self._keep += [a for a in p.values() if isinstance(a, np.ndarray)]
         return m

@@ -51,11 +51,14 @@ def reference(x, codes, d, m):
     return y
 
 
+@pytest.mark.parametrize("layout", ["row-major", "interleaved"])
 @pytest.mark.parametrize("kind", [q4_1, q8_0])
-@pytest.mark.parametrize("M,N,K", SHAPES)
-def test_block_matmul_is_the_q8_product_exactly(lib, kind, M, N, K):
+@pytest.mark.parametrize("M,N,K", SHAPES + [(9, 16, 64)])
+def test_block_matmul_is_the_q8_product_exactly(lib, kind, M, N, K, layout):
     rng = np.random.default_rng(M * 1000 + N + K)
     packed, codes, d, m, w = kind(rng, N, K)
+    if layout == "interleaved":   # groups of 8 rows; N = 37, 33, 130, 7 leave a padded last group
+        packed = native.interleave(packed)
     x = rng.standard_normal((M, K)).astype(np.float32)
     want = reference(x, codes, d, m)
     for threads in (1, 2):
@@ -94,6 +97,16 @@ def test_a_bad_matrix_is_refused(lib):
     packed = q4_1(rng, 4, 64)[0]
     with pytest.raises(ValueError, match="must be"):
         native.matmul(lib, packed, np.zeros((1, 32), np.float32))
+    with pytest.raises(ValueError, match="row-major"):
+        native.matmul(lib, native.interleave(packed), np.zeros((1, 64), np.float32), float_acts=True)
+
+
+def test_the_interleaved_layout_puts_row_j_in_lane_j():
+    codes = (np.arange(16 * 32).reshape(16, 32) // 32 + np.arange(32)[None] * 0) % 16   # row n: every code n
+    p = native.interleave(native.pack_q4_1(codes, np.ones((16, 1), np.float16), np.zeros((16, 1), np.float16)))
+    chunk = p["codes"][1, :32]                       # group 1 (rows 8..15), block 0, chunk 0
+    assert [int(chunk[4 * j]) & 0x0F for j in range(8)] == list(range(8, 16))
+    assert p["scales"].shape == (2, 1, 8)
 
 
 def test_no_compiler_says_so(tmp_path, monkeypatch):

@@ -117,6 +117,8 @@ def load(folder: str | os.PathLike, flags: list[str] | None = None) -> ctypes.CD
             lib.fx_start.restype, lib.fx_start.argtypes = I, [P, I, I]
             lib.fx_forward.restype, lib.fx_forward.argtypes = I, [P, P, I, I, I, P, I]
             lib.fx_matmul.restype, lib.fx_matmul.argtypes = I, [ctypes.POINTER(QMatrix), P, I, P, I]
+            lib.fx_exp_row.restype, lib.fx_exp_row.argtypes = ctypes.c_float, [P, ctypes.c_float, P, I]
+            lib.fx_swiglu_row.restype, lib.fx_swiglu_row.argtypes = None, [P, P, I]
             _loaded[path] = lib
         return _loaded[path]
 

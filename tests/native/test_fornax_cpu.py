@@ -125,3 +125,18 @@ def test_a_build_is_reused_and_keyed_by_its_flags(tmp_path):
     other = native.build(tmp_path, BUILDS["portable"])
     assert other != first and other.is_file()
     assert not list(tmp_path.glob("*/.tmp-*"))
+
+
+def test_exp_and_swiglu_rows_match_numpy(lib):
+    # softmax's e^(x - max) and SiLU's e^-x, over the range they see (and past it: clamped, never inf or nan)
+    x = np.concatenate([np.linspace(-100, 0, 997), np.linspace(-20, 20, 1003)]).astype(np.float32)
+    y = np.empty_like(x)
+    total = lib.fx_exp_row(x.ctypes.data, 0.0, y.ctypes.data, x.size)
+    want = np.exp(x.astype(np.float64))
+    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-37)
+    assert total == pytest.approx(want.sum(), rel=1e-6)
+    g, u = np.linspace(-120, 120, 1001).astype(np.float32), np.linspace(2, -2, 1001).astype(np.float32)
+    want = g.astype(np.float64) / (1 + np.exp(-g.astype(np.float64))) * u
+    lib.fx_swiglu_row(g.ctypes.data, u.ctypes.data, g.size)
+    assert np.isfinite(g).all()
+    np.testing.assert_allclose(g, want, rtol=2e-6, atol=1e-30)

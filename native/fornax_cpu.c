@@ -502,7 +502,10 @@ typedef struct {
 typedef struct {
     ModelDesc m;
     int batch, cache_len;
-    float *k_cache, *v_cache;           // (n_layer, batch, n_kv_head, cache_len, head_dim)
+    int cache_pad;                      // cache_len rounded up to whole blocks of 8 positions
+    float *k_cache;                     // (n_layer, batch, n_kv_head, cache_pad / 8, head_dim, 8): keys transposed
+                                        // in blocks of 8 positions, so 8 scores are 8 lanes of multiply-adds
+    float *v_cache;                     // (n_layer, batch, n_kv_head, cache_pad, head_dim)
     int cap_rows, cap_threads;          // scratch sized for cap_rows rows of the widest matrix
     float *x, *h, *att, *xf, *scores;   // residual, matmul outputs, attention output, normed rows, softmax rows
     QActs a;
@@ -529,7 +532,8 @@ void fx_free(Model *m) {
 // A zeroed KV cache for (batch, cache_len); 0, or -2 when the memory is not there.
 int fx_start(Model *m, int batch, int cache_len) {
     free(m->k_cache); free(m->v_cache);
-    const size_t n = (size_t)m->m.n_layer * batch * m->m.n_kv_head * cache_len * m->m.head_dim;
+    m->cache_pad = (cache_len + 7) / 8 * 8;
+    const size_t n = (size_t)m->m.n_layer * batch * m->m.n_kv_head * m->cache_pad * m->m.head_dim;
     m->k_cache = calloc(n, sizeof(float)); m->v_cache = calloc(n, sizeof(float));
     m->batch = batch; m->cache_len = cache_len;
     if (!m->k_cache || !m->v_cache) { free(m->k_cache); free(m->v_cache); m->k_cache = m->v_cache = NULL; return -2; }
@@ -548,7 +552,7 @@ static int reserve(Model *m, int rows, int threads) {
     m->h = malloc(sizeof(float) * rows * cols);
     m->att = malloc(sizeof(float) * rows * d->n_head * d->head_dim);
     m->xf = malloc(sizeof(float) * rows * d->dim);
-    m->scores = malloc(sizeof(float) * threads * m->cache_len);
+    m->scores = malloc(sizeof(float) * threads * m->cache_pad);
     m->a.q = malloc((size_t)rows * cols);
     m->a.d = malloc(sizeof(float) * rows * cols / BLOCK);
     m->a.s = malloc(sizeof(float) * rows * cols / BLOCK);
@@ -578,7 +582,7 @@ static void rms_quantize_rows(const float *x, int rows, int dim, const float *w,
 int fx_forward(Model *m, const float *embeddings, int T, int pos, int all_logits, float *out, int threads) {
     const ModelDesc *d = &m->m;
     const int B = m->batch, rows = B * T, nh = d->n_head, nkv = d->n_kv_head, hd = d->head_dim, half = hd / 2;
-    const int qkv_cols = (nh + 2 * nkv) * hd, S = m->cache_len;
+    const int qkv_cols = (nh + 2 * nkv) * hd, S = m->cache_len, Sp = m->cache_pad;
     if (!m->k_cache || pos < 0 || T < 1 || pos + T > S || pos + T > d->rope_len) return -1;
     if (threads < 1) threads = 1;
     if (reserve(m, rows, threads)) return -2;
@@ -589,10 +593,10 @@ int fx_forward(Model *m, const float *embeddings, int T, int pos, int all_logits
 
     #pragma omp parallel num_threads(threads)
     {
-        float *scores = m->scores + (size_t)omp_get_thread_num() * S;
+        float *scores = m->scores + (size_t)omp_get_thread_num() * Sp;
         for (int l = 0; l < d->n_layer; l++) {
             const Layer *L = &d->layers[l];
-            float *kc = m->k_cache + (size_t)l * B * nkv * S * hd, *vc = m->v_cache + (size_t)l * B * nkv * S * hd;
+            float *kc = m->k_cache + (size_t)l * B * nkv * Sp * hd, *vc = m->v_cache + (size_t)l * B * nkv * Sp * hd;
             rms_quantize_rows(x, rows, d->dim, L->attn_norm, d->eps, &m->a, m->xf);
             matmul_in_region(&L->qkv, &m->a, rows, h, qkv_cols, 0);
             // rotary on q and k, then k and v into the cache
@@ -608,9 +612,11 @@ int fx_forward(Model *m, const float *embeddings, int T, int pos, int all_logits
                 }
                 if (head >= nh) {
                     const int kh = head - nh;
-                    const size_t at = (((size_t)b * nkv + kh) * S + p) * hd;
-                    memcpy(kc + at, v, sizeof(float) * hd);
-                    memcpy(vc + at, h + (size_t)r * qkv_cols + (nh + nkv + kh) * hd, sizeof(float) * hd);
+                    const size_t head_at = ((size_t)b * nkv + kh) * Sp * hd;
+                    float *kt = kc + head_at + (size_t)(p / 8) * hd * 8 + p % 8;
+                    for (int e = 0; e < hd; e++) kt[(size_t)e * 8] = v[e];
+                    memcpy(vc + head_at + (size_t)p * hd, h + (size_t)r * qkv_cols + (nh + nkv + kh) * hd,
+                           sizeof(float) * hd);
                 }
             }
             // causal attention: query t of sequence b sees positions 0 .. pos + t
@@ -618,15 +624,28 @@ int fx_forward(Model *m, const float *embeddings, int T, int pos, int all_logits
             for (int i = 0; i < rows * nh; i++) {
                 const int r = i / nh, head = i % nh, t = r % T, b = r / T, kh = head / (nh / nkv), n = pos + t + 1;
                 const float *q = h + (size_t)r * qkv_cols + head * hd;
-                const float *K = kc + ((size_t)b * nkv + kh) * S * hd, *V = vc + ((size_t)b * nkv + kh) * S * hd;
-                float mx = -INFINITY;
-                for (int j = 0; j < n; j++) {
-                    float dot = 0.f;
-                    #pragma omp simd reduction(+:dot)
-                    for (int e = 0; e < hd; e++) dot += q[e] * K[(size_t)j * hd + e];
-                    scores[j] = dot * scale;
-                    mx = scores[j] > mx ? scores[j] : mx;
+                const float *K = kc + ((size_t)b * nkv + kh) * Sp * hd, *V = vc + ((size_t)b * nkv + kh) * Sp * hd;
+                for (int blk = 0; blk < (n + 7) / 8; blk++) {       // 8 positions' scores at once
+                    const float *kb = K + (size_t)blk * hd * 8;
+#if defined(__AVX2__)
+                    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                    int e = 0;
+                    for (; e + 2 <= hd; e += 2) {
+                        a0 = _mm256_fmadd_ps(_mm256_set1_ps(q[e]), _mm256_loadu_ps(kb + (size_t)e * 8), a0);
+                        a1 = _mm256_fmadd_ps(_mm256_set1_ps(q[e + 1]), _mm256_loadu_ps(kb + (size_t)(e + 1) * 8), a1);
+                    }
+                    for (; e < hd; e++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(q[e]), _mm256_loadu_ps(kb + (size_t)e * 8), a0);
+                    _mm256_storeu_ps(scores + blk * 8, _mm256_mul_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(scale)));
+#else
+                    for (int lane = 0; lane < 8; lane++) {
+                        float dot = 0.f;
+                        for (int e = 0; e < hd; e++) dot += q[e] * kb[(size_t)e * 8 + lane];
+                        scores[blk * 8 + lane] = dot * scale;
+                    }
+#endif
                 }
+                float mx = -INFINITY;                               // positions >= n are past the causal edge
+                for (int j = 0; j < n; j++) mx = scores[j] > mx ? scores[j] : mx;
                 const float inv = 1.f / exp_row(scores, mx, scores, n);
                 float *o = att + (size_t)r * nh * hd + head * hd;
                 for (int e = 0; e < hd; e++) o[e] = 0.f;

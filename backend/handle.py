@@ -54,7 +54,7 @@ class ModelHandle:
 
     def runner_names(self) -> list[str]:
         """Execution paths offered: the prepared ones, then those prepared on first use (compiled, triton)."""
-        offered_here = [n for n in PREPARABLE if offered(n, self.gguf_path)]
+        offered_here = [n for n in PREPARABLE if offered(n, self.gguf_path, self.family)]
         more = [n for n in offered_here if n not in self.runners] if self.model is not None else []
         return list(self.runners) + more
 

@@ -76,7 +76,7 @@ def fastest_faithful(handle: ModelHandle, max_kl: float = FAITHFUL_KL, quants: t
     if not handle.family.generates:
         result.problems["onnx"] = f"{handle.family.described} does not generate"
         return result
-    if "native" in quants and offered("native", handle.gguf_path) and handle.device.type == "cpu":
+    if "native" in quants and offered("native", handle.gguf_path, handle.family) and handle.device.type == "cpu":
         say("preparing native (checking it against eager on held-out text)")
         try:
             kl = heldout_fidelity(handle.model, handle.runner("native"), handle.tokenizer)["mean_kl"]

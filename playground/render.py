@@ -88,7 +88,7 @@ def model_badge(info: dict | None) -> str:
 
 # --- execution paths ---
 BACKEND_LABELS = {"eager": "PyTorch eager", "compiled": "PyTorch compiled", "triton": "PyTorch + Triton kernels",
-                  "compiled+triton": "PyTorch compiled + Triton kernels",
+                  "compiled+triton": "PyTorch compiled + Triton kernels", "native": "native CPU (GGUF blocks)",
                   "onnx": "ONNX Runtime", "onnx-fp32": "ONNX Runtime fp32", "onnx-int8": "ONNX Runtime int8",
                   "onnx-int4": "ONNX Runtime int4"}
 
@@ -96,7 +96,7 @@ BACKEND_LABELS = {"eager": "PyTorch eager", "compiled": "PyTorch compiled", "tri
 def backend_choices(ready: list[str], on_demand: list[str]) -> list[tuple[str, str]]:
     """(label, runner name) pairs for the Backend dropdown: the paths the model has, then those made on first use."""
     label = lambda name: BACKEND_LABELS.get(name, name)  # noqa: E731
-    how = lambda name: "exports" if name.startswith("onnx") else "compiles"  # noqa: E731
+    how = lambda name: "exports" if name.startswith("onnx") else "builds" if name == "native" else "compiles"  # noqa: E731
     return [(label(n), n) for n in ready] + [(f"{label(n)} · {how(n)} on first use", n) for n in on_demand]
 
 

@@ -57,15 +57,15 @@ PREPARABLE: dict[str, Callable] = {"compiled": _compiled, "triton": _triton, "co
                                    "native": _native}
 
 
-def offered(name: str, gguf=None) -> bool:
+def offered(name: str, gguf=None, family=None) -> bool:
     """Whether a handle offers the PREPARABLE runner `name` here: `triton` where its kernels run (a GPU, or the
     interpreter in tests); `compiled+triton` on a CUDA GPU only (compiling interpreted kernels is of no use);
-    `native` for a model loaded from a GGUF file where a C compiler is (whether its blocks suit it is found when
-    it is prepared)."""
+    `native` for a Llama-family model (`family`, a Family record) loaded from a GGUF file, where a C compiler is
+    (whether its blocks suit it is found when it is prepared)."""
     if name == "native":
         from .native import compiler_present
 
-        return gguf is not None and compiler_present()
+        return gguf is not None and family is not None and family.gguf_blocks and compiler_present()
     if name == "triton":
         return triton_available()
     if name == "compiled+triton":

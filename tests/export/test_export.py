@@ -226,6 +226,7 @@ def test_int4_of_a_q4_1_gguf_reuses_its_blocks_exactly(tmp_path, monkeypatch):
     quantizing the dequantized weights a second time."""
     import gguf
 
+    import backend.formats.gguf_blocks as backend_blocks
     import export.gguf_blocks as gb
     from backend.runners.onnx import OnnxRunner, read_onnx_config
     from tests.backend.test_loading import write_gguf
@@ -244,7 +245,7 @@ def test_int4_of_a_q4_1_gguf_reuses_its_blocks_exactly(tmp_path, monkeypatch):
     centred = {k: gb.centred(v) for k, v in linears.items()}
     assert gb.matching(centred, weights)
     with monkeypatch.context() as m:  # a row layout got wrong (e.g. Q/K un-permuted where the file has none)
-        m.setattr(gb, "unpermute", lambda ql, n_head: ql)
+        m.setattr(backend_blocks, "unpermute", lambda ql, n_head: ql)  # where quantized_linears looks it up
         assert not gb.matching(gb.quantized_linears(path, eager.config), weights)
     for level in (0, 1):  # float activations: the graph computes the dequantized weights
         exact_path = tmp_path / "fp32" / f"exact{level}.onnx"  # beside the export's fornax.json

@@ -167,7 +167,11 @@ def test_a_declared_body_over_the_cap_is_refused_before_it_is_read(app):
 
 
 def send_chunked(url: str, path: str, total: int) -> tuple[bytes, int]:
-    """POST a chunked body of up to `total` bytes, stopping when the server answers; (answer, bytes sent)."""
+    """POST a chunked body of up to `total` bytes, stopping when the server answers; (answer, bytes sent).
+
+    The answer is b"RESET" when the connection was reset first: a server that answers and closes while the body is
+    still arriving resets the connection (TCP does so when unread data is left), and the reset can reach the
+    client before it has read the answer (uvicorn closes without a lingering drain; seen once in CI under load)."""
     sock = socket.create_connection(host_port(url), timeout=30)
     sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  f"Transfer-Encoding: chunked\r\n\r\n".encode())
@@ -188,7 +192,7 @@ def send_chunked(url: str, path: str, total: int) -> tuple[bytes, int]:
         while answer and b"\r\n\r\n" not in answer and (more := sock.recv(65536)):
             answer += more
     except (BrokenPipeError, ConnectionResetError):
-        pass
+        answer = answer or b"RESET"
     finally:
         sock.close()
     return answer, sent
@@ -202,7 +206,7 @@ def test_a_chunked_body_is_counted_and_cut_at_the_cap(app, monkeypatch, path):
     before = peak_rss_bytes()
     answer, sent = send_chunked(app[0], path, total=200 * cap)
     grew = peak_rss_bytes() - before
-    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert answer.startswith(b"HTTP/1.1 413") or answer == b"RESET", answer[:200]
     assert sent < 40 * cap  # the server stopped reading soon after the cap (socket buffers hold the rest)
     if measured:
         assert grew < RSS_BOUND, f"peak RSS grew by {grew / 1024**2:.0f} MB"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from . import budget
+from . import budget, limits
 from .generation import generate
 from .budget import Deadline, TimeBudgetError
 from .models.config import ModelConfig
@@ -41,6 +41,7 @@ class ModelHandle:
         self.backend = self.backend if self.backend in self.runners else next(iter(self.runners))
         self.eos_ids = set(self.eos_ids) | set(self.config.eos_token_ids) | self.tokenizer.end_of_turn_ids()
         self._lock = threading.Lock()  # one KV cache per model: generations take turns
+        self.refused: dict[str, str] = {}  # PREPARABLE runners this model cannot have, and why (asked once)
 
     @property
     def family(self) -> Family:
@@ -54,7 +55,7 @@ class ModelHandle:
 
     def runner_names(self) -> list[str]:
         """Execution paths offered: the prepared ones, then those prepared on first use (compiled, triton)."""
-        offered_here = [n for n in PREPARABLE if offered(n, self.gguf_path, self.family)]
+        offered_here = [n for n in PREPARABLE if n not in self.refused and offered(n, self.gguf_path, self.family)]
         more = [n for n in offered_here if n not in self.runners] if self.model is not None else []
         return list(self.runners) + more
 
@@ -64,9 +65,17 @@ class ModelHandle:
         if name not in self.runners:
             if name not in PREPARABLE or self.model is None:
                 raise GenerationError(f"no backend {name!r}; available: {', '.join(self.runner_names())}")
+            if name in self.refused:
+                raise GenerationError(self.refused[name])
             with self._lock:
                 if name not in self.runners:
-                    self.runners[name] = PREPARABLE[name](self.model, progress, gguf=self.gguf_path)
+                    try:
+                        self.runners[name] = PREPARABLE[name](self.model, progress, gguf=self.gguf_path)
+                    except limits.LimitError:
+                        raise  # a budget: another deployment (or a smaller request) may pass it
+                    except GenerationError as e:  # this model cannot have it: not offered again, not built again
+                        self.refused[name] = str(e)
+                        raise
         return self.runners[name]
 
     @property

@@ -24,6 +24,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name("fornax_cpu.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
 BLOCK = 32
+MAX_BLOCKS = 1024   # fornax_cpu.c's: a matrix of at most 32768 inputs
 _lock = threading.Lock()
 _loaded: dict[Path, ctypes.CDLL] = {}
 
@@ -113,6 +114,7 @@ def load(folder: str | os.PathLike, flags: list[str] | None = None) -> ctypes.CD
                 raise NativeUnavailable(f"loading {path.name} failed: {e}") from e
             P, I = ctypes.c_void_p, ctypes.c_int
             lib.fx_new.restype, lib.fx_new.argtypes = P, [ctypes.POINTER(ModelDesc)]
+            lib.fx_check.restype, lib.fx_check.argtypes = I, [ctypes.POINTER(ModelDesc)]
             lib.fx_free.restype, lib.fx_free.argtypes = None, [P]
             lib.fx_start.restype, lib.fx_start.argtypes = I, [P, I, I]
             lib.fx_forward.restype, lib.fx_forward.argtypes = I, [P, P, I, I, I, P, I]

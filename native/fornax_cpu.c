@@ -21,7 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -92,7 +92,7 @@ void fx_quantize(const float *x, int rows, int cols, int8_t *q, float *d, float 
 // instantiation below, so the accumulators stay in registers.
 
 #define TILE 4
-#define MAX_BLOCKS 1024     // rows of up to 32768 inputs (checked by fx_matmul and the Python side)
+#define MAX_BLOCKS 1024     // rows of up to 32768 inputs (checked by fx_matmul, fx_check and the Python side)
 
 #if defined(__AVX2__)
 static inline float hsum256(__m256 v) {
@@ -511,7 +511,33 @@ typedef struct {
     QActs a;
 } Model;
 
+static int matrix_ok(const QMatrix *W, int rows, int cols) {
+    return W->rows == rows && W->cols == cols && cols > 0 && rows > 0 && cols % BLOCK == 0 &&
+           cols / BLOCK <= MAX_BLOCKS && (W->bits == 4 || W->bits == 8) && W->codes && W->scales &&
+           (W->bits == 8 || W->mins) && !(W->interleaved && W->float_acts);
+}
+
+// 0 when the description is one fx_forward can run within its buffers, else a code saying what is not:
+// -1 the model's sizes, -2 a missing table, -(10 + layer) a matrix of that layer (-9: the output layer).
+int fx_check(const ModelDesc *d) {
+    const int nh = d->n_head, nkv = d->n_kv_head, hd = d->head_dim;
+    if (d->n_layer < 1 || d->dim < 1 || d->ffn < 1 || d->vocab < 1 || nh < 1 || nkv < 1 || nh % nkv ||
+        hd < 2 || hd % 2 || d->rope_len < 1 || d->dim % BLOCK || d->ffn % BLOCK || (nh * hd) % BLOCK) return -1;
+    if (!d->rope_cos || !d->rope_sin || !d->final_norm || !d->layers) return -2;
+    if (!matrix_ok(&d->lm_head, d->vocab, d->dim)) return -9;
+    for (int l = 0; l < d->n_layer; l++) {
+        const Layer *L = &d->layers[l];
+        if (!matrix_ok(&L->qkv, (nh + 2 * nkv) * hd, d->dim) || !matrix_ok(&L->proj, d->dim, nh * hd) ||
+            !matrix_ok(&L->gate_up, 2 * d->ffn, d->dim) || !matrix_ok(&L->down, d->dim, d->ffn) ||
+            !L->attn_norm || !L->mlp_norm) return -(10 + l);
+    }
+    return 0;
+}
+
+// A model over `desc` (copied: the caller's struct may go; the arrays it points into must outlive the model), or
+// NULL when fx_check refuses it or the memory is not there.
 Model *fx_new(const ModelDesc *desc) {
+    if (fx_check(desc)) return NULL;
     Model *m = calloc(1, sizeof(Model));
     if (!m) return NULL;
     m->m = *desc;
@@ -531,7 +557,9 @@ void fx_free(Model *m) {
 
 // A zeroed KV cache for (batch, cache_len); 0, or -2 when the memory is not there.
 int fx_start(Model *m, int batch, int cache_len) {
-    free(m->k_cache); free(m->v_cache);
+    free(m->k_cache); free(m->v_cache); m->k_cache = m->v_cache = NULL;
+    free_scratch(m);                    // the softmax rows are cache_pad long: sized again by the next forward
+    if (batch < 1 || cache_len < 1) return -1;
     m->cache_pad = (cache_len + 7) / 8 * 8;
     const size_t n = (size_t)m->m.n_layer * batch * m->m.n_kv_head * m->cache_pad * m->m.head_dim;
     m->k_cache = calloc(n, sizeof(float)); m->v_cache = calloc(n, sizeof(float));
@@ -543,8 +571,7 @@ int fx_start(Model *m, int batch, int cache_len) {
 static int reserve(Model *m, int rows, int threads) {
     const ModelDesc *d = &m->m;
     const int qkv = (d->n_head + 2 * d->n_kv_head) * d->head_dim;
-    int cols = 2 * d->ffn > qkv ? 2 * d->ffn : qkv;
-    cols = cols > d->vocab ? cols : d->vocab;
+    int cols = 2 * d->ffn > qkv ? 2 * d->ffn : qkv;   // the widest matmul output kept here (the logits go to `out`)
     cols = cols > d->dim ? cols : d->dim;
     if (rows <= m->cap_rows && threads <= m->cap_threads) return 0;
     free_scratch(m);

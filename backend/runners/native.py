@@ -10,14 +10,17 @@ llama.cpp does for these types, so its fidelity is llama.cpp's (measured in docs
 from __future__ import annotations
 
 import ctypes
+import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .. import budget, limits
 from ..disk.caches import cache_root
-from ..errors import GenerationError
+from ..errors import FornaxError, GenerationError
 from ..formats.gguf_blocks import QuantizedLinear, matching, quantized_linears
 from ..models import family
 from ..models.transformer import Transformer
@@ -46,6 +49,9 @@ def library():
     try:
         return native.load(native_folder())
     except native.NativeUnavailable as e:
+        if limits.public_mode():  # the compiler's message names server paths: it goes to the server's log only
+            print(f"fornax: the native CPU path is not available: {e}", file=sys.stderr)
+            raise GenerationError("the native CPU path is not available here (its C build failed)") from e
         raise GenerationError(f"the native CPU path is not available here: {e}") from e
 
 
@@ -55,14 +61,50 @@ def packed(ql: QuantizedLinear) -> dict:
     if ql.bits == 4 and ql.offsets is not None and np.ndim(ql.zero_point) == 0 and ql.zero_point == 0:   # Q4_1
         return native.pack_q4_1(ql.q, ql.scales, ql.offsets)
     if ql.bits == 4 and ql.offsets is None and np.ndim(ql.zero_point) == 0 and ql.zero_point == 8:       # Q4_0
+        if np.abs(ql.scales).max(initial=0) * 8 > FP16_MAX:
+            raise GenerationError("the native CPU path reads Q4_0 blocks with scales up to 8188 only (their minimum "
+                                  "-8 d is kept in fp16)")
         return native.pack_q4_1(ql.q, ql.scales, -8 * ql.scales)    # w = d * (q - 8) = d * q + (-8 d), exact in fp16
     if ql.bits == 8 and ql.offsets is None and np.ndim(ql.zero_point) == 0 and ql.zero_point == 128:     # Q8_0
         return native.pack_q8_0(ql.q.astype(np.int16) - 128, ql.scales)
     raise GenerationError("the native CPU path reads Q4_0, Q4_1 and Q8_0 blocks only")
 
 
+FP16_MAX = 65504.0
+
+
 def _floats(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else np.ascontiguousarray(t.detach().float().cpu().numpy(), dtype=np.float32)
+    """A float32 copy the C side may point into: never the tensor's own memory, which the model may replace (its
+    rotary tables grow with a longer cache, training updates norms) while C still reads it."""
+    return None if t is None else np.array(t.detach().float().cpu().numpy(), dtype=np.float32, order="C", copy=True)
+
+
+def check_shapes(cfg) -> None:
+    """Refuse, before anything is read, a model whose sizes fornax_cpu.c's buffers and blocks do not fit."""
+    import native
+
+    widths = {"the hidden size": cfg.d_model, "the FFN size": cfg.d_ff, "the heads' width": cfg.n_head * cfg.head_dim}
+    for what, n in widths.items():
+        if n % native.BLOCK or n // native.BLOCK > native.MAX_BLOCKS:
+            raise GenerationError(f"the native CPU path needs {what} to be a multiple of {native.BLOCK} up to "
+                                  f"{native.BLOCK * native.MAX_BLOCKS}, not {n}")
+    if cfg.head_dim % 2 or cfg.n_head % cfg.n_kv_head:
+        raise GenerationError(f"the native CPU path needs an even head width and whole groups of query heads, not "
+                              f"{cfg.head_dim} and {cfg.n_head} / {cfg.n_kv_head}")
+
+
+def preparation_parts(cfg, dtype=torch.float32) -> dict[str, int]:
+    """Bytes that preparing the native path adds beside the loaded model: the decoded blocks (codes 1 byte a
+    weight, scales and minima fp32: ~1.25), the packed copy (~0.63) and the largest matrix's transients (its raw
+    bytes decoded, interleaved, checked in row chunks: ~5 bytes a weight); a float copy of the weights where the
+    model is not fp32."""
+    params = budget.param_count(cfg)
+    largest = max(cfg.vocab_size * cfg.d_model, 2 * cfg.d_ff * cfg.d_model,
+                  (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim * cfg.d_model)
+    parts = {"decoded blocks": int(1.25 * params), "packed blocks": int(0.63 * params), "transients": 5 * largest}
+    if dtype != torch.float32:
+        parts["float weights"] = 4 * params
+    return parts
 
 
 class NativeRunner:
@@ -70,17 +112,30 @@ class NativeRunner:
 
     def __init__(self, model: Transformer, gguf_path: Path, progress: Callable[[float, str], None] | None = None,
                  float_layers: int = FLOAT_LAYERS, interleaved: bool = True):
-        import native
-
         cfg = model.config
         if not isinstance(model, Transformer) or not family(cfg).gguf_blocks:
             raise GenerationError(f"the native CPU path runs the Llama family only, not {family(cfg).described}")
         if model.tok_emb.weight.device.type != "cpu":
             raise GenerationError("the native CPU path runs on the CPU: load the model on the CPU")
+        check_shapes(cfg)
+        parts = preparation_parts(cfg, model.tok_emb.weight.dtype)
+        budget.check_memory(sum(parts.values()), "preparing the native CPU path", parts)
         self.lib = library()
         if progress:
             progress(0.3, "native CPU path: reading the GGUF blocks")
-        linears = quantized_linears(Path(gguf_path), cfg)
+        try:
+            self._prepare(model, Path(gguf_path), float_layers, interleaved)
+        except FornaxError:
+            raise
+        except (ValueError, OSError, MemoryError) as e:  # a truncated or changed file, rows not whole blocks
+            raise GenerationError(f"the native CPU path could not read this GGUF file's blocks: "
+                                  f"{type(e).__name__}") from e
+
+    def _prepare(self, model: Transformer, gguf_path: Path, float_layers: int, interleaved: bool) -> None:
+        import native
+
+        cfg = model.config
+        linears = quantized_linears(gguf_path, cfg)
         weights = {name: m.weight.detach().float().numpy() for name, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear)}
         missing = sorted(set(weights) - set(linears))
@@ -89,13 +144,16 @@ class NativeRunner:
                                   f"{missing[0]} is not" + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
         if not matching(linears, weights):
             raise GenerationError("the GGUF blocks do not stand for the weights the model holds (a changed file?)")
+        del weights
         self.model, self.config, self.device = model, cfg, torch.device("cpu")
         self._keep: list = []   # every array the C side points into
         blocks = model.blocks
         first_float = cfg.n_layer - max(0, float_layers)
         exact = lambda name: name.startswith("blocks.") and int(name.split(".")[1]) >= first_float  # noqa: E731
-        mats = {name: self._matrix(linears[name], getattr(_module(model, name), "bias", None), exact(name),
-                                   interleaved) for name in weights}
+        mats = {}
+        for name in list(linears):  # each matrix's decoded blocks dropped once packed
+            mats[name] = self._matrix(linears.pop(name), getattr(_module(model, name), "bias", None), exact(name),
+                                      interleaved)
         layers = (native.Layer * cfg.n_layer)()
         for i, block in enumerate(blocks):
             layers[i] = native.Layer(mats[f"blocks.{i}.attn.qkv"], mats[f"blocks.{i}.attn.proj"],
@@ -107,7 +165,8 @@ class NativeRunner:
                                       cfg.vocab_size, 0, cfg.norm_eps, 0, None, None,
                                       self._ptr(_floats(model.norm.weight)), mats["lm_head"], layers)
         self._handle = None
-        self._full = None
+        self._ropes: dict[int, tuple] = {}  # C model -> the rotary tables it points into, freed with it
+        self._lock = threading.Lock()       # start / forward / free of the runner's own C model
         self.batch = 0
 
     def _ptr(self, a: np.ndarray) -> int:
@@ -126,25 +185,42 @@ class NativeRunner:
 
     def _new(self, batch: int, cache_len: int):
         """A C model with a KV cache for (batch, cache_len), its rotary tables long enough."""
-        cos, sin = self.model.rope_tables(cache_len)
-        cos, sin = _floats(cos), _floats(sin)
-        desc = self._desc
+        import native
+
+        try:
+            cos, sin = self.model.rope_tables(cache_len)
+        except ValueError as e:  # longer than the model's context
+            raise GenerationError(str(e)) from e
+        cos, sin = _floats(cos[:cache_len]), _floats(sin[:cache_len])
+        if cos.shape != (cache_len, self.config.head_dim) or sin.shape != cos.shape:
+            raise GenerationError(f"the rotary tables are {tuple(cos.shape)}, "
+                                  f"not ({cache_len}, {self.config.head_dim})")
+        desc = native.ModelDesc.from_buffer_copy(self._desc)  # one per C model: another thread may be making its own
         desc.rope_cos, desc.rope_sin, desc.rope_len = cos.ctypes.data, sin.ctypes.data, cos.shape[0]
-        self._keep_rope = getattr(self, "_keep_rope", []) + [cos, sin]
+        refused = self.lib.fx_check(ctypes.byref(desc))
+        if refused:  # Python's checks let through something fornax_cpu.c cannot run (see fx_check's codes)
+            raise GenerationError(f"the native CPU path refused this model's sizes (fx_check {refused})")
         handle = self.lib.fx_new(ctypes.byref(desc))
-        if not handle or self.lib.fx_start(handle, batch, cache_len) != 0:
-            if handle:
-                self.lib.fx_free(handle)
+        if not handle:
+            raise GenerationError("not enough memory for the native CPU path's model")
+        self._ropes[handle] = (cos, sin)
+        if self.lib.fx_start(handle, batch, cache_len) != 0:
+            self._free(handle)
             raise GenerationError(f"not enough memory for the native KV cache of {batch} x {cache_len} positions")
         return handle
+
+    def _free(self, handle) -> None:
+        self.lib.fx_free(handle)
+        self._ropes.pop(handle, None)
 
     def memory_plan(self, max_len: int) -> dict:
         return dict(cache_len=cache_length(max_len, self.config.max_seq_len), kv_dtype=torch.float32)
 
     def start(self, batch: int, max_len: int) -> None:
-        self.free()
-        self._handle = self._new(batch, cache_length(max_len, self.config.max_seq_len))
-        self.batch = batch
+        with self._lock:
+            self._free_own()
+            self._handle = self._new(batch, cache_length(max_len, self.config.max_seq_len))
+            self.batch = batch
 
     def _run(self, handle, ids: torch.Tensor, pos: int, all_logits: bool) -> torch.Tensor:
         B, T = ids.shape
@@ -159,9 +235,10 @@ class NativeRunner:
         return torch.from_numpy(out)
 
     def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        if self._handle is None or ids.shape[0] != self.batch:
-            raise GenerationError("the native runner was not started for this batch")
-        return self._run(self._handle, ids, pos, False)
+        with self._lock:
+            if self._handle is None or ids.shape[0] != self.batch:
+                raise GenerationError("the native runner was not started for this batch")
+            return self._run(self._handle, ids, pos, False)
 
     def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits at every position of `ids` (B, T) with no cache of the runner's touched (its own, freed after)."""
@@ -170,13 +247,16 @@ class NativeRunner:
         try:
             return self._run(handle, ids, 0, True).view(B, T, -1)
         finally:
-            self.lib.fx_free(handle)
+            self._free(handle)
+
+    def _free_own(self) -> None:
+        if self._handle is not None:
+            self._free(self._handle)
+            self._handle = None
 
     def free(self) -> None:
-        if self._handle is not None:
-            self.lib.fx_free(self._handle)
-            self._handle = None
-            self._keep_rope = []
+        with self._lock:
+            self._free_own()
 
     def __del__(self):
         try:

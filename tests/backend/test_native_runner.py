@@ -16,14 +16,19 @@ pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler here")
 
 
+def synthetic_handle(tmp_path_factory, name: str, seed: int, **shape):
+    """A handle on a small synthetic Llama-shaped GGUF (Q4_1 matmuls, Q8_0 embedding) of SmolLM2-360M's kind."""
+    cfg = dataclasses.replace(scale_config("360m"), name=name, **shape)
+    path = tmp_path_factory.mktemp(name) / f"{name}.Q4_1.gguf"
+    write_synthetic_gguf(cfg, path, seed=seed)
+    return load(str(path), dtype="float32", device="cpu")
+
+
 @pytest.fixture(scope="module")
 def handle(tmp_path_factory):
     # head_dim 32 and odd layer widths: every matmul's inputs are whole blocks, the outputs are not multiples of 8
-    cfg = dataclasses.replace(scale_config("360m"), n_layer=3, d_model=96, d_ff=160, n_head=3, n_kv_head=1,
-                              head_dim=32, name="synthetic-native")
-    path = tmp_path_factory.mktemp("native") / "synthetic-native.Q4_1.gguf"
-    write_synthetic_gguf(cfg, path, seed=3)
-    return load(str(path), dtype="float32", device="cpu")
+    return synthetic_handle(tmp_path_factory, "synthetic-native", 3, n_layer=3, d_model=96, d_ff=160, n_head=3,
+                            n_kv_head=1, head_dim=32)
 
 
 def kl(p_logits, q_logits):

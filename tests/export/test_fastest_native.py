@@ -1,16 +1,14 @@
 """The fastest faithful path puts the native CPU path first for a model from a GGUF file: chosen when its held-out
 KL against eager is within the bound (the KL checked here against one computed from the two runners' logits), and
 passed over, with its KL said, when it is not."""
-import dataclasses
 
 import pytest
 import torch
 
 import native
-from backend.bench.synthetic import scale_config, write_synthetic_gguf
-from backend.loading import load
 from export.fastest import fastest_faithful
 from export.verify import HELDOUT_TOKENS, heldout_text
+from tests.backend.test_native_runner import synthetic_handle
 
 pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler here")
@@ -18,11 +16,8 @@ pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler
 
 @pytest.fixture(scope="module")
 def handle(tmp_path_factory):
-    cfg = dataclasses.replace(scale_config("360m"), n_layer=2, d_model=64, d_ff=128, n_head=2, n_kv_head=1,
-                              head_dim=32, name="synthetic-fastest")
-    path = tmp_path_factory.mktemp("fastest") / "synthetic-fastest.Q4_1.gguf"
-    write_synthetic_gguf(cfg, path, seed=5)
-    return load(str(path), dtype="float32", device="cpu")
+    return synthetic_handle(tmp_path_factory, "synthetic-fastest", 5, n_layer=2, d_model=64, d_ff=128, n_head=2,
+                            n_kv_head=1, head_dim=32)
 
 
 def test_native_is_chosen_within_the_bound_and_passed_over_beyond_it(handle):
